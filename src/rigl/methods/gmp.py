@@ -1,0 +1,43 @@
+"""Gradual magnitude pruning (Zhu & Gupta, 2017): dense start, cubic ramp to the target."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rigl.config import resolve_step
+from rigl.schedules import PruningSchedule
+from rigl.sparsifier import Sparsifier, register_method
+from rigl.storage import MaskedWeight
+
+
+@register_method("gmp")
+class GMP(Sparsifier):
+    """Starts dense; every ΔT steps from ``begin_step`` to ``end_step`` keeps the largest
+    magnitudes so that layer l has ``floor(s_l * p(t) * N_l)`` zeros, with ``s_l`` its final
+    sparsity and ``p(t) = 1 - (1 - (t - t0)/(t1 - t0))^3``. ``begin_step`` defaults to 10%
+    of ``end_step``. Pruned weights never return."""
+
+    dense_start = True
+
+    def build_schedule(self, **args: Any) -> PruningSchedule:
+        end = resolve_step(args["end_step"], self.total_steps, "end_step")
+        begin = args["begin_step"]
+        if begin is None:
+            begin = round(0.1 * end)
+        return PruningSchedule(
+            begin_step=begin, end_step=end, update_interval=args["update_interval"]
+        )
+
+    def plan_layer(
+        self, index: int, weight: MaskedWeight, step: int, generator: torch.Generator
+    ) -> Tensor | None:
+        n_prunable = weight.numel - self.target_counts[index]
+        n_keep = weight.numel - math.floor(self.schedule.progress(step) * n_prunable)
+        if n_keep >= weight.n_active:
+            return None
+        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
+        return weight.prune(n_keep, weight.magnitude(), priority)

@@ -1,0 +1,55 @@
+"""SNFS (Dettmers & Zettlemoyer, 2019): grow by the magnitude of the gradient momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rigl.methods.set import SET
+from rigl.sparsifier import register_method
+from rigl.storage import MaskedWeight
+
+
+@register_method("snfs")
+class SNFS(SET):
+    """Sparse momentum: every step keeps ``m = β m + (1 - β) g`` of the dense gradient;
+    growth picks the largest ``|m|``. Costs a dense gradient every step (``2 f_S + f_D``)."""
+
+    def __init__(self, *args: Any, momentum: float = 0.9, **kwargs: Any) -> None:
+        if not 0.0 <= momentum < 1.0:
+            from rigl.config import ConfigError
+
+            raise ConfigError(f"momentum={momentum!r} must be in [0, 1)")
+        self.momentum = float(momentum)
+        self.ema: dict[str, Tensor] = {}
+        super().__init__(*args, **kwargs)
+
+    @torch.no_grad()
+    def observe_gradients(self) -> None:
+        for weight in self.weights:
+            grad = weight.param.grad
+            if grad is None:
+                continue
+            ema = self.ema.get(weight.name)
+            if ema is None:
+                self.ema[weight.name] = (1.0 - self.momentum) * grad.detach().clone()
+            else:
+                ema.mul_(self.momentum).add_(grad, alpha=1.0 - self.momentum)
+
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
+        ema = self.ema.get(weight.name)
+        if ema is None:
+            return torch.zeros(weight.numel, device=weight.param.device)
+        return ema.abs().flatten()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"momentum": self.momentum, "ema": {k: v.cpu().clone() for k, v in self.ema.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.ema = {
+            w.name: state["ema"][w.name].to(w.param.device).clone()
+            for w in self.weights
+            if w.name in state.get("ema", {})
+        }

@@ -1,0 +1,38 @@
+"""SNIP (Lee et al., 2019): one-shot pruning at step 0 by connection sensitivity |g·θ|."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rigl.sparsifier import Sparsifier, _check_finite, register_method
+from rigl.storage import MaskedWeight
+
+
+@register_method("snip")
+class SNIP(Sparsifier):
+    """Starts dense; on the first ``step()`` keeps, per layer, the ``n_l`` weights of largest
+    ``|∂L/∂θ · θ|`` on the user's first batch (counts from the chosen distribution), then
+    trains with that fixed mask. The first optimizer step already uses the pruned mask."""
+
+    dense_start = True
+    update_before_step = True
+
+    def build_schedule(self, **args: Any) -> None:
+        return None
+
+    def should_update(self, step: int) -> bool:
+        return self.update_count == 0
+
+    def plan_layer(
+        self, index: int, weight: MaskedWeight, step: int, generator: torch.Generator
+    ) -> Tensor | None:
+        grad = weight.gradient()
+        if grad is None:
+            raise RuntimeError(f"SNIP needs the gradient of {weight.name} on its first step")
+        score = (grad * weight.param.detach().flatten()).abs()
+        _check_finite(score, weight.name)
+        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
+        return weight.prune(self.target_counts[index], score, priority)

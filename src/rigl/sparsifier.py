@@ -1,0 +1,325 @@
+"""The user-facing sparsifier: one lifecycle and one update loop for every method.
+
+A method is a small subclass that says how masks start (``initial_mask``), when the
+topology changes (``build_schedule``/``should_update``) and how one layer's new mask is
+chosen (``plan_layer``, by default drop-by-magnitude and grow-by-``grow_score``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from rigl._version import __version__
+from rigl.config import ConfigError, resolve_step
+from rigl.schedules import UpdateSchedule
+from rigl.storage import MaskedWeight, RewireStats
+from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
+from rigl.topology import random_mask, update_generator
+
+_REGISTRY: dict[str, type[Sparsifier]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Sparsifier]], type[Sparsifier]]:
+    """Class decorator adding a method to the registry under ``name``."""
+
+    def decorate(cls: type[Sparsifier]) -> type[Sparsifier]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Sparsifier]:
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(list_methods())}")
+    return _REGISTRY[key]
+
+
+def create(
+    method: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, **kwargs: Any
+) -> Sparsifier:
+    """Build the sparsifier of ``method`` (see :func:`list_methods`) for ``model``."""
+    return get_method(method)(model, optimizer, **kwargs)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    name: str
+    shape: tuple[int, ...]
+    density: float
+    n_active: int
+    n_total: int
+
+
+class _SkipUpdate(Exception):
+    """A score was not finite: the whole topology update is skipped."""
+
+
+class Sparsifier:
+    """Sparse training of ``model`` with ``optimizer``; ``step()`` replaces ``optimizer.step()``.
+
+    Args:
+        sparsity: S, the fraction of zeros over the sparsified layers.
+        distribution: "uniform", "er" or "erk" (see :mod:`rigl.distributions`).
+        total_steps: optimizer steps of the whole run (needed for fractional steps).
+        update_interval: ΔT, steps between topology updates.
+        begin_step / end_step: first update step / T_end (int, or float fraction of
+            ``total_steps``; end default 0.75 as in the paper).
+        drop_fraction: α; decay: f_decay ("cosine", "linear", "constant").
+        seed: seeds initial masks, random growth and tie-breaking.
+        skip_optimizer_step_on_update: on update steps, change the topology instead of
+            taking the optimizer step (RigL's default, as in the paper's Algorithm 1).
+        **options: fields of :class:`rigl.SparsityConfig` (first_layer_dense, ...).
+    """
+
+    name: ClassVar[str] = "base"
+    update_before_step: ClassVar[bool] = False  # needs the gradient before the step
+    default_skip_optimizer_step: ClassVar[bool] = False
+    dense_start: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        total_steps: int | None = None,
+        update_interval: int = 100,
+        begin_step: int | float | None = None,
+        end_step: int | float = 0.75,
+        drop_fraction: float = 0.3,
+        decay: str = "cosine",
+        seed: int = 0,
+        skip_optimizer_step_on_update: bool | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ConfigError(f"total_steps={total_steps!r} must be a positive int")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = make_config(sparsity=sparsity, distribution=distribution, **options)
+        self.seed = int(seed)
+        self.total_steps = total_steps
+        self.schedule_args = {
+            "update_interval": update_interval,
+            "begin_step": resolve_step(begin_step, total_steps, "begin_step"),
+            "end_step": end_step,
+            "drop_fraction": drop_fraction,
+            "decay": decay,
+        }
+        self.schedule = self.build_schedule(**self.schedule_args)
+        self.skip_optimizer_step_on_update = (
+            self.default_skip_optimizer_step
+            if skip_optimizer_step_on_update is None
+            else bool(skip_optimizer_step_on_update)
+        )
+        self.targets: list[Target] = find_targets(model, self.config)
+        self._check_optimizer()
+        self.target_counts = target_counts(self.targets, self.config)
+        self.weights = [
+            MaskedWeight(t.name, t.param, self.initial_mask(i, t, n))
+            for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
+        ]
+        for weight in self.weights:
+            weight.apply_mask()
+        self.step_count = 0
+        self.skipped_updates = 0
+        self.update_count = 0  # successful topology updates so far
+        self.last_update: list[RewireStats] | None = None
+        self._pending_update = False
+
+    # -- hooks for methods -------------------------------------------------------------
+    def build_schedule(self, **args: Any) -> UpdateSchedule | None:
+        end = resolve_step(args.pop("end_step"), self.total_steps, "end_step")
+        return UpdateSchedule(end_step=end, **args)
+
+    def should_update(self, step: int) -> bool:
+        return self.schedule is not None and self.schedule.should_update(step)
+
+    def initial_mask(self, index: int, target: Target, n_active: int) -> Tensor:
+        """Exactly ``n_active`` weights at random (or all, for methods with a dense start)."""
+        numel = math.prod(target.shape)
+        if self.dense_start:
+            return torch.ones(target.shape, dtype=torch.bool)
+        generator = update_generator(self.seed, -1, index)
+        return random_mask(numel, n_active, generator).reshape(target.shape)
+
+    def observe_gradients(self) -> None:
+        """Called every step before masking the gradients (SNFS keeps its EMA here)."""
+
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not grow connections")
+
+    def plan_layer(
+        self, index: int, weight: MaskedWeight, step: int, generator: torch.Generator
+    ) -> Tensor | None:
+        """New flat mask of one layer, or None to leave it unchanged."""
+        n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
+        if n_update == 0:
+            return None
+        grow = self.grow_score(weight, generator)
+        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
+        _check_finite(grow, weight.name)
+        return weight.rewire(n_update, grow, priority)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        del state
+
+    # -- the training-loop API -----------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """{full parameter name: bool mask}."""
+        return {w.name: w.mask for w in self.weights}
+
+    def step(self) -> None:
+        """Replaces ``optimizer.step()``: optimizer step plus masking, or a topology update."""
+        if self.optimizer is None:
+            raise ConfigError(
+                "step() needs the optimizer; this sparsifier was created with optimizer=None "
+                "(call pre_optimizer_step()/post_optimizer_step() around your own step instead)"
+            )
+        if self.pre_optimizer_step():
+            self.optimizer.step()
+        self.post_optimizer_step()
+
+    def pre_optimizer_step(self) -> bool:
+        """Everything before the optimizer step; returns whether to take it."""
+        step = self.step_count
+        self.observe_gradients()
+        self._pending_update = self.should_update(step)
+        if self._pending_update and self.update_before_step:
+            self._pending_update = False
+            updated = self._update_topology(step)
+            if not updated or self.skip_optimizer_step_on_update:
+                return False  # skipped as in the paper, or the gradient was not finite
+        elif self._pending_update and self.skip_optimizer_step_on_update:
+            return False  # the update comes after, in post_optimizer_step
+        for weight in self.weights:
+            weight.mask_gradient()
+        return True
+
+    def post_optimizer_step(self) -> None:
+        """Everything after the optimizer step: late topology update, masking, counting."""
+        if self._pending_update:
+            self._pending_update = False
+            self._update_topology(self.step_count)
+        for weight in self.weights:
+            weight.apply_mask()
+        self.step_count += 1
+
+    @torch.no_grad()
+    def _update_topology(self, step: int) -> bool:
+        """Plan every layer first, then apply: a non-finite score leaves all masks as they were."""
+        try:
+            plans = [
+                self.plan_layer(i, w, step, update_generator(self.seed, step, i))
+                for i, w in enumerate(self.weights)
+            ]
+        except _SkipUpdate as exc:
+            self.skipped_updates += 1
+            warnings.warn(f"skipping the topology update at step {step}: {exc}", stacklevel=3)
+            return False
+        self.last_update = [
+            w.set_mask(plan, self.optimizer)
+            if plan is not None
+            else RewireStats(w.name, w.n_active, 0, 0)
+            for w, plan in zip(self.weights, plans, strict=True)
+        ]
+        self.update_count += 1
+        return True
+
+    # -- inspection and checkpoints ----------------------------------------------------------
+    def summary(self) -> list[LayerSummary]:
+        return [LayerSummary(w.name, w.shape, w.density, w.n_active, w.numel) for w in self.weights]
+
+    def summary_table(self) -> str:
+        rows = [f"{'layer':<40} {'shape':<20} {'density':>8} {'active':>12} {'total':>12}"]
+        for s in self.summary():
+            shape = "x".join(map(str, s.shape))
+            rows.append(
+                f"{s.name:<40} {shape:<20} {s.density:>8.4f} {s.n_active:>12,} {s.n_total:>12,}"
+            )
+        active = sum(s.n_active for s in self.summary())
+        total = sum(s.n_total for s in self.summary())
+        rows.append(f"{'total':<40} {'':<20} {active / total:>8.4f} {active:>12,} {total:>12,}")
+        return "\n".join(rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "rigl_version": __version__,
+            "method": self.name,
+            "step": self.step_count,
+            "skipped_updates": self.skipped_updates,
+            "update_count": self.update_count,
+            "seed": self.seed,
+            "config": self.config.to_dict(),
+            "masks": {w.name: w.mask.detach().cpu().clone() for w in self.weights},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore masks, step and method state; model and optimizer are restored by the caller."""
+        if not isinstance(state, dict) or "masks" not in state or "step" not in state:
+            raise ConfigError("state dict is not a rigl sparsifier state (no 'masks'/'step' keys)")
+        if state.get("method") != self.name:
+            raise ConfigError(
+                f"state dict was saved by method {state.get('method')!r}, this sparsifier is {self.name!r}"
+            )
+        check_model_names(self.targets, state["masks"])
+        for weight in self.weights:
+            mask = state["masks"][weight.name]
+            if tuple(mask.shape) != weight.shape:
+                raise ConfigError(
+                    f"state dict mask {weight.name} has shape {tuple(mask.shape)}, "
+                    f"the model's weight has {weight.shape}: it belongs to a different model"
+                )
+            weight.mask = mask.to(device=weight.param.device, dtype=torch.bool).clone()
+            weight._n_active = int(weight.mask.sum())
+            weight.apply_mask()
+        self.step_count = int(state["step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.update_count = int(state.get("update_count", 0))
+        self.load_extra_state(state.get("extra", {}))
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer is None:
+            return
+        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [t.name for t in self.targets if id(t.param) not in in_optimizer]
+        if missing:
+            raise ConfigError(
+                f"parameters {missing} are sparsified but not in the optimizer; create the "
+                "sparsifier with the optimizer that trains this model"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(sparsity={self.config.sparsity}, "
+            f"distribution={self.config.distribution!r}, layers={len(self.weights)}, step={self.step_count})"
+        )
+
+
+def _check_finite(score: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(score).all()):
+        raise _SkipUpdate(f"non-finite scores in {name} (inf/NaN gradient?)")

@@ -1,0 +1,120 @@
+"""Sparse weight storage: the seam between algorithms and tensors.
+
+An algorithm asks a sparse weight for drop scores (magnitudes), gives it grow scores
+and asks it to rewire; how the weight is stored is the weight's business. This module
+holds the masked-dense storage: the ordinary dense parameter times a bool mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rigl.topology import drop_and_grow, magnitude_prune
+
+
+@dataclass(frozen=True)
+class RewireStats:
+    """What one topology update did to one layer."""
+
+    name: str
+    n_active: int
+    n_dropped: int  # active before, inactive after
+    n_grown: int  # inactive before, active after (equals n_dropped for DST methods)
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor
+) -> None:
+    """Zero every per-parameter optimizer state tensor shaped like ``param`` at ``where``.
+
+    Covers SGD momentum, Adam/AdamW ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` and any
+    other optimizer that keeps weight-shaped state; scalar state (Adam's ``step``) is kept.
+    """
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if isinstance(value, Tensor) and value.shape == param.shape:
+            value.masked_fill_(where, 0)
+
+
+class MaskedWeight:
+    """A dense ``nn.Parameter`` with a bool ``mask`` of the same shape.
+
+    Inactive entries are exactly zero after every :meth:`apply_mask`; the full dense
+    gradient is available for growth (RigL's ``|∇θ L|``).
+    """
+
+    def __init__(self, name: str, param: nn.Parameter, mask: Tensor) -> None:
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"mask of {name} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
+            )
+        self.name = name
+        self.param = param
+        self.mask = mask.to(device=param.device, dtype=torch.bool)
+        self._n_active = int(self.mask.sum())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_active(self) -> int:
+        return self._n_active
+
+    @property
+    def density(self) -> float:
+        return self._n_active / self.numel
+
+    # -- every step ----------------------------------------------------------------
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        self.param.mul_(self.mask)
+
+    @torch.no_grad()
+    def mask_gradient(self) -> None:
+        if self.param.grad is not None:
+            self.param.grad.mul_(self.mask)
+
+    # -- scores ---------------------------------------------------------------------
+    def magnitude(self) -> Tensor:
+        """Drop score: ``|θ|``, flat."""
+        return self.param.detach().abs().flatten()
+
+    def gradient(self) -> Tensor | None:
+        """Dense gradient of the (masked) weight on the current batch, flat."""
+        grad = self.param.grad
+        return None if grad is None else grad.detach().flatten()
+
+    # -- topology -------------------------------------------------------------------
+    def rewire(self, n_update: int, grow_score: Tensor, priority: Tensor) -> Tensor:
+        """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow_score``."""
+        return drop_and_grow(self.mask.flatten(), self.magnitude(), grow_score, n_update, priority)
+
+    def prune(self, n_keep: int, score: Tensor, priority: Tensor) -> Tensor:
+        """New flat mask keeping the ``n_keep`` active weights of largest ``score``."""
+        return magnitude_prune(self.mask.flatten(), score, n_keep, priority)
+
+    @torch.no_grad()
+    def set_mask(self, new_mask: Tensor, optimizer: torch.optim.Optimizer | None) -> RewireStats:
+        """Install ``new_mask``: grown weights start at zero with zeroed optimizer state,
+        dropped weights become zero (their state too); kept weights keep value and state."""
+        new_mask = new_mask.reshape(self.shape).to(torch.bool)
+        grown = new_mask & ~self.mask
+        dropped = self.mask & ~new_mask
+        self.param.masked_fill_(grown | dropped, 0.0)
+        reset_optimizer_state(optimizer, self.param, grown | dropped)
+        self.mask = new_mask
+        self._n_active = int(new_mask.sum())
+        return RewireStats(self.name, self._n_active, int(dropped.sum()), int(grown.sum()))
