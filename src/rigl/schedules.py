@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from rigl.config import ConfigError
@@ -35,13 +36,21 @@ class UpdateSchedule:
             isinstance(self.update_interval, int) and self.update_interval >= 1
         ):
             raise ConfigError(f"update_interval={self.update_interval!r} must be an int >= 1")
-        if self.begin_step is None:
+        defaulted = self.begin_step is None
+        if defaulted:
             object.__setattr__(self, "begin_step", self.update_interval)
         if not isinstance(self.begin_step, int) or self.begin_step < 0:
             raise ConfigError(f"begin_step={self.begin_step!r} must be an int >= 0")
         if not isinstance(self.end_step, int) or self.end_step < 0:
             raise ConfigError(f"end_step={self.end_step!r} must be an int >= 0")
-        if self.end_step < self.begin_step:
+        if defaulted and self.end_step <= self.begin_step:
+            warnings.warn(
+                f"no topology update will happen: end_step={self.end_step} comes before the "
+                f"first update at step {self.begin_step} (= update_interval); lower "
+                "update_interval for short runs",
+                stacklevel=4,
+            )
+        elif self.end_step < self.begin_step:
             raise ConfigError(
                 f"end_step={self.end_step} is before begin_step={self.begin_step}; "
                 "the end step must come after the begin step"

@@ -124,13 +124,13 @@ class Sparsifier:
             "drop_fraction": drop_fraction,
             "decay": decay,
         }
+        self.targets: list[Target] = find_targets(model, self.config)
         self.schedule = self.build_schedule(**self.schedule_args)
         self.skip_optimizer_step_on_update = (
             self.default_skip_optimizer_step
             if skip_optimizer_step_on_update is None
             else bool(skip_optimizer_step_on_update)
         )
-        self.targets: list[Target] = find_targets(model, self.config)
         self._check_optimizer()
         self.target_counts = target_counts(self.targets, self.config)
         self.weights = [
@@ -231,6 +231,9 @@ class Sparsifier:
     def _update_topology(self, step: int) -> bool:
         """Plan every layer first, then apply: a non-finite score leaves all masks as they were."""
         try:
+            for weight in self.weights:
+                if weight.param.grad is not None:
+                    _check_finite(weight.param.grad, weight.name)
             plans = [
                 self.plan_layer(i, w, step, update_generator(self.seed, step, i))
                 for i, w in enumerate(self.weights)

@@ -30,8 +30,8 @@ class SNFS(SET):
     def observe_gradients(self) -> None:
         for weight in self.weights:
             grad = weight.param.grad
-            if grad is None:
-                continue
+            if grad is None or not bool(torch.isfinite(grad).all()):
+                continue  # an inf/NaN gradient would poison the average for good
             ema = self.ema.get(weight.name)
             if ema is None:
                 self.ema[weight.name] = (1.0 - self.momentum) * grad.detach().clone()

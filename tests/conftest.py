@@ -1,0 +1,86 @@
+"""Tiny shared models and helpers for the test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12) -> (B, 4)
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class TinyCNN(nn.Module):
+    """Conv + depthwise conv (dense by default) + BatchNorm + Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12) -> (B, 4)
+        img = x.repeat(1, 2)[:, :16].reshape(-1, 1, 4, 4)  # (B, 1, 4, 4)
+        h = torch.relu(self.bn(self.conv1(img)))
+        h = torch.relu(self.conv2(self.depthwise(h)))
+        return self.head(h.flatten(1))
+
+
+class TinyGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12) -> (B, 4)
+        out, _ = self.gru(x.reshape(-1, 4, 3))  # (B, 4 steps, 3 features)
+        return self.head(out[:, -1])
+
+
+MODELS = {"mlp": TinyMLP, "cnn": TinyCNN, "gru": TinyGRU}
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4
+        )
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    raise ValueError(name)
+
+
+def batch(step: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic data: batch ``step`` of a fixed synthetic task."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(size, 12, generator=g)
+    y = (x[:, :4].argmax(dim=1) + (x[:, 4] > 0).long()) % 4
+    return x, y
+
+
+def train_steps(model, optimizer, sparsifier, steps, start=0, on_step=None):
+    for t in range(start, start + steps):
+        x, y = batch(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+        if on_step is not None:
+            on_step(t)
+
+
+@pytest.fixture
+def mlp() -> TinyMLP:
+    torch.manual_seed(0)
+    return TinyMLP()

@@ -1,0 +1,90 @@
+"""One invariant battery run over every registered method x distribution x model x optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rigl
+from conftest import MODELS, batch, make_optimizer
+
+DST = {"static", "set", "snfs", "rigl"}
+STEPS, INTERVAL = 24, 4
+
+
+def _expected_active(sparsifier, step: int) -> list[int]:
+    """Active counts the method must have after ``step`` optimizer steps."""
+    counts, numels = sparsifier.target_counts, [w.numel for w in sparsifier.weights]
+    if sparsifier.name == "dense":
+        return numels
+    if sparsifier.name == "gmp":
+        progress = max(
+            (
+                sparsifier.schedule.progress(t)
+                for t in range(step)
+                if sparsifier.schedule.should_update(t)
+            ),
+            default=0.0,
+        )
+        return [n - math.floor(progress * (n - c)) for n, c in zip(numels, counts, strict=True)]
+    return counts
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+@pytest.mark.parametrize("method", rigl.list_methods())
+def test_invariants(method, distribution, model_name, optimizer_name):
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    optimizer = make_optimizer(optimizer_name, model)
+    sparsifier = rigl.create(
+        method,
+        model,
+        optimizer,
+        sparsity=0.8,
+        distribution=distribution,
+        total_steps=STEPS,
+        update_interval=INTERVAL,
+        end_step=0.75,
+        drop_fraction=0.5,
+        seed=3,
+    )
+    # depthwise convs, biases and norm parameters are never sparsified
+    assert all(name.endswith("weight") or "weight_" in name for name in sparsifier.masks)
+    assert "depthwise.weight" not in sparsifier.masks and "bn.weight" not in sparsifier.masks
+    updates_seen = 0
+    for t in range(STEPS):
+        before = {w.name: (w.mask.clone(), w.param.detach().clone()) for w in sparsifier.weights}
+        x, y = batch(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+        expected = _expected_active(sparsifier, t + 1)
+        for weight, n_expected in zip(sparsifier.weights, expected, strict=True):
+            old_mask, old_value = before[weight.name]
+            # masked weights are exactly zero and the count is exact
+            assert bool((weight.param[~weight.mask] == 0).all()), weight.name
+            assert int(weight.mask.sum()) == weight.n_active == n_expected, (weight.name, t)
+            # optimizer state is zero wherever the weight is inactive (so grown weights start
+            # with zero momentum / Adam moments)
+            for key, value in optimizer.state[weight.param].items():
+                if torch.is_tensor(value) and value.shape == weight.param.shape:
+                    assert bool((value[~weight.mask] == 0).all()), (key, weight.name, t)
+            grown = weight.mask & ~old_mask
+            if grown.any():
+                updates_seen += 1
+                if sparsifier.skip_optimizer_step_on_update:
+                    # no optimizer step: grown weights are zero, kept ones unchanged
+                    assert bool((weight.param[grown] == 0).all())
+                    kept = weight.mask & old_mask
+                    assert torch.equal(weight.param[kept], old_value[kept])
+    if method in {"set", "snfs", "rigl"}:
+        assert updates_seen > 0 and sparsifier.update_count == len(
+            [t for t in range(STEPS) if sparsifier.schedule.should_update(t)]
+        )
+    if method in DST:
+        assert [w.n_active for w in sparsifier.weights] == sparsifier.target_counts

@@ -1,0 +1,60 @@
+"""Golden tables for drop/grow on hand-made 8-element tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from rigl.topology import drop_and_grow, magnitude_prune, random_mask, topk_mask, update_generator
+
+T, F = True, False
+
+
+def test_drop_smallest_magnitudes_grow_largest_scores():
+    mask = torch.tensor([T, T, T, T, F, F, F, F])
+    magnitude = torch.tensor([0.5, 0.1, 0.9, 0.3, 0, 0, 0, 0])
+    grow = torch.tensor([0.0, 5.0, 0.0, 0.0, 1.0, 3.0, 0.2, 2.0])
+    priority = torch.zeros(8)
+    # drop the two smallest active (positions 1 and 3), keep {0, 2};
+    # grow the two best of the rest {1,3,4,5,6,7}: position 1 (5.0, just dropped) and 5 (3.0)
+    new = drop_and_grow(mask, magnitude, grow, 2, priority)
+    assert new.tolist() == [T, T, T, F, F, T, F, F]
+    assert int(new.sum()) == 4
+
+
+def test_grow_never_picks_a_kept_position():
+    mask = torch.tensor([T, T, F, F, F, F, F, F])
+    magnitude = torch.tensor([0.9, 0.1, 0, 0, 0, 0, 0, 0])
+    grow = torch.tensor([9.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # kept 0 has the top score
+    new = drop_and_grow(mask, magnitude, grow, 1, torch.zeros(8))
+    assert new.tolist() == [T, F, T, F, F, F, F, F]
+
+
+def test_ties_are_broken_by_priority():
+    score = torch.ones(8)
+    priority = torch.tensor([0.1, 0.8, 0.3, 0.9, 0.2, 0.7, 0.4, 0.0])
+    assert topk_mask(score, 3, priority).nonzero().flatten().tolist() == [1, 3, 5]
+
+
+def test_ties_only_at_the_threshold_use_priority():
+    score = torch.tensor([5.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    priority = torch.tensor([0.0, 0.1, 0.9, 0.5, 1.0, 1.0, 1.0, 1.0])
+    assert topk_mask(score, 2, priority).nonzero().flatten().tolist() == [0, 2]
+
+
+def test_zero_update_keeps_the_mask():
+    mask = torch.tensor([T, F, T, F, T, F, T, F])
+    new = drop_and_grow(mask, torch.rand(8), torch.rand(8), 0, torch.rand(8))
+    assert torch.equal(new, mask)
+
+
+def test_magnitude_prune_keeps_the_largest_active():
+    mask = torch.tensor([T, T, T, T, T, T, F, F])
+    score = torch.tensor([0.6, 0.1, 0.5, 0.2, 0.4, 0.3, 9.0, 9.0])
+    assert magnitude_prune(mask, score, 3, torch.zeros(8)).nonzero().flatten().tolist() == [0, 2, 4]
+
+
+def test_random_mask_has_the_exact_count_and_is_seeded():
+    a = random_mask(100, 17, update_generator(0, -1, 3))
+    b = random_mask(100, 17, update_generator(0, -1, 3))
+    c = random_mask(100, 17, update_generator(1, -1, 3))
+    assert int(a.sum()) == 17 and torch.equal(a, b) and not torch.equal(a, c)
