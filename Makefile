@@ -1,0 +1,42 @@
+# The two newcomer commands are `make main` and `make test`; both set themselves up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build of torch (pinned for installs on CPU machines; the package accepts any torch >= 2.1)
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup main test test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[experiments,sparse,dev]"
+	touch $(STAMP)
+
+main: setup  ## the default experiment: MNIST-1D comparison table and plots under results/main
+	$(BIN)/rigl compare --preset main --out results/main
+
+test: setup  ## the default test suite (slow tests excluded)
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m ""
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+bench: setup  ## benchmarks; results are written under benchmarks/results/
+	$(BIN)/python benchmarks/bench_topology_update.py
+	$(BIN)/python benchmarks/bench_sparse_kernels.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
