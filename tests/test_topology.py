@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from rigl.topology import drop_and_grow, magnitude_prune, random_mask, topk_mask, update_generator
+from rigl import topology
+from rigl.topology import (
+    drop_and_grow,
+    magnitude_prune,
+    random_mask,
+    topk_indices,
+    topk_mask,
+    update_generator,
+)
 
 T, F = True, False
 
@@ -35,6 +44,28 @@ def test_ties_are_broken_by_priority():
     assert topk_mask(score, 3, priority).nonzero().flatten().tolist() == [1, 3, 5]
 
 
+def test_generator_tie_break_is_seeded_and_exact():
+    score = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    picks = [
+        topk_mask(score, 3, update_generator(seed, 0, 0)).nonzero().flatten().tolist()
+        for seed in (0, 0, 1, 2, 3)
+    ]
+    assert picks[0] == picks[1]  # same seed, same choice
+    assert all(p[0] == 0 and len(p) == 3 and 7 not in p for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # the seed decides among the tied
+
+
+def test_ties_among_active_weights_when_dropping():
+    mask = torch.tensor([T, T, T, T, F, F, F, F])
+    magnitude = torch.tensor([0.0, 0.0, 0.0, 0.7, 0, 0, 0, 0])  # three tied zeros
+    priority = torch.tensor([0.9, 0.1, 0.5, 0.0, 0, 0, 0, 0])
+    grow = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0])
+    # dropping is a top-k of -|w|: among the tied zeros the larger priorities (0 and 2)
+    # are chosen to go; then grow 5 and 4
+    new = drop_and_grow(mask, magnitude, grow, 2, priority)
+    assert new.tolist() == [F, T, F, T, T, T, F, F]
+
+
 def test_ties_only_at_the_threshold_use_priority():
     score = torch.tensor([5.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     priority = torch.tensor([0.0, 0.1, 0.9, 0.5, 1.0, 1.0, 1.0, 1.0])
@@ -58,3 +89,19 @@ def test_random_mask_has_the_exact_count_and_is_seeded():
     b = random_mask(100, 17, update_generator(0, -1, 3))
     c = random_mask(100, 17, update_generator(1, -1, 3))
     assert int(a.sum()) == 17 and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("levels", [None, 7, 1000])
+@pytest.mark.parametrize("k", [1, 300, 4000])
+def test_sampled_prefilter_gives_the_exact_top_k(monkeypatch, levels, k):
+    g = torch.Generator().manual_seed(k)
+    n = 100_000
+    score = (
+        torch.rand(n, generator=g)
+        if levels is None
+        else torch.randint(0, levels, (n,), generator=g).float()
+    )
+    fast = topk_indices(score, k, update_generator(5, 1, 2))
+    monkeypatch.setattr(topology, "_PREFILTER_MIN", 10**12)  # force the plain top-k
+    exact = topk_indices(score, k, update_generator(5, 1, 2))
+    assert sorted(fast.tolist()) == sorted(exact.tolist())

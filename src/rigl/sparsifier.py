@@ -174,10 +174,7 @@ class Sparsifier:
         n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
         if n_update == 0:
             return None
-        grow = self.grow_score(weight, generator)
-        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
-        _check_finite(grow, weight.name)
-        return weight.rewire(n_update, grow, priority)
+        return weight.rewire(n_update, self.grow_score(weight, generator), generator)
 
     def extra_state(self) -> dict[str, Any]:
         return {}

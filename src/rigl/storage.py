@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rigl.topology import drop_and_grow, magnitude_prune
+from rigl.topology import TieBreak, drop_and_grow, magnitude_prune
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class MaskedWeight:
         self.name = name
         self.param = param
         self.mask = mask.to(device=param.device, dtype=torch.bool)
-        self._n_active = int(self.mask.sum())
+        self._n_active = int(self.mask.count_nonzero())
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,13 +98,13 @@ class MaskedWeight:
         return None if grad is None else grad.detach().flatten()
 
     # -- topology -------------------------------------------------------------------
-    def rewire(self, n_update: int, grow_score: Tensor, priority: Tensor) -> Tensor:
+    def rewire(self, n_update: int, grow_score: Tensor, tie_break: TieBreak) -> Tensor:
         """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow_score``."""
-        return drop_and_grow(self.mask.flatten(), self.magnitude(), grow_score, n_update, priority)
+        return drop_and_grow(self.mask.flatten(), self.magnitude(), grow_score, n_update, tie_break)
 
-    def prune(self, n_keep: int, score: Tensor, priority: Tensor) -> Tensor:
+    def prune(self, n_keep: int, score: Tensor, tie_break: TieBreak) -> Tensor:
         """New flat mask keeping the ``n_keep`` active weights of largest ``score``."""
-        return magnitude_prune(self.mask.flatten(), score, n_keep, priority)
+        return magnitude_prune(self.mask.flatten(), score, n_keep, tie_break)
 
     @torch.no_grad()
     def set_mask(self, new_mask: Tensor, optimizer: torch.optim.Optimizer | None) -> RewireStats:
@@ -116,5 +116,7 @@ class MaskedWeight:
         self.param.masked_fill_(grown | dropped, 0.0)
         reset_optimizer_state(optimizer, self.param, grown | dropped)
         self.mask = new_mask
-        self._n_active = int(new_mask.sum())
-        return RewireStats(self.name, self._n_active, int(dropped.sum()), int(grown.sum()))
+        self._n_active = int(new_mask.count_nonzero())
+        return RewireStats(
+            self.name, self._n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
+        )

@@ -1,8 +1,9 @@
 """Drop and grow on flat masks: pure tensor functions, no module, no optimizer.
 
-Ties are broken by a ``priority`` tensor (random, drawn from a seeded generator):
-among equal scores the position with the larger priority wins. The choice is then a
-function of (scores, priority) only, identical on every data-parallel worker.
+Ties are broken by priority: among equal scores the position with the larger priority
+wins. Priorities come from a tensor (golden tests) or are drawn, only for the tied
+entries, from a generator seeded by (seed, step, layer); the choice is then a function
+of the scores and the seed only, identical on every data-parallel worker.
 """
 
 from __future__ import annotations
@@ -10,65 +11,112 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+TieBreak = Tensor | torch.Generator
 
-def topk_mask(score: Tensor, k: int, priority: Tensor, eligible: Tensor | None = None) -> Tensor:
-    """Bool mask of the ``k`` largest ``score`` entries among ``eligible`` (1-D tensors).
 
-    Exact ties at the k-th value are resolved by ``priority``. Cost: one ``topk`` plus
-    one pass, instead of a full sort.
+def _priority(tie_break: TieBreak, index: Tensor) -> Tensor:
+    """Priorities of the entries ``index``: looked up in a tensor, or drawn for just those
+    entries (in index order) from a seeded generator, so no O(N) draw is needed."""
+    if isinstance(tie_break, Tensor):
+        return tie_break[index]
+    return torch.rand(index.numel(), generator=tie_break).to(index.device)
+
+
+def _subset(tie_break: TieBreak, index: Tensor) -> TieBreak:
+    return tie_break[index] if isinstance(tie_break, Tensor) else tie_break
+
+
+def topk_indices(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+    """Indices of the ``k`` largest entries of a 1-D ``score``.
+
+    Exact ties at the k-th value are resolved by priority (larger wins). Cost: one
+    ``topk`` and one comparison pass; priorities are drawn only when there is a tie.
     """
-    n = score.numel()
-    chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
     if k <= 0:
-        return chosen
-    if eligible is not None:
-        n_eligible = int(eligible.sum())
-        if k > n_eligible:
-            raise ValueError(f"cannot choose {k} of {n_eligible} eligible positions")
-        score = torch.where(eligible, score, torch.full_like(score, -torch.inf))
-    elif k > n:
-        raise ValueError(f"cannot choose {k} of {n} positions")
-    threshold = torch.topk(score, k, sorted=False).values.min()
-    above = score > threshold
-    if eligible is not None:
-        above &= eligible
-    n_above = int(above.sum())
-    chosen |= above
-    tied = score == threshold
-    if eligible is not None:
-        tied &= eligible
-    tied_idx = tied.nonzero().squeeze(1)
-    need = k - n_above
-    if need == tied_idx.numel():
-        chosen[tied_idx] = True
-    else:
-        best = torch.topk(priority[tied_idx], need).indices
-        chosen[tied_idx[best]] = True
+        return torch.zeros(0, dtype=torch.long, device=score.device)
+    if k > score.numel():
+        raise ValueError(f"cannot choose {k} of {score.numel()} positions")
+    if score.numel() >= _PREFILTER_MIN and k * _PREFILTER_RATIO <= score.numel():
+        candidates = _prefilter(score, k)
+        if candidates is not None:
+            return candidates[_exact_topk(score[candidates], k, _subset(tie_break, candidates))]
+    return _exact_topk(score, k, tie_break)
+
+
+def _exact_topk(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+    values, index = torch.topk(score, k, sorted=False)
+    threshold = values.min()
+    if int((score >= threshold).count_nonzero()) == k:
+        return index
+    above = (score > threshold).nonzero().squeeze(1)
+    tied = (score == threshold).nonzero().squeeze(1)
+    best = torch.topk(_priority(tie_break, tied), k - above.numel()).indices
+    return torch.cat([above, tied[best]])
+
+
+# A full top-k over N entries costs O(N log k); when k << N a threshold estimated from a
+# strided sample, one comparison pass and a top-k over the few survivors is several times
+# cheaper. It stays exact: if at least k entries reach the threshold t, the k-th largest
+# value is >= t, so every top-k entry (and every entry tied with the k-th) survives.
+_PREFILTER_MIN = 65_536
+_PREFILTER_RATIO = 16
+_SAMPLE = 8_192
+
+
+def _prefilter(score: Tensor, k: int) -> Tensor | None:
+    """Indices of entries at or above a sampled threshold, or None if fewer than k survive."""
+    n = score.numel()
+    sample = score[:: max(1, n // _SAMPLE)]
+    # aim for ~2x the needed survivors (plus a margin for sampling noise)
+    rank = max(1, sample.numel() - int(2 * k * sample.numel() / n) - 16)
+    threshold = torch.kthvalue(sample, rank).values
+    survivors = (score >= threshold).nonzero().squeeze(1)
+    # too few survivors: the sample missed; too many (mass of ties): no saving
+    return survivors if k <= survivors.numel() <= n // 4 else None
+
+
+def topk_mask(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+    """Bool mask of :func:`topk_indices`."""
+    chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    chosen[topk_indices(score, k, tie_break)] = True
     return chosen
 
 
+def _drop_smallest(mask: Tensor, drop_score: Tensor, n_drop: int, tie_break: TieBreak) -> Tensor:
+    """``mask`` without its ``n_drop`` active entries of smallest ``drop_score``.
+    Works on the active entries only: O(n_active), not O(N)."""
+    keep = mask.clone()
+    if n_drop <= 0:
+        return keep
+    active = mask.nonzero().squeeze(1)
+    local = topk_indices(-drop_score[active], n_drop, _subset(tie_break, active))
+    keep[active[local]] = False
+    return keep
+
+
 def drop_and_grow(
-    mask: Tensor, drop_score: Tensor, grow_score: Tensor, n_update: int, priority: Tensor
+    mask: Tensor, drop_score: Tensor, grow_score: Tensor, n_update: int, tie_break: TieBreak
 ) -> Tensor:
     """One RigL/SET connectivity update of a flat bool ``mask``.
 
-    Keep the ``n_active - n_update`` active positions with the largest ``drop_score``
-    (dropping the ``n_update`` smallest), then grow the ``n_update`` positions with the
-    largest ``grow_score`` among every position that was not kept. The just-dropped
-    positions are candidates too (RigL's ``ArgTopK_{i ∉ θ \\ I_drop}``): a weight dropped
-    and regrown in the same update stays active. Drop and grow sets are therefore
-    disjoint from the kept set, and the active count is exactly unchanged.
+    Drop the ``n_update`` active positions with the smallest ``drop_score``, then grow
+    the ``n_update`` positions with the largest ``grow_score`` among every position that
+    was not kept. The just-dropped positions are candidates too (RigL's
+    ``ArgTopK_{i ∉ θ \\ I_drop}``): a weight dropped and regrown in the same update stays
+    active. Grown and kept sets are disjoint, so the active count is exactly unchanged.
     """
-    n_active = int(mask.sum())
-    n_update = min(int(n_update), n_active)
-    keep = topk_mask(drop_score, n_active - n_update, priority, eligible=mask)
-    grow = topk_mask(grow_score, n_update, priority, eligible=~keep)
-    return keep | grow
+    n_update = min(int(n_update), int(mask.count_nonzero()))
+    if n_update == 0:
+        return mask.clone()
+    keep = _drop_smallest(mask, drop_score, n_update, tie_break)
+    candidates = grow_score.masked_fill(keep, -torch.inf)
+    keep[topk_indices(candidates, n_update, tie_break)] = True
+    return keep
 
 
-def magnitude_prune(mask: Tensor, score: Tensor, n_keep: int, priority: Tensor) -> Tensor:
+def magnitude_prune(mask: Tensor, score: Tensor, n_keep: int, tie_break: TieBreak) -> Tensor:
     """Keep the ``n_keep`` active positions of largest ``score`` (pruning never grows)."""
-    return topk_mask(score, min(n_keep, int(mask.sum())), priority, eligible=mask)
+    return _drop_smallest(mask, score, int(mask.count_nonzero()) - n_keep, tie_break)
 
 
 def random_mask(numel: int, n_active: int, generator: torch.Generator) -> Tensor:

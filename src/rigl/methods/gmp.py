@@ -39,5 +39,4 @@ class GMP(Sparsifier):
         n_keep = weight.numel - math.floor(self.schedule.progress(step) * n_prunable)
         if n_keep >= weight.n_active:
             return None
-        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
-        return weight.prune(n_keep, weight.magnitude(), priority)
+        return weight.prune(n_keep, weight.magnitude(), generator)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rigl.sparsifier import Sparsifier, _check_finite, register_method
+from rigl.sparsifier import Sparsifier, register_method
 from rigl.storage import MaskedWeight
 
 
@@ -33,6 +33,4 @@ class SNIP(Sparsifier):
         if grad is None:
             raise RuntimeError(f"SNIP needs the gradient of {weight.name} on its first step")
         score = (grad * weight.param.detach().flatten()).abs()
-        _check_finite(score, weight.name)
-        priority = torch.rand(weight.numel, generator=generator).to(weight.param.device)
-        return weight.prune(self.target_counts[index], score, priority)
+        return weight.prune(self.target_counts[index], score, generator)
