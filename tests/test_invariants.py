@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rigl
@@ -88,3 +91,39 @@ def test_invariants(method, distribution, model_name, optimizer_name):
         )
     if method in DST:
         assert [w.n_active for w in sparsifier.weights] == sparsifier.target_counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 24), min_size=2, max_size=4),
+    sparsity=st.floats(0.0, 0.99),
+    method=st.sampled_from(["static", "set", "snfs", "rigl"]),
+    distribution=st.sampled_from(["uniform", "er", "erk"]),
+)
+def test_property_counts_stay_exact_on_random_mlps(widths, sparsity, method, distribution):
+    torch.manual_seed(0)
+    layers = []
+    for n_in, n_out in itertools.pairwise([12, *widths]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = rigl.create(
+        method,
+        model,
+        optimizer,
+        sparsity=sparsity,
+        distribution=distribution,
+        total_steps=12,
+        update_interval=2,
+        drop_fraction=0.5,
+    )
+    counts = rigl.active_counts([w.shape for w in sparsifier.weights], sparsity, distribution)
+    assert sparsifier.target_counts == counts
+    for t in range(12):
+        x, y = batch(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+        for weight, n in zip(sparsifier.weights, counts, strict=True):
+            assert weight.n_active == int(weight.mask.sum()) == n
+            assert bool((weight.param[~weight.mask] == 0).all())
