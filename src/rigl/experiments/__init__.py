@@ -1,0 +1,1 @@
+"""Experiments: models, data, training loop, sweeps, plots, reports and the `rigl` CLI."""
