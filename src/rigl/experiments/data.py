@@ -17,8 +17,9 @@ text           (seq_len,)       vocab    any UTF-8 file (``path=``), next-char t
 
 ``root`` defaults to ``$RIGL_DATA_DIR``, else ``~/.cache/rigl``. MNIST, Fashion-MNIST and
 CIFAR-10 are downloaded into it where a network exists (``download=True``) and checked
-against the official MD5s (``verify=True``); otherwise :class:`DataNotFoundError` says
-which files to put where. Every dataset accepts ``train_size`` / ``test_size`` to keep a
+against the official MD5s (``verify=True``: files with official names, i.e. the ``.gz``
+IDX files, the CIFAR tarball and batches); without a network :class:`DataNotFoundError`
+says which files to put where. Every dataset accepts ``train_size`` / ``test_size`` to keep a
 deterministic (per ``seed``) random subset, taken after normalisation.
 """
 
@@ -28,7 +29,7 @@ import functools
 import inspect
 import os
 import random
-import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,11 @@ from rigl.experiments.data_files import (
     ChecksumError,
     CorruptFileError,
     DataNotFoundError,
+    atomic_write,
     load_cifar_folder,
     load_idx_folder,
+    read_text_ids,
+    text_windows,
 )
 
 __all__ = [
@@ -196,7 +200,11 @@ def _mnist1d(*, root: Path, seed: int, num_samples: int = 5000) -> _Arrays:
             arrays = {k: saved[k] for k in ("x", "y", "x_test", "y_test")}
     except (OSError, KeyError, ValueError):  # absent or unreadable: generate afresh
         arrays, source = _generate_mnist1d(num_samples, seed), "generated"
-        _save_npz_atomic(cache, arrays)
+        try:
+            with atomic_write(cache) as handle:
+                np.savez(handle, **arrays)
+        except OSError as err:  # a read-only root still gets the data, just not cached
+            warnings.warn(f"cannot cache MNIST-1D in {cache}: {err}", stacklevel=3)
     x_train, x_test, stats = _standardise(arrays["x"], arrays["x_test"])
     return _Arrays(
         x_train, arrays["y"].astype(np.int64), x_test, arrays["y_test"].astype(np.int64),
@@ -218,19 +226,6 @@ def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
         random.setstate(py_state)
         np.random.set_state(np_state)
     return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
-
-
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temporary file beside ``path`` and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- images
@@ -344,33 +339,16 @@ def _text(
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"stride={stride!r} must be an int >= 1")
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataNotFoundError(f"text file {path} does not exist; pass path=<a UTF-8 text file>")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorruptFileError(
-            f"{path}: not UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8"
-        ) from err
-    vocab = "".join(sorted(set(text)))
-    lookup = {ch: i for i, ch in enumerate(vocab)}
-    ids = np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text))
+    ids, vocab = read_text_ids(path)
     cut = int(0.9 * len(ids))
     if len(ids) - cut < seq_len + 1:
         raise CorruptFileError(
             f"{path}: {len(ids)} characters is too short for seq_len={seq_len}; its last 10% "
             f"(the test split) needs at least seq_len + 1 = {seq_len + 1} characters"
         )
-    x_train, y_train = _windows(ids[:cut], seq_len, stride)
-    x_test, y_test = _windows(ids[cut:], seq_len, stride)
+    x_train, y_train = text_windows(ids[:cut], seq_len, stride)
+    x_test, y_test = text_windows(ids[cut:], seq_len, stride)
     return _Arrays(
         x_train, y_train, x_test, y_test, input_shape=(seq_len,), num_classes=len(vocab),
         info={"source": str(path), "vocab": vocab, "characters": len(ids)},
     )  # fmt: skip
-
-
-def _windows(ids: np.ndarray, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, seq_len) inputs and next-character targets from a 1-D id array."""
-    starts = np.arange(0, len(ids) - seq_len, stride)  # each window needs seq_len + 1 ids
-    offsets = starts[:, None] + np.arange(seq_len)[None, :]
-    return ids[offsets], ids[offsets + 1]

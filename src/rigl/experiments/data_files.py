@@ -1,4 +1,5 @@
-"""On-disk dataset formats: IDX (MNIST, Fashion-MNIST), CIFAR-10 python batches, checksums, download.
+"""On-disk dataset formats: IDX (MNIST, Fashion-MNIST), CIFAR-10 python batches, UTF-8 text,
+checksums, download.
 
 Everything here returns plain numpy arrays; ``rigl.experiments.data`` turns them into
 tensors. Readers validate what they read and raise :class:`CorruptFileError` naming the
@@ -12,6 +13,7 @@ the values in row-major order, big-endian.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -21,9 +23,9 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
@@ -280,20 +282,52 @@ def load_cifar_folder(
     return out
 
 
+# --------------------------------------------------------------------------- text
+
+
+def read_text_ids(path: Path) -> tuple[np.ndarray, str]:
+    """A UTF-8 file -> (int64 character ids, vocabulary = the sorted distinct characters)."""
+    if not path.is_file():
+        raise DataNotFoundError(f"text file {path} does not exist; pass path=<a UTF-8 text file>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorruptFileError(
+            f"{path}: not UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8"
+        ) from err
+    vocab = "".join(sorted(set(text)))
+    lookup = {ch: i for i, ch in enumerate(vocab)}
+    return np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text)), vocab
+
+
+def text_windows(ids: np.ndarray, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, seq_len) input windows starting every ``stride`` ids, and their next-id targets."""
+    starts = np.arange(0, len(ids) - seq_len, stride)  # each window needs seq_len + 1 ids
+    offsets = starts[:, None] + np.arange(seq_len)[None, :]
+    return ids[offsets], ids[offsets + 1]
+
+
 # --------------------------------------------------------------------------- download
 
 
-def download_file(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch ``url`` into ``dest`` atomically (temporary file in the same folder, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """Write through a temporary file beside ``path``, renamed over it only on success, so
+    no reader (or a crash) ever leaves half a file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out, length=1 << 20)
-        os.replace(tmp, dest)
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def download_file(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+    with atomic_write(dest) as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        shutil.copyfileobj(response, out, length=1 << 20)
 
 
 def _download_or_explain(folder: Path, dataset: str, files: Sequence[str], download: bool) -> None:
