@@ -1,0 +1,177 @@
+"""`rigl compare`: a sweep of training runs in parallel processes, then a table and plots.
+
+Each run trains in its own folder ``<out>/runs/<name>/`` in a worker process with one
+torch thread; a run whose ``final.json`` exists is not trained again, and one with a
+checkpoint is resumed, so an interrupted sweep continues where it stopped. The results
+are ``results.json`` (one record per run), ``results.md`` (mean ± std over seeds, rows =
+methods, columns = sparsities, as in the paper) and the plots of :mod:`plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from rigl.config import ConfigError
+from rigl.experiments import results, sweep
+from rigl.experiments.config import ExperimentConfig, from_dict
+from rigl.experiments.runio import provenance, read_json, write_json
+from rigl.experiments.sweep import RunSpec, Sweep
+
+RECORD_KEYS = (
+    "test_accuracy", "test_loss", "train_accuracy", "params", "params_dense", "density",
+    "inference_flops_ratio", "train_flops_ratio", "total_steps", "wall_time_s", "width",
+)  # fmt: skip
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per run; --jobs runs side by side
+
+
+def _train_one(config_dict: dict[str, Any]) -> dict[str, Any]:
+    from rigl.experiments.train import train
+
+    return train(from_dict(config_dict), resume=True, quiet=True)
+
+
+def finished(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The ``final.json`` of a finished run with this config, else None."""
+    out = Path(config.out)
+    if not (out / "final.json").exists():
+        return None
+    from rigl.experiments.train import prepare_out
+
+    prepare_out(config, resume=True, overwrite=False)  # raises if the config changed
+    return read_json(out / "final.json")
+
+
+def run_sweep(plan: Sweep, out: Path, jobs: int, quiet: bool) -> list[dict[str, Any]]:
+    """Train every run not yet finished; returns one record per run (in plan order)."""
+    configs = {spec: spec.config(plan.base, out) for spec in plan.runs}
+    finals = {spec: finished(config) for spec, config in configs.items()}
+    todo = [s for s in plan.runs if finals[s] is None]
+    todo.sort(key=lambda s: -s.multiplier)  # longest first: better packing of the workers
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, {jobs} jobs")
+    failures = []
+    if todo:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+            futures = {pool.submit(_train_one, configs[s].to_dict()): s for s in todo}
+            for done, future in enumerate(as_completed(futures), start=1):
+                spec = futures[future]
+                try:
+                    finals[spec] = future.result()
+                except Exception as exc:  # report every failed run, keep the others
+                    failures.append(f"{spec.name}: {type(exc).__name__}: {exc}")
+                    say(f"[{done}/{len(todo)}] {spec.name} FAILED: {exc}")
+                    continue
+                acc, wall = finals[spec]["test_accuracy"], finals[spec]["wall_time_s"]
+                say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+    if failures:
+        raise RuntimeError("runs failed:\n  " + "\n  ".join(failures))
+    return [record(spec, finals[spec], out, plan) for spec in plan.runs]
+
+
+def record(spec: RunSpec, final: dict[str, Any], out: Path, plan: Sweep) -> dict[str, Any]:
+    several = len({r.distribution for r in plan.runs if r.method != "dense"}) > 1
+    return {
+        "name": spec.name,
+        "row": spec.row(show_distribution=several),
+        "method": spec.method,
+        "sparsity": spec.sparsity,
+        "distribution": None if spec.method == "dense" else spec.distribution,
+        "seed": spec.seed,
+        "multiplier": spec.multiplier,
+        **{k: final.get(k) for k in RECORD_KEYS},
+        "run_dir": str(Path("runs") / spec.name),
+    }
+
+
+def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] | None = None):
+    """Run the sweep and write results.json, results.md and the plots; returns the table."""
+    from rigl.experiments import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = run_sweep(plan, out, jobs, quiet)
+    wall = time.perf_counter() - start
+    rows = results.summarise(records, plan.sparsities)
+    meta = {
+        **provenance(argv),
+        "wall_time_s": wall,
+        "jobs": jobs,
+        "base": plan.base.to_dict(),
+        "sweep": plan.settings,
+    }
+    write_json(out / "results.json", {"meta": meta, "records": records, "summary": rows})
+    table = results.markdown(rows, plan.sparsities)
+    results.write_markdown(out / "results.md", table, plan, meta, records)
+    plots.plot_all(records, rows, plan.sparsities, out)
+    return table
+
+
+# -- command line ---------------------------------------------------------------------------
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from rigl.experiments.train import add_config_flags
+
+    parser = subparsers.add_parser(
+        "compare",
+        help="train a grid of methods x sparsities x seeds and tabulate the results",
+        description="Sweep methods, sparsities, distributions, seeds and training-length "
+        "multipliers; dense runs once per seed. Finished runs are skipped on re-runs.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--preset", help="a sweep file configs/<NAME>.yaml, e.g. main, mnist5k")
+    parser.add_argument("--config", help="a sweep file, or a training config used as the base")
+    parser.add_argument("--methods", type=_names, help="e.g. static,set,rigl")
+    parser.add_argument("--sparsities", type=_numbers, help="e.g. 0.9,0.95")
+    parser.add_argument("--distributions", type=_names, help="e.g. erk,uniform")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0 .. N-1)")
+    parser.add_argument("--multipliers", type=_numbers, help="training lengths, e.g. 1,2,5")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel runs")
+    parser.add_argument("--out", default="results/compare", help="output folder")
+    parser.add_argument("--quiet", action="store_true")
+    add_config_flags(
+        parser, skip=("out", "method", "sparsity", "distribution", "seed", "multiplier")
+    )
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(t) for t in _names(text)]
+
+
+def plan_from_args(args: argparse.Namespace) -> Sweep:
+    if args.preset and args.config:
+        raise ConfigError("give either --preset or --config, not both")
+    path = sweep.find_preset(args.preset) if args.preset else args.config
+    base, settings = sweep.read_sweep_file(Path(path) if path else None)
+    fields = ExperimentConfig.__dataclass_fields__
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k != "out"}
+    grid = {k: getattr(args, k) for k in sweep.SWEEP_KEYS if getattr(args, k, None) is not None}
+    if {"methods", "distributions", "multipliers"} & set(grid):
+        settings.pop("runs", None)  # command-line grid replaces the file's run list
+    base_config = from_dict({**base, **overrides}, source=str(path or "command line"))
+    return sweep.expand(base_config, {**settings, **grid})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1")
+    plan = plan_from_args(args)
+    table = compare(plan, Path(args.out), jobs=args.jobs, quiet=args.quiet, argv=args.argv)
+    print(table)
+    return 0

@@ -1,0 +1,307 @@
+"""The experiment configuration: one typed, validated dataclass with every default.
+
+A config file (YAML or JSON) is a flat mapping of these fields; command-line flags
+``--key value`` override it. Everything is checked before any data is loaded or any
+step is taken: an unknown key, a wrong type, a bad value or a missing data folder
+raises :class:`rigl.ConfigError` naming the key (or path), the value and what is allowed.
+
+Training length: ``steps`` (if set) or ``epochs`` times the batches per epoch, all
+multiplied by ``multiplier`` (the paper's "RigL 2x / 5x"). The multiplier stretches
+every point of the schedule given as an absolute step (``end_step``, ``lr_milestones``,
+``begin_step``); fractions of training stretch by themselves. ΔT (``update_interval``)
+is a frequency and is not stretched, as in the paper's extended runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rigl.config import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+WIDTH_RULES = ("fixed", "small_dense", "big_sparse")
+DISTRIBUTIONS = ("uniform", "er", "erk")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that decides one training run (defaults: a quick MNIST-1D MLP)."""
+
+    # -- data ------------------------------------------------------------------------
+    dataset: str = "mnist1d"
+    data_root: str | None = None  # folder of the dataset files (None: the loader's default)
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 8000}
+    # -- model -----------------------------------------------------------------------
+    model: str = "mlp"
+    width: float = 1.0  # width multiplier of the model's hidden layers
+    width_rule: str = "fixed"  # "small_dense" / "big_sparse": width from rigl.flops solvers
+    model_options: dict[str, Any] = field(default_factory=dict)
+    # -- sparsity (arguments of rigl.create) ----------------------------------------
+    method: str = "rigl"
+    sparsity: float = 0.9  # S
+    distribution: str = "erk"
+    first_layer_dense: bool = False
+    last_layer_dense: bool = False
+    update_interval: int = 100  # ΔT
+    end_step: int | float = 0.75  # T_end: absolute step or fraction of training
+    drop_fraction: float = 0.3  # α
+    decay: str = "cosine"  # f_decay
+    method_options: dict[str, Any] = field(default_factory=dict)  # other rigl.create kwargs
+    # -- optimisation ----------------------------------------------------------------
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = True  # SGD only
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # "step": × lr_gamma at each milestone; "cosine" to 0
+    lr_milestones: list[int | float] = field(default_factory=list)  # steps or fractions
+    lr_gamma: float = 0.1
+    warmup_steps: int = 0  # linear warm-up of the learning rate
+    batch_size: int = 128
+    epochs: int = 10
+    steps: int | None = None  # total optimizer steps at 1x (overrides epochs)
+    multiplier: float = 1.0  # training-length multiplier (1x, 2x, 5x)
+    seed: int = 0
+    # -- bookkeeping -----------------------------------------------------------------
+    eval_every: int = 1  # epochs between test-set evaluations (and the last epoch)
+    log_every: int = 10  # steps between rows of per-step metrics
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    recorders: list[str] = field(default_factory=lambda: ["topology"])
+    tensorboard: bool = True  # when torch.utils.tensorboard imports
+    out: str = "runs/default"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        import rigl
+        from rigl.experiments import data, models
+
+        _choice("dataset", self.dataset, data.list_datasets())
+        _choice("model", self.model, models.list_models())
+        _choice("method", self.method, rigl.list_methods())
+        for name, allowed in (
+            ("distribution", DISTRIBUTIONS),
+            ("decay", DECAYS),
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("width_rule", WIDTH_RULES),
+        ):
+            _choice(name, getattr(self, name), allowed)
+        from rigl.experiments.callbacks import list_recorders
+
+        for name in self.recorders:
+            _choice("recorders", name, list_recorders())
+        _range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        _range("drop_fraction", self.drop_fraction, 0.0, 1.0)
+        _range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        for name in ("width", "lr", "multiplier", "lr_gamma"):
+            _positive(name, getattr(self, name))
+        for name in ("update_interval", "batch_size", "epochs", "log_every", "eval_every"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "checkpoint_every", "warmup_steps", "seed"):
+            _range(name, getattr(self, name), 0.0, float("inf"))
+        if self.steps is not None:
+            _positive("steps", self.steps)
+        _step_or_fraction("end_step", self.end_step)
+        for i, milestone in enumerate(self.lr_milestones):
+            _step_or_fraction(f"lr_milestones[{i}]", milestone)
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise ConfigError(
+                f"data_root={self.data_root!r}: no such folder (put the dataset files there, "
+                "or leave data_root unset for the loader's default location)"
+            )
+        if self.width_rule != "fixed" and self.sparsity == 0:
+            raise ConfigError(
+                f"width_rule={self.width_rule!r} needs sparsity > 0: the width is solved to "
+                "match a sparse network's parameters (small_dense) or a dense one's FLOPs "
+                "(big_sparse)"
+            )
+
+    # -- derived quantities ------------------------------------------------------------
+    def scaled_step(self, value: int | float) -> int | float:
+        """An absolute step of the 1x schedule, stretched by ``multiplier``."""
+        if isinstance(value, float):
+            return value
+        return round(value * self.multiplier)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        base = self.steps if self.steps is not None else self.epochs * steps_per_epoch
+        return max(1, round(base * self.multiplier))
+
+    # -- round trips ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> None:
+        from rigl.experiments.runio import atomic_write_text
+
+        text = self.to_json() if str(path).endswith(".json") else self.to_yaml()
+        atomic_write_text(path, text)
+
+
+# -- building configs -------------------------------------------------------------------
+def from_dict(data: Mapping[str, Any], *, source: str = "config") -> ExperimentConfig:
+    """Validated config from a mapping; unknown keys are an error naming them."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source} must be a mapping of config keys, got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {key!r} in {source}{hint}; allowed: {', '.join(known)}")
+    return ExperimentConfig(**data)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file as a dict; a missing file is an error naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config keys")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> ExperimentConfig:
+    """Defaults, then the file at ``path``, then ``overrides`` (command-line flags win)."""
+    data = read_mapping(path) if path is not None else {}
+    source = f"config file {str(path)!r}" if path is not None else "config"
+    from_dict(data, source=source)  # name the file in errors that come from it
+    return from_dict({**data, **(overrides or {})}, source="command-line overrides")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalar/list syntax (``0.1``, ``1e-3``, ``true``, ``[1, 2]``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+# -- type and value checks -----------------------------------------------------------------
+def check_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it has type ``hint`` (ints are accepted for floats), else ConfigError."""
+    ok, converted = _match(value, hint)
+    if not ok:
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected {_type_name(hint)}")
+    return converted
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):  # int before float keeps 100 an int
+            ok, converted = _match(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            return False, value
+        (item,) = typing.get_args(hint)
+        results = [_match(v, item) for v in value]
+        return all(ok for ok, _ in results), [v for _, v in results]
+    if origin is dict:
+        ok = isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+        return ok, dict(value) if ok else value
+    raise TypeError(f"unsupported config type {hint!r} for {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _choice(name: str, value: str, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def _range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    if value < low or value > high or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{name}={value!r} is outside [{low:g}, {high:g}{bracket}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}={value!r} must be > 0")
+
+
+def _step_or_fraction(name: str, value: int | float) -> None:
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ConfigError(
+            f"{name}={value!r}: a float is a fraction of training and must be in [0, 1]; "
+            "write an int for an absolute step"
+        )
+    if value < 0:
+        raise ConfigError(f"{name}={value!r} must be >= 0")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
