@@ -144,6 +144,9 @@ class Sparsifier:
         self.update_count = 0  # successful topology updates so far
         self.last_update: list[RewireStats] | None = None
         self._pending_update = False
+        # called with the sparsifier after every successful topology update
+        # (e.g. rigl.distributed.add_consistency_check)
+        self.update_hooks: list[Callable[[Sparsifier], None]] = []
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -188,16 +191,33 @@ class Sparsifier:
         """{full parameter name: bool mask}."""
         return {w.name: w.mask for w in self.weights}
 
-    def step(self) -> None:
-        """Replaces ``optimizer.step()``: optimizer step plus masking, or a topology update."""
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Replaces ``optimizer.step()``: optimizer step plus masking, or a topology update.
+
+        With mixed precision pass the ``torch.amp.GradScaler``: ``step(scaler=scaler)`` then
+        replaces ``scaler.step(optimizer); scaler.update()``. It unscales the gradients (unless
+        you already called ``scaler.unscale_``, e.g. to clip), and when one is inf/NaN the
+        scaler skips the optimizer step and the sparsifier skips the step too: no topology
+        update, nothing counted (``step_count`` does not advance, so an update that was due
+        runs on the next finite step), only ``scaler.update()`` lowers the scale.
+        """
         if self.optimizer is None:
             raise ConfigError(
                 "step() needs the optimizer; this sparsifier was created with optimizer=None "
                 "(call pre_optimizer_step()/post_optimizer_step() around your own step instead)"
             )
+        if scaler is None or not scaler.is_enabled():
+            if self.pre_optimizer_step():
+                self.optimizer.step()
+            self.post_optimizer_step()
+            return
+        if _unscale_found_inf(scaler, self.optimizer):
+            scaler.update()
+            return
         if self.pre_optimizer_step():
-            self.optimizer.step()
+            scaler.step(self.optimizer)
         self.post_optimizer_step()
+        scaler.update()
 
     def pre_optimizer_step(self) -> bool:
         """Everything before the optimizer step; returns whether to take it."""
@@ -246,6 +266,8 @@ class Sparsifier:
             for w, plan in zip(self.weights, plans, strict=True)
         ]
         self.update_count += 1
+        for hook in self.update_hooks:
+            hook(self)
         return True
 
     # -- inspection and checkpoints ----------------------------------------------------------
@@ -323,3 +345,16 @@ class Sparsifier:
 def _check_finite(score: Tensor, name: str) -> None:
     if not bool(torch.isfinite(score).all()):
         raise _SkipUpdate(f"non-finite scores in {name} (inf/NaN gradient?)")
+
+
+def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Unscale the gradients of ``optimizer`` and say whether one is inf/NaN, i.e. whether
+    ``scaler.step`` is going to skip the optimizer step (the same test the scaler makes)."""
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as exc:  # the caller unscaled already (to clip): fine
+        if "already been called" not in str(exc):
+            raise
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    finite = [torch.isfinite(g).all() for g in grads if g is not None]
+    return bool(finite) and not bool(torch.stack(finite).all())
