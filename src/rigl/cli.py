@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "rigl.experiments.train",
     "compare": "rigl.experiments.compare",
     "flops": "rigl.experiments.flops_cli",
-    "report": "rigl.experiments.report_cli",
+    "report": "rigl.experiments.report",
 }
 
 
