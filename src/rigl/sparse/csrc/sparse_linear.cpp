@@ -1,0 +1,429 @@
+// CPU kernels of the compressed sparse linear layer (rigl.sparse).
+//
+// Layout (chosen so that every inner loop runs over the batch, contiguously):
+//   W   (out x in) sparse: CSR  row_ptr[out+1], col_idx[nnz]   (int32), values[nnz]
+//                          CSC  col_ptr[in+1],  row_idx[nnz],  perm[nnz] (int32)
+//                          with values_csc[k] = values[perm[k]]; rebuilt only when the
+//                          topology changes (every ΔT steps), never per step.
+//   activations are held transposed, feature-major: xt (in x B), yt (out x B),
+//   dyt (out x B), dxt (in x B), row stride `ld` (= B).
+//
+//   forward          yt[o, :]  = bias[o] + sum_{j in row o} W[o, j] * xt[j, :]
+//   fused backward   dxt[i, :] = sum_{o in col i} W[o, i] * dyt[o, :]
+//                    dW[o, i]  = <dyt[o, :], xt[i, :]>          (SDDMM, active entries only)
+//
+// The fused backward walks W column by column: the gathered row dyt[o, :] is loaded once
+// and used twice, by the dx accumulation and by the dW dot product (xt[i, :] stays in L1).
+// The batch is cut into chunks of C columns (a compile-time size) so that the
+// accumulators live in vector registers; the loop over chunks is outermost so that the
+// gathered rows of one chunk (features x C floats) stay in L2.
+
+#include <torch/extension.h>
+
+#include <omp.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#ifndef RIGL_CHUNK_FWD
+#define RIGL_CHUNK_FWD 64
+#endif
+#ifndef RIGL_CHUNK_BWD
+#define RIGL_CHUNK_BWD 32
+#endif
+#ifndef RIGL_PREFETCH
+#define RIGL_PREFETCH 8
+#endif
+constexpr int kChunkFwd = RIGL_CHUNK_FWD;  // batch columns per register tile, forward
+constexpr int kChunkBwd = RIGL_CHUNK_BWD;  // batch columns per register tile, fused backward
+
+int n_threads() { return std::max(1, at::get_num_threads()); }
+
+// --------------------------------------------------------------------------- forward
+template <typename T, int C>
+inline void fwd_tile(const int32_t* __restrict cols, const T* __restrict vals, int64_t n,
+                     const T* __restrict xt, int64_t ld, T* __restrict out, T b) {
+  T acc[C];
+#pragma omp simd
+  for (int i = 0; i < C; ++i) acc[i] = b;
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict xr = xt + static_cast<int64_t>(cols[k]) * ld;
+    const T w = vals[k];
+#pragma omp simd
+    for (int i = 0; i < C; ++i) acc[i] += w * xr[i];
+  }
+#pragma omp simd
+  for (int i = 0; i < C; ++i) out[i] = acc[i];
+}
+
+#ifdef __AVX2__
+// float32 tiles with explicit AVX2/FMA: NV vectors of 8 batch columns in registers, and a
+// software prefetch of the row gathered kPrefetch non-zeros ahead (the gathered rows are
+// random, so the hardware prefetchers cannot guess them).
+constexpr int kPrefetch = RIGL_PREFETCH;
+
+template <int NV>
+inline void fwd_tile_avx(const int32_t* __restrict cols, const float* __restrict vals, int64_t n,
+                         const float* __restrict xt, int64_t ld, float* __restrict out, float b) {
+  __m256 acc[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_set1_ps(b);
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kPrefetch < n) {
+      const char* pf = reinterpret_cast<const char*>(xt + static_cast<int64_t>(cols[k + kPrefetch]) * ld);
+#pragma GCC unroll 16
+      for (int l = 0; l < NV * 32; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+    }
+    const float* __restrict xr = xt + static_cast<int64_t>(cols[k]) * ld;
+    const __m256 w = _mm256_set1_ps(vals[k]);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * v), acc[v]);
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+
+template <>
+inline void fwd_tile<float, kChunkFwd>(const int32_t* __restrict cols, const float* __restrict vals,
+                                       int64_t n, const float* __restrict xt, int64_t ld,
+                                       float* __restrict out, float b) {
+  fwd_tile_avx<kChunkFwd / 8>(cols, vals, n, xt, ld, out, b);
+}
+#endif
+
+template <typename T>
+inline void fwd_tile_any(const int32_t* __restrict cols, const T* __restrict vals, int64_t n,
+                         const T* __restrict xt, int64_t ld, T* __restrict out, T b, int c) {
+  for (int i = 0; i < c; ++i) out[i] = b;
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict xr = xt + static_cast<int64_t>(cols[k]) * ld;
+    const T w = vals[k];
+#pragma omp simd
+    for (int i = 0; i < c; ++i) out[i] += w * xr[i];
+  }
+}
+
+template <typename T>
+void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, const T* xt,
+                  const T* bias, T* yt, int64_t n_out, int64_t batch) {
+  const int nt = n_threads();
+  const int64_t n_chunks = (batch + kChunkFwd - 1) / kChunkFwd;
+  // Row blocks small enough for dynamic balancing (rows differ in their counts).
+  const int64_t rows_per_block = std::max<int64_t>(1, n_out / (16 * nt));
+  const int64_t n_blocks = (n_out + rows_per_block - 1) / rows_per_block;
+  const int64_t n_tasks = n_chunks * n_blocks;  // chunk-major: one chunk's rows stay hot
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    const int64_t c0 = (t / n_blocks) * kChunkFwd;
+    const int64_t c = std::min<int64_t>(kChunkFwd, batch - c0);
+    const int64_t r0 = (t % n_blocks) * rows_per_block;
+    const int64_t r1 = std::min(n_out, r0 + rows_per_block);
+    for (int64_t o = r0; o < r1; ++o) {
+      const int64_t p = row_ptr[o], n = row_ptr[o + 1] - p;
+      const T b = bias ? bias[o] : T(0);
+      if (c == kChunkFwd)
+        fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xt + c0, batch, yt + o * batch + c0, b);
+      else
+        fwd_tile_any<T>(col_idx + p, vals + p, n, xt + c0, batch, yt + o * batch + c0, b,
+                        static_cast<int>(c));
+    }
+  }
+}
+
+// -------------------------------------------------------------------- fused backward
+// One column i of W, one chunk of the batch. WANT_DX / WANT_DW select the products.
+// dw_acc: partial dot products of earlier chunks (CSC order), or null for the first.
+// dw_out: where the finished dot product goes: CSC-order scratch, or values order via perm.
+template <typename T, int C, bool WANT_DX, bool WANT_DW>
+inline void bwd_tile(const int32_t* __restrict rows, const T* __restrict vals_csc, int64_t n,
+                     const T* __restrict dyt, const T* __restrict xr, int64_t ld,
+                     T* __restrict dx_out, const T* __restrict dw_acc, T* __restrict dw_out,
+                     const int32_t* __restrict perm) {
+  T acc[C];
+  T x[C];
+#pragma omp simd
+  for (int i = 0; i < C; ++i) {
+    acc[i] = T(0);
+    x[i] = xr[i];
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict g = dyt + static_cast<int64_t>(rows[k]) * ld;
+    if (WANT_DX) {
+      const T w = vals_csc[k];
+#pragma omp simd
+      for (int i = 0; i < C; ++i) acc[i] += w * g[i];
+    }
+    if (WANT_DW) {
+      T d = dw_acc ? dw_acc[k] : T(0);
+#pragma omp simd reduction(+ : d)
+      for (int i = 0; i < C; ++i) d += g[i] * x[i];
+      if (perm)
+        dw_out[perm[k]] = d;
+      else
+        dw_out[k] = d;
+    }
+  }
+  if (WANT_DX) {
+#pragma omp simd
+    for (int i = 0; i < C; ++i) dx_out[i] = acc[i];
+  }
+}
+
+#ifdef __AVX2__
+// Sum of each of four vectors: {sum(a), sum(b), sum(c), sum(d)}.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// float32 fused backward tile: non-zeros in groups of four so that four dot products are
+// reduced together (one horizontal reduction per four entries instead of one per entry).
+template <int NV, bool WANT_DX, bool WANT_DW>
+inline void bwd_tile_avx(const int32_t* __restrict rows, const float* __restrict vals_csc,
+                         int64_t n, const float* __restrict dyt, const float* __restrict xr,
+                         int64_t ld, float* __restrict dx_out, const float* __restrict dw_acc,
+                         float* __restrict dw_out, const int32_t* __restrict perm) {
+  __m256 acc[NV];
+  __m256 x[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) {
+    acc[v] = _mm256_setzero_ps();
+    x[v] = _mm256_loadu_ps(xr + 8 * v);
+  }
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    __m256 d[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      if (k + u + kPrefetch < n) {
+        const char* pf =
+            reinterpret_cast<const char*>(dyt + static_cast<int64_t>(rows[k + u + kPrefetch]) * ld);
+#pragma GCC unroll 16
+        for (int l = 0; l < NV * 32; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+      }
+      const float* __restrict g = dyt + static_cast<int64_t>(rows[k + u]) * ld;
+      const __m256 w = _mm256_set1_ps(WANT_DX ? vals_csc[k + u] : 0.f);
+      d[u] = _mm256_setzero_ps();
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) {
+        const __m256 gv = _mm256_loadu_ps(g + 8 * v);
+        if (WANT_DX) acc[v] = _mm256_fmadd_ps(w, gv, acc[v]);
+        if (WANT_DW) d[u] = _mm256_fmadd_ps(gv, x[v], d[u]);
+      }
+    }
+    if (WANT_DW) {
+      __m128 s = hsum4(d[0], d[1], d[2], d[3]);
+      if (dw_acc) s = _mm_add_ps(s, _mm_loadu_ps(dw_acc + k));
+      if (perm) {
+        alignas(16) float tmp[4];
+        _mm_store_ps(tmp, s);
+        for (int u = 0; u < 4; ++u) dw_out[perm[k + u]] = tmp[u];
+      } else {
+        _mm_storeu_ps(dw_out + k, s);
+      }
+    }
+  }
+  for (; k < n; ++k) {  // remainder, one entry at a time
+    const float* __restrict g = dyt + static_cast<int64_t>(rows[k]) * ld;
+    const __m256 w = _mm256_set1_ps(WANT_DX ? vals_csc[k] : 0.f);
+    __m256 dv = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const __m256 gv = _mm256_loadu_ps(g + 8 * v);
+      if (WANT_DX) acc[v] = _mm256_fmadd_ps(w, gv, acc[v]);
+      if (WANT_DW) dv = _mm256_fmadd_ps(gv, x[v], dv);
+    }
+    if (WANT_DW) {
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(dv), _mm256_extractf128_ps(dv, 1));
+      const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      float dsum = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+      if (dw_acc) dsum += dw_acc[k];
+      if (perm)
+        dw_out[perm[k]] = dsum;
+      else
+        dw_out[k] = dsum;
+    }
+  }
+  if (WANT_DX) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(dx_out + 8 * v, acc[v]);
+  }
+}
+#endif
+
+template <typename T, bool WANT_DX, bool WANT_DW>
+inline void bwd_tile_any(const int32_t* __restrict rows, const T* __restrict vals_csc, int64_t n,
+                         const T* __restrict dyt, const T* __restrict xr, int64_t ld,
+                         T* __restrict dx_out, const T* __restrict dw_acc, T* __restrict dw_out,
+                         const int32_t* __restrict perm, int c) {
+  if (WANT_DX)
+    for (int i = 0; i < c; ++i) dx_out[i] = T(0);
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict g = dyt + static_cast<int64_t>(rows[k]) * ld;
+    if (WANT_DX) {
+      const T w = vals_csc[k];
+#pragma omp simd
+      for (int i = 0; i < c; ++i) dx_out[i] += w * g[i];
+    }
+    if (WANT_DW) {
+      T d = dw_acc ? dw_acc[k] : T(0);
+#pragma omp simd reduction(+ : d)
+      for (int i = 0; i < c; ++i) d += g[i] * xr[i];
+      if (perm)
+        dw_out[perm[k]] = d;
+      else
+        dw_out[k] = d;
+    }
+  }
+}
+
+template <typename T, bool WANT_DX, bool WANT_DW>
+inline void bwd_tile_full(const int32_t* rows, const T* vals_csc, int64_t n, const T* dyt,
+                          const T* xr, int64_t ld, T* dx_out, const T* dw_acc, T* dw_out,
+                          const int32_t* perm) {
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    bwd_tile_avx<kChunkBwd / 8, WANT_DX, WANT_DW>(rows, vals_csc, n, dyt, xr, ld, dx_out, dw_acc,
+                                                  dw_out, perm);
+    return;
+  }
+#endif
+  bwd_tile<T, kChunkBwd, WANT_DX, WANT_DW>(rows, vals_csc, n, dyt, xr, ld, dx_out, dw_acc, dw_out,
+                                           perm);
+}
+
+// Split columns [0, n_in) into nt contiguous parts of about equal work (nnz + a per-column
+// constant), so that every column belongs to one thread for all chunks (dW partial sums of
+// one entry are never touched by two threads).
+std::vector<int64_t> balanced_parts(const int32_t* ptr, int64_t n, int nt) {
+  std::vector<int64_t> parts(nt + 1, n);
+  parts[0] = 0;
+  const double per_col = 4.0;
+  const double total = static_cast<double>(ptr[n]) + per_col * n;
+  int64_t j = 0;
+  for (int t = 1; t < nt; ++t) {
+    const double goal = total * t / nt;
+    while (j < n && ptr[j] + per_col * j < goal) ++j;
+    parts[t] = j;
+  }
+  return parts;
+}
+
+template <typename T, bool WANT_DX, bool WANT_DW>
+void backward_impl(const T* vals, const int32_t* col_ptr, const int32_t* row_idx,
+                   const int32_t* perm, const T* xt, const T* dyt, T* dxt, T* dw, int64_t n_in,
+                   int64_t nnz, int64_t batch) {
+  const int nt = n_threads();
+  const int64_t n_chunks = (batch + kChunkBwd - 1) / kChunkBwd;
+  std::vector<T> vals_csc(WANT_DX ? nnz : 0);
+  std::vector<T> dw_csc(WANT_DW && n_chunks > 1 ? nnz : 0);
+  const std::vector<int64_t> parts = balanced_parts(col_ptr, n_in, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    const int64_t i0 = tid < nt ? parts[tid] : 0, i1 = tid < nt ? parts[tid + 1] : 0;
+    if (WANT_DX) {  // values in CSC order, this thread's columns only
+      for (int64_t k = col_ptr[i0]; k < col_ptr[i1]; ++k) vals_csc[k] = vals[perm[k]];
+    }
+    for (int64_t ch = 0; ch < n_chunks; ++ch) {
+      const int64_t c0 = ch * kChunkBwd;
+      const int64_t c = std::min<int64_t>(kChunkBwd, batch - c0);
+      const bool first = ch == 0, last = ch == n_chunks - 1;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = col_ptr[i], n = col_ptr[i + 1] - p;
+        const T* acc_in = (WANT_DW && !first) ? dw_csc.data() + p : nullptr;
+        T* out = WANT_DW ? (last ? dw : dw_csc.data() + p) : nullptr;
+        const int32_t* pm = last ? perm + p : nullptr;
+        T* dxo = WANT_DX ? dxt + i * batch + c0 : nullptr;
+        const T* vc = WANT_DX ? vals_csc.data() + p : nullptr;
+        if (c == kChunkBwd)
+          bwd_tile_full<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0,
+                                                   xt + i * batch + c0, batch, dxo, acc_in, out,
+                                                   pm);
+        else
+          bwd_tile_any<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xt + i * batch + c0,
+                                            batch, dxo, acc_in, out, pm, static_cast<int>(c));
+      }
+    }
+  }
+}
+
+void check_index(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kInt32, name, " must be int32");
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
+}
+
+void check_act(const torch::Tensor& t, const torch::Tensor& values, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK(t.scalar_type() == values.scalar_type(), name, " dtype differs from values");
+}
+
+}  // namespace
+
+// yt (n_out x B) = W xt (+ bias), with xt (n_in x B) contiguous.
+torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
+                      const torch::Tensor& col_idx, const torch::Tensor& xt,
+                      const c10::optional<torch::Tensor>& bias) {
+  check_index(row_ptr, "row_ptr");
+  check_index(col_idx, "col_idx");
+  check_act(xt, values, "xt");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  const int64_t n_out = row_ptr.numel() - 1, batch = xt.size(1);
+  auto yt = torch::empty({n_out, batch}, xt.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_forward", [&] {
+    const scalar_t* b = nullptr;
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->is_contiguous() && bias->numel() == n_out, "bad bias");
+      b = bias->data_ptr<scalar_t>();
+    }
+    forward_impl<scalar_t>(values.data_ptr<scalar_t>(), row_ptr.data_ptr<int32_t>(),
+                           col_idx.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), b,
+                           yt.data_ptr<scalar_t>(), n_out, batch);
+  });
+  return yt;
+}
+
+// Returns (dxt (n_in x B) or empty, dW values (nnz) or empty).
+std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& col_ptr,
+                                    const torch::Tensor& row_idx, const torch::Tensor& perm,
+                                    const torch::Tensor& xt, const torch::Tensor& dyt,
+                                    bool want_dx, bool want_dw) {
+  check_index(col_ptr, "col_ptr");
+  check_index(row_idx, "row_idx");
+  check_index(perm, "perm");
+  check_act(xt, values, "xt");
+  check_act(dyt, values, "dyt");
+  TORCH_CHECK(xt.size(1) == dyt.size(1), "xt and dyt differ in batch size");
+  const int64_t n_in = col_ptr.numel() - 1, batch = xt.size(1), nnz = values.numel();
+  torch::Tensor dxt, dw;
+  if (want_dx) dxt = torch::empty({n_in, batch}, xt.options());
+  if (want_dw) dw = torch::empty({nnz}, values.options());
+  if (!want_dx && !want_dw) return {dxt, dw};
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_backward", [&] {
+    auto run = [&](auto impl) {
+      impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(),
+           perm.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), dyt.data_ptr<scalar_t>(),
+           want_dx ? dxt.data_ptr<scalar_t>() : nullptr,
+           want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, nnz, batch);
+    };
+    if (want_dx && want_dw)
+      run(backward_impl<scalar_t, true, true>);
+    else if (want_dx)
+      run(backward_impl<scalar_t, true, false>);
+    else
+      run(backward_impl<scalar_t, false, true>);
+  });
+  return {dxt, dw};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)");
+  m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over CSC W");
+}

@@ -1,0 +1,281 @@
+"""``SparseLinear``: an ``nn.Linear`` whose weight is stored compressed (CSR + CSC, int32).
+
+Only the ``nnz`` active weights exist: the parameter ``values`` has shape ``(nnz,)``, so
+its gradient and every optimizer state tensor are ``nnz``-sized too. No dense weight, mask
+or gradient is built during ordinary steps; a dense gradient block exists only when the
+grow step of RigL (Evci et al. 2020, "Rigging the Lottery") asks for one
+(:meth:`SparseLinear.grad_rows`, :meth:`SparseLinear.topk_grow_candidates`).
+
+Layout: the kernels work on feature-major activations. The output of :meth:`forward` is a
+transposed view (``y.t()`` is contiguous); element-wise ops keep that layout, so a
+following ``SparseLinear`` reads it without a copy. Use ``.reshape``/``.contiguous()``
+rather than ``.view`` on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rigl.sparse import kernels
+from rigl.sparse.index import SparseIndex
+
+
+def _feature_major(a: Tensor) -> Tensor:
+    """``a (B, n)`` as a contiguous ``(n, B)`` tensor, copying only when needed."""
+    at = a.t()
+    return at if at.is_contiguous() else at.contiguous()
+
+
+class _GrowInputs:
+    """The last batch's ``xt`` and ``dyt``, kept only while a grow step needs them."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.xt: Tensor | None = None
+        self.dyt: Tensor | None = None
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W`` given by ``values`` on a :class:`SparseIndex`."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, index, grow, use):  # type: ignore[override]
+        lead = x.shape[:-1]
+        xt = _feature_major(x.reshape(-1, x.shape[-1]))  # (in, B)
+        yt = kernels.forward(values, index, xt, bias, use=use)  # (out, B)
+        ctx.save_for_backward(xt, values)
+        ctx.index, ctx.grow, ctx.use, ctx.lead = index, grow, use, lead
+        ctx.has_bias = bias is not None
+        return yt.t().reshape(*lead, yt.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        xt, values = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (B, out)
+        dyt = _feature_major(dy2)  # (out, B)
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dxt, dw = kernels.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
+        if ctx.grow is not None and ctx.grow.enabled:
+            ctx.grow.xt, ctx.grow.dyt = xt, dyt
+        dx = dxt.t().reshape(*ctx.lead, xt.shape[0]) if dxt is not None else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None
+
+
+def sparse_linear(
+    x: Tensor,
+    values: Tensor,
+    index: SparseIndex,
+    bias: Tensor | None = None,
+    use: str | None = None,
+) -> Tensor:
+    """Functional form: ``use`` = None (best available), ``"cpp"`` or ``"torch"``."""
+    return SparseLinearFunction.apply(x, values, bias, index, None, use)
+
+
+class SparseLinear(nn.Module):
+    """A linear layer with a compressed sparse weight of fixed active count.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: whether to learn an additive bias.
+        density: fraction of weights active; exactly ``round(density * out * in)``
+            positions drawn uniformly at random (use :meth:`from_dense` for a given mask).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        density: float = 1.0,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"density={density}; allowed: 0 <= density <= 1")
+        self.in_features, self.out_features = in_features, out_features
+        numel = in_features * out_features
+        n_active = round(density * numel)
+        flat = torch.randperm(numel, generator=generator)[:n_active]
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+        values = torch.empty(n_active, dtype=dtype).uniform_(-bound, bound, generator=generator)
+        self.values = nn.Parameter(values)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound))
+            if bias
+            else None
+        )
+        self.kernels: str | None = None  # None: best available; "cpp" or "torch" to force
+        self._grow = _GrowInputs()
+        self._index: SparseIndex
+        self._set_index(flat, values)
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Tensor) -> SparseLinear:
+        """The active entries ``linear.weight[mask]`` of a dense layer, bias copied."""
+        weight = linear.weight.detach()
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, density=0.0
+        ).to(weight.dtype)
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        layer.set_topology(flat, weight.reshape(-1)[flat])
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function (inactive weights zero)."""
+        dense = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, dtype=self.values.dtype
+        )
+        with torch.no_grad():
+            dense.weight.zero_()
+            dense.weight.view(-1)[self._index.flat()] = self.values.detach()
+            if self.bias is not None:
+                dense.bias.copy_(self.bias.detach())
+        return dense
+
+    def set_topology(self, new_indices: Tensor, new_values: Tensor) -> Tensor:
+        """Rebuild the indices after a topology update (every ΔT steps).
+
+        ``new_indices``: flat positions ``row * in_features + col`` (nnz,) or
+        coordinates (2, nnz), any order; ``new_values`` in the same order. The values are
+        stored row-major; the returned ``order`` says how (``stored = new_values[order]``)
+        so that the caller can reorder optimizer state the same way. When ``nnz`` is
+        unchanged the same ``values`` Parameter object is kept (the optimizer still
+        points at it).
+        """
+        if new_indices.dim() == 2:
+            new_indices = new_indices[0].to(torch.int64) * self.in_features + new_indices[1]
+        return self._set_index(new_indices, new_values.detach())
+
+    def _set_index(self, flat: Tensor, values: Tensor) -> Tensor:
+        index, order = SparseIndex.from_flat(flat, (self.out_features, self.in_features))
+        stored = values.to(self.values.dtype)[order]
+        if stored.numel() == self.values.numel():
+            self.values.data.copy_(stored)
+        else:
+            self.values.data = stored
+        self._index = index
+        for name, tensor in index.tensors().items():
+            self.register_buffer(name, tensor)
+        return order
+
+    def _refresh_index(self) -> None:
+        self._index = SparseIndex(
+            (self.out_features, self.in_features),
+            self.row_ptr,
+            self.col_idx,
+            self.col_ptr,
+            self.row_idx,
+            self.perm,
+        )
+
+    def _apply(self, fn, recurse=True):  # keep the SparseIndex in step with the buffers
+        out = super()._apply(fn, recurse)
+        self._refresh_index()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The topology in a checkpoint may differ in nnz: resize before copying.
+        key = prefix + "values"
+        if key in state_dict and state_dict[key].shape != self.values.shape:
+            self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype)
+            for name in ("col_idx", "row_idx", "perm"):
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_index()
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def index(self) -> SparseIndex:
+        return self._index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def n_active(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        numel = self.out_features * self.in_features
+        return self.n_active / numel if numel else 0.0
+
+    def active_indices(self) -> Tensor:
+        """Flat positions ``row * in_features + col`` of ``values`` (int64, nnz)."""
+        return self._index.flat()
+
+    # -- grow scores (RigL) -----------------------------------------------------------
+    def keep_grow_inputs(self, enabled: bool = True) -> None:
+        """Keep (or stop keeping) the next backward's ``xt``, ``dyt`` for grow scores.
+
+        The algorithm enables this before the backward of an update step; memory cost is
+        one input and one output-gradient batch, no dense weight-sized tensor.
+        """
+        self._grow.enabled = enabled
+        if not enabled:
+            self._grow.xt = self._grow.dyt = None
+
+    def grad_rows(self, row_start: int, row_end: int) -> Tensor:
+        """Dense ``dL/dW[row_start:row_end]`` (rows, in) of the last kept batch.
+
+        ``dW = dy^T x`` restricted to a block of output rows: one small dense GEMM, so a
+        caller can scan the full gradient block by block in bounded memory.
+        """
+        if self._grow.xt is None or self._grow.dyt is None:
+            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
+        xt, dyt = self._grow.xt, self._grow.dyt  # (in, B), (out, B)
+        return dyt[row_start:row_end] @ xt.t()
+
+    def topk_grow_candidates(
+        self, k: int, exclude: Tensor | None = None, block_rows: int = 256
+    ) -> tuple[Tensor, Tensor]:
+        """The ``k`` positions of largest ``|dL/dW|`` outside ``exclude`` (RigL's grow).
+
+        ``exclude``: flat positions that may not grow (default: every active one).
+        Returns ``(flat positions (k,), |grad| (k,))``, largest first. Memory: one
+        ``block_rows x in`` gradient block plus ``2k`` candidates.
+        """
+        n_in = self.in_features
+        excl = self.active_indices() if exclude is None else exclude.to(torch.int64)
+        excl = torch.sort(excl).values
+        best_pos = torch.empty(0, dtype=torch.int64)
+        best_val = torch.empty(0, dtype=self.values.dtype)
+        for r0 in range(0, self.out_features, block_rows):
+            r1 = min(self.out_features, r0 + block_rows)
+            g = self.grad_rows(r0, r1).abs_().reshape(-1)
+            lo, hi = torch.searchsorted(excl, torch.tensor([r0 * n_in, r1 * n_in])).tolist()
+            g[excl[lo:hi] - r0 * n_in] = -1.0  # never chosen over an allowed position
+            top = torch.topk(g, min(k, g.numel()))
+            best_val = torch.cat([best_val, top.values])
+            best_pos = torch.cat([best_pos, top.indices + r0 * n_in])
+            if best_val.numel() > k:
+                keep = torch.topk(best_val, k).indices
+                best_val, best_pos = best_val[keep], best_pos[keep]
+        allowed = best_val >= 0
+        order = torch.argsort(best_val[allowed], descending=True)
+        return best_pos[allowed][order], best_val[allowed][order]
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return SparseLinearFunction.apply(
+            x, self.values, self.bias, self._index, self._grow, self.kernels
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, density={self.density:.4f}"
+        )

@@ -1,0 +1,113 @@
+"""Kernels of rigl.sparse: compiled and torch fallback against dense references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rigl.sparse import kernels
+from rigl.sparse.index import SparseIndex
+from rigl.sparse.linear import sparse_linear
+
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "cpp",
+        marks=pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build"),
+    ),
+]
+
+
+def random_pattern(shape, density, seed=0, empty_rows=(), empty_cols=()):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=gen) < density
+    mask[list(empty_rows), :] = False
+    mask[:, list(empty_cols)] = False
+    return mask
+
+
+def index_of(mask):
+    return SparseIndex.from_flat(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))[0]
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+@pytest.mark.parametrize(
+    ("n_out", "n_in", "batch", "density"),
+    [(7, 5, 1, 0.5), (33, 20, 70, 0.3), (64, 48, 128, 0.05), (16, 16, 33, 1.0), (40, 24, 200, 0.2)],
+)
+def test_products_match_dense(use, n_out, n_in, batch, density):
+    mask = random_pattern((n_out, n_in), density, empty_rows=(1,), empty_cols=(2,))
+    if density == 1.0:
+        mask[:] = True
+    index = index_of(mask)
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.randn(n_out, n_in, generator=gen) * mask
+    values = dense[mask]  # row-major, as the index stores them
+    xt = torch.randn(n_in, batch, generator=gen)
+    dyt = torch.randn(n_out, batch, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+
+    yt = kernels.forward(values, index, xt, bias, use=use)
+    torch.testing.assert_close(yt, dense @ xt + bias[:, None], rtol=1e-4, atol=1e-4)
+    dxt, dw = kernels.backward(values, index, xt, dyt, use=use)
+    torch.testing.assert_close(dxt, dense.t() @ dyt, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw, (dyt @ xt.t())[mask], rtol=1e-4, atol=1e-4)
+    dxt_only, none = kernels.backward(values, index, xt, dyt, want_dw=False, use=use)
+    none2, dw_only = kernels.backward(values, index, xt, dyt, want_dx=False, use=use)
+    assert none is None and none2 is None
+    torch.testing.assert_close(dxt_only, dxt)
+    torch.testing.assert_close(dw_only, dw)
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 3, 37])
+def test_gradcheck(use, batch):
+    mask = random_pattern((9, 11), 0.4, empty_rows=(3,))
+    index = index_of(mask)
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(index.nnz, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = torch.randn(batch, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: sparse_linear(x, v, index, b, use=use), (x, values, bias)
+    )
+
+
+def test_empty_pattern_gives_bias():
+    index = index_of(torch.zeros(4, 3, dtype=torch.bool))
+    xt = torch.randn(3, 5)
+    bias = torch.arange(4.0)
+    for use in ("torch", None):
+        yt = kernels.forward(torch.zeros(0), index, xt, bias, use=use)
+        torch.testing.assert_close(yt, bias[:, None].expand(4, 5))
+
+
+def test_index_rejects_duplicates_and_out_of_range():
+    with pytest.raises(ValueError, match="duplicate"):
+        SparseIndex.from_flat(torch.tensor([3, 3]), (2, 2))
+    with pytest.raises(ValueError, match="out of range"):
+        SparseIndex.from_flat(torch.tensor([4]), (2, 2))
+
+
+def test_index_orders_are_consistent():
+    mask = random_pattern((13, 17), 0.3)
+    index = index_of(mask)
+    rows, cols = mask.nonzero().unbind(1)
+    assert torch.equal(index.rows(), rows)
+    assert torch.equal(index.col_idx.long(), cols)
+    perm = index.perm.long()
+    assert torch.equal(index.row_idx.long(), rows[perm])
+    csc_keys = cols[perm] * 13 + rows[perm]
+    assert bool((csc_keys[1:] > csc_keys[:-1]).all())
+    assert all(t.dtype == torch.int32 for t in index.tensors().values())
+
+
+def test_env_var_forces_torch_fallback():
+    code = "from rigl.sparse import kernels; print(kernels.backend())"
+    env = {**os.environ, "RIGL_SPARSE_KERNELS": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "torch", out.stderr
