@@ -1,0 +1,209 @@
+"""Data-parallel RigL: two gloo processes on the CPU agree with each other and with one
+process that sees the same global batch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import rigl
+from conftest import TinyMLP, batch
+from rigl import distributed as rd
+
+WORLD, STEPS, TIMEOUT_S = 2, 12, 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(method: str, seed: int = 3) -> tuple[nn.Module, torch.optim.Optimizer, rigl.Sparsifier]:
+    torch.manual_seed(0)
+    model = TinyMLP().double()  # float64: the DDP and single-process sums round alike
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = rigl.create(
+        method,
+        model,
+        optimizer,
+        sparsity=0.8,
+        distribution="uniform",
+        total_steps=STEPS,
+        update_interval=2,
+        drop_fraction=0.5,
+        seed=seed,
+    )
+    return model, optimizer, sparsifier
+
+
+def _train(method: str, env: rd.DistEnv, *, accumulate: bool = False) -> dict:
+    """Train on the global batches of conftest, each rank on its shard; returns final state."""
+    model, optimizer, sparsifier = _build(method)
+    ddp_model = rd.wrap_model(model, env)
+    if env.enabled:
+        rd.add_consistency_check(sparsifier, every=1, weights=True)
+    for t in range(STEPS):
+        x, y = batch(t, size=16)
+        x, y = rd.shard(x.double(), env), rd.shard(y, env)
+        optimizer.zero_grad()
+        if accumulate:  # two micro-batches; only the second backward all-reduces
+            half = len(x) // 2
+            no_sync = ddp_model.no_sync() if env.enabled else contextlib.nullcontext()
+            with no_sync:
+                (nn.functional.cross_entropy(ddp_model(x[:half]), y[:half]) / 2).backward()
+            (nn.functional.cross_entropy(ddp_model(x[half:]), y[half:]) / 2).backward()
+        else:
+            nn.functional.cross_entropy(ddp_model(x), y).backward()
+        sparsifier.step()  # after the synced backward
+    return {
+        "masks": {k: v.clone() for k, v in sparsifier.masks.items()},
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "update_count": sparsifier.update_count,
+        "extra": sparsifier.extra_state(),
+    }
+
+
+def _errors(fn) -> str:
+    try:
+        fn()
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    try:
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
+        env = rd.init_from_env(device="cpu")
+        result = {
+            "rigl": _train("rigl", env),
+            "snfs_accumulated": _train("snfs", env, accumulate=True),
+        }
+        # a sparsifier seeded by rank: detected, then fixed from rank 0
+        model, _, sparsifier = _build("set", seed=10 + rank)
+        rd.wrap_model(model, env)
+        result["seeded_raise"] = _errors(lambda: rd.sync_sparsifier(sparsifier, fix=False))
+        with pytest.warns(UserWarning, match="differed across ranks"):
+            result["seeded_fixed"] = rd.sync_sparsifier(sparsifier)
+        result["seeded_after"] = rd.find_divergence(sparsifier, weights=True)
+        result["seeded_seed"] = sparsifier.seed
+        # a corrupted mask on rank 1 is reported by name and rank
+        if rank == 1:
+            sparsifier.weights[1].mask.view(-1)[0] ^= True
+        result["corrupt"] = _errors(lambda: rd.check_consistency(sparsifier))
+        result["mean"] = rd.all_reduce_mean(float(rank))
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except Exception:
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        rd.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Results of the two-process run (run once for the module)."""
+    out = tmp_path_factory.mktemp("ddp")
+    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the two-process run timed out")
+    except Exception:
+        errors = [p.read_text() for p in sorted(out.glob("*.err"))]
+        pytest.fail("a rank failed:\n" + "\n".join(errors))
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_same(a: dict, b: dict, *, exact: bool) -> None:
+    assert a["update_count"] == b["update_count"] > 0
+    for name in a["masks"]:
+        assert torch.equal(a["masks"][name], b["masks"][name]), name
+    for name in a["weights"]:
+        if exact:
+            assert torch.equal(a["weights"][name], b["weights"][name]), name
+        else:
+            torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("run", ["rigl", "snfs_accumulated"])
+def test_ranks_agree_and_match_one_process(ranks, run):
+    _assert_same(ranks[0][run], ranks[1][run], exact=True)
+    single = _train(run.split("_")[0], rd.DistEnv(), accumulate=run.endswith("accumulated"))
+    _assert_same(ranks[0][run], single, exact=False)
+    if run.startswith("snfs"):  # the gradient momentum was kept from synced gradients
+        for name, ema in single["extra"]["ema"].items():
+            torch.testing.assert_close(ranks[0][run]["extra"]["ema"][name], ema)
+
+
+def test_per_rank_seeds_detected_and_fixed(ranks):
+    for result in ranks:
+        assert "mask fc1.weight: ranks [1]" in result["seeded_raise"]
+        assert "seed: ranks [1]" in result["seeded_raise"]
+        assert result["seeded_fixed"] is True
+        assert result["seeded_after"] == {}
+        assert result["seeded_seed"] == 10  # rank 0's seed, so tie-breaks agree later
+
+
+def test_corrupted_mask_names_layer_and_rank(ranks):
+    for result in ranks:
+        assert "mask fc2.weight: ranks [1]" in result["corrupt"]
+        assert "fc1.weight" not in result["corrupt"]
+    assert ranks[0]["mean"] == ranks[1]["mean"] == 0.5
+
+
+def test_single_process_helpers_are_no_ops(mlp):
+    env = rd.init_from_env(device="cpu")
+    assert env == rd.DistEnv() and not env.enabled and env.is_main
+    assert rd.wrap_model(mlp, env) is mlp
+    x = torch.arange(6)
+    assert rd.shard(x, env) is x
+    sparsifier = rigl.create("rigl", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10)
+    rd.check_consistency(sparsifier, weights=True)
+    assert rd.sync_sparsifier(sparsifier) is False
+    assert rd.all_reduce_mean(3.0) == 3.0
+    assert rd.main_process_only(lambda: 7)() == 7
+
+
+def test_shard_splits_a_global_batch():
+    x = torch.arange(10)
+    parts = [rd.shard(x, rd.DistEnv(rank=r, world_size=3)) for r in range(3)]
+    assert torch.equal(torch.cat(parts), x)
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks"):
+        rd.shard(torch.arange(2), rd.DistEnv(rank=0, world_size=3))
+
+
+def test_fingerprint_sees_masks_state_and_weights(mlp):
+    sparsifier = rigl.create("snfs", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10)
+    before = rd.fingerprint(sparsifier, weights=True)
+    assert {"step_count", "seed", "mask fc1.weight", "weight fc1.bias"} <= set(before)
+    sparsifier.weights[0].mask.view(-1)[0] ^= True
+    with torch.no_grad():
+        mlp.out.bias.add_(1.0)
+    after = rd.fingerprint(sparsifier, weights=True)
+    assert {k for k in before if before[k] != after[k]} == {"mask fc1.weight", "weight out.bias"}
