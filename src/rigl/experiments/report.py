@@ -1,0 +1,239 @@
+"""`rigl report RUN_DIR [RUN_DIR ...] [--out DIR]`: figures and one HTML page per set of runs.
+
+What it draws (each figure only when some run has the data):
+
+- ``first_layer.png``: the first sparsified layer's active connections per input
+  feature at a few snapshots (28x28 heatmaps for MNIST, 1-D profiles for MNIST-1D);
+  needs the ``dynamics`` recorder (``recorders: [topology, dynamics]``).
+- ``density.png``: per-layer density, one bar per distinct allocation (uniform vs ERK).
+- ``dynamics.png``: drop fraction, exploration (fraction of weights ever active) and
+  survival of grown connections (``dynamics`` recorder).
+- ``training.png``: loss, accuracy, learning rate and drop fraction (``metrics.csv``).
+- ``interpolation.png``: loss/accuracy along ``(1-a) θ_A + a θ_B`` between two final
+  checkpoints, by default a Static and a RigL run at the same sparsity (``--pair``).
+
+``index.html`` references the PNGs by relative path (``--embed`` inlines them as
+base64 instead) and carries its own CSS: no external file, no script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+from rigl.experiments import report_plots
+from rigl.experiments.report_data import RunData, border_share, load_run
+from rigl.experiments.runio import atomic_write_text
+
+FIGURES = {  # file -> (title, caption)
+    "first_layer.png": (
+        "First-layer connectivity",
+        "Active connections of each input feature (mask summed over the first layer's "
+        "output units) at evenly spaced snapshots. A static mask keeps its random "
+        "initial pattern; a dynamic method moves connections towards informative inputs.",
+    ),
+    "density.png": (
+        "Per-layer density",
+        "Fraction of each sparsified layer's weights that is active at the end of training.",
+    ),
+    "dynamics.png": (
+        "Mask dynamics",
+        "Left: the schedule's drop fraction f_decay(t) and, as dots, the fraction of each "
+        "layer's connections actually replaced at each update (a connection dropped and "
+        "regrown at once is not counted). Middle: fraction of each layer's weights that "
+        "were active at least once. Right: Kaplan-Meier survival of connections grown "
+        "during training (solid) and of the initial ones (dashed) over the update period.",
+    ),
+    "training.png": (
+        "Training curves",
+        "Training loss (per logged step), test loss and accuracy (per epoch), learning rate "
+        "and the drop fraction of the topology-update schedule.",
+    ),
+    "interpolation.png": (
+        "Linear interpolation between two solutions",
+        "Loss and accuracy of θ(a) = (1-a) θ_A + a θ_B on the train and test sets. Points "
+        "between the ends use the union of both masks, so they are denser than either "
+        "solution (as in the RigL paper's interpolation figure).",
+    ),
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="figures and an HTML page for one or more run folders",
+        description="Draw the mask dynamics, densities, training curves and the "
+        "Static-RigL interpolation of finished (or running) runs into PNGs and index.html.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders of rigl train")
+    parser.add_argument("--out", help="output folder (default: RUN_DIR/report, or "
+                        "<common parent>/report for several runs)")  # fmt: skip
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        help="the two runs to interpolate between (default: a static and a rigl run "
+        "of the same sparsity among RUN_DIR)",
+    )
+    parser.add_argument("--no-interpolation", action="store_true", help="skip the interpolation")
+    parser.add_argument(
+        "--points", type=int, default=29, help="interpolation points in [-0.2, 1.2]"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        help="evaluate the interpolation on at most N examples per split",
+    )
+    parser.add_argument("--embed", action="store_true", help="inline the PNGs into index.html")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = [load_run(p) for p in args.runs]
+    out = Path(args.out) if args.out else default_out(args.runs)
+    pair = [load_run(p) for p in args.pair] if args.pair else None
+    made = build_report(
+        runs,
+        out,
+        pair=pair,
+        interpolation=not args.no_interpolation,
+        points=args.points,
+        max_examples=args.max_examples,
+        embed=args.embed,
+    )
+    print(f"report: {len(made)} figures -> {out / 'index.html'}")
+    return 0
+
+
+def default_out(paths: list[str]) -> Path:
+    if len(paths) == 1:
+        return Path(paths[0]) / "report"
+    return Path(os.path.commonpath([str(Path(p).resolve()) for p in paths])) / "report"
+
+
+def build_report(
+    runs: list[RunData],
+    out: Path,
+    *,
+    pair: list[RunData] | None = None,
+    interpolation: bool = True,
+    points: int = 29,
+    max_examples: int | None = None,
+    embed: bool = False,
+) -> list[str]:
+    """Write the figures and ``index.html`` into ``out``; returns the figure files made."""
+    out.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "first_layer.png": report_plots.first_layer_figure,
+        "density.png": report_plots.density_figure,
+        "dynamics.png": report_plots.dynamics_figure,
+        "training.png": report_plots.training_figure,
+    }
+    made = [name for name, make in makers.items() if make(runs, out / name)]
+    notes: list[str] = []
+    if interpolation:
+        notes += _interpolation(runs, pair, out, points, max_examples, made)
+    write_html(runs, out, made, notes, embed)
+    return made
+
+
+def _interpolation(runs, pair, out, points, max_examples, made) -> list[str]:
+    import numpy as np
+
+    from rigl.experiments import report_interp as interp
+
+    chosen = tuple(pair) if pair else interp.pick_pair(runs)
+    if chosen is None:
+        return ["No interpolation: no static and rigl runs of the same sparsity (use --pair)."]
+    a, b = chosen
+    model, state_a, state_b, splits = interp.load_pair(a, b, max_examples)
+    alphas = np.round(np.linspace(-0.2, 1.2, points), 4)
+    curve = interp.interpolation_curve(model, state_a, state_b, splits, alphas)
+    interp.write_points(curve, out / "interpolation.csv")
+    interp.interpolation_figure(curve, (a.label, b.label), out / "interpolation.png")
+    made.append("interpolation.png")
+    return [f"Interpolation: A = {a.path.name} ({a.label}), B = {b.path.name} ({b.label}); "
+            "values in interpolation.csv."]  # fmt: skip
+
+
+# -- the HTML page ----------------------------------------------------------------------------
+CSS = """
+body { font-family: sans-serif; max-width: 1300px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; }
+p.caption { color: #555; max-width: 60em; }
+"""
+
+
+def write_html(
+    runs: list[RunData], out: Path, figures: list[str], notes: list[str], embed: bool
+) -> None:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>rigl report</title>',
+        f"<style>{CSS}</style></head><body>",
+        "<h1>rigl report</h1>",
+        _run_table(runs),
+    ]
+    parts += [f"<p>{html.escape(note)}</p>" for note in notes]
+    for name in figures:
+        title, caption = FIGURES[name]
+        src = name
+        if embed:
+            src = "data:image/png;base64," + base64.b64encode((out / name).read_bytes()).decode()
+        parts += [
+            f'<h2 id="{name[:-4]}">{html.escape(title)}</h2>',
+            f'<img src="{src}" alt="{name}">',
+            f'<p class="caption">{html.escape(caption)}</p>',
+        ]
+    parts.append("</body></html>")
+    atomic_write_text(out / "index.html", "\n".join(parts) + "\n")
+
+
+def _run_table(runs: list[RunData]) -> str:
+    head = ["run", "method", "sparsity", "distribution", "steps", "test accuracy",
+            "explored (all layers)", "first layer on 4-px border: start → end"]  # fmt: skip
+    rows = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for run in runs:
+        cells = [
+            run.path.name,
+            run.method,
+            "" if run.sparsity is None else f"{run.sparsity:g}",
+            run.distribution,
+            str(run.final.get("total_steps", "")),
+            _fmt(run.final.get("test_accuracy")),
+            _explored(run),
+            _border(run),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return "\n".join([*rows, "</table>"])
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else ""
+
+
+def _explored(run: RunData) -> str:
+    """Weights ever active / all weights of the sparsified layers, at the last record."""
+    last: dict[str, dict[str, str]] = {}
+    for row in run.dynamics:
+        last[row["layer"]] = row
+    if not last:
+        return ""
+    total = sum(int(r["n_total"]) for r in last.values())
+    ever = sum(float(r["explored"]) * int(r["n_total"]) for r in last.values())
+    return f"{ever / total:.3f}"
+
+
+def _border(run: RunData) -> str:
+    """Share of first-layer connections on the outer 4 pixels of a 28x28 input."""
+    if run.first_layer is None or run.first_layer["counts"].shape[1] != 784:
+        return ""
+    counts = run.first_layer["counts"]
+    return f"{border_share(counts[0]):.3f} → {border_share(counts[-1]):.3f}"

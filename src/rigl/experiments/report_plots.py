@@ -1,0 +1,209 @@
+"""The report's figures, one function per PNG; each returns False when no run has the data.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot): no global
+state and no GUI backend, so the report runs headless and leaves the caller's
+matplotlib settings alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+
+from rigl.experiments.report_data import (
+    RunData,
+    column,
+    layer_series,
+    survival_curve,
+)
+
+DPI = 90
+FRAMES = 6  # snapshots shown per run in the first-layer grid
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def _plain_log_labels(ax) -> None:
+    """Ticks at 1, 2, 5 x 10^k labelled 0.5, 1, 2 (not 5x10^-1) on a log axis."""
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _colors() -> list[str]:
+    return matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _frame_indices(n: int, k: int = FRAMES) -> list[int]:
+    """``k`` snapshot indices spread evenly over ``n`` (first and last included)."""
+    return sorted({round(i) for i in np.linspace(0, n - 1, min(n, k))})
+
+
+def first_layer_figure(runs: list[RunData], path: Path) -> bool:
+    """Grid: one row per run, columns = snapshots of active connections per input."""
+    runs = [r for r in runs if r.first_layer is not None and len(r.first_layer["steps"])]
+    if not runs:
+        return False
+    cols = max(len(_frame_indices(len(r.first_layer["steps"]))) for r in runs)
+    fig = Figure(figsize=(1.9 * cols + 0.6, 2.0 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(runs), cols, squeeze=False)
+    for row, run in zip(axes, runs, strict=True):
+        steps, counts = run.first_layer["steps"], run.first_layer["counts"]  # (T,), (T, n_in)
+        n_in = counts.shape[1]
+        side = math.isqrt(n_in)
+        picks = _frame_indices(len(steps))
+        vmax = max(1, int(counts.max()))
+        for ax, i in zip(row, picks, strict=False):
+            if side * side == n_in and side >= 8:  # square image input (MNIST: 28x28)
+                im = ax.imshow(counts[i].reshape(side, side), cmap="viridis", vmin=0, vmax=vmax)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:  # 1-D input (MNIST-1D: 40 features): a profile
+                ax.bar(np.arange(n_in), counts[i], width=1.0, color="tab:blue")
+                ax.set_ylim(0, vmax)
+                ax.tick_params(labelsize=6)
+            ax.set_title(f"step {int(steps[i])}", fontsize=8)
+        for ax in row[len(picks) :]:
+            ax.axis("off")
+        row[0].set_ylabel(run.label, fontsize=8)
+        if side * side == n_in and side >= 8:
+            fig.colorbar(im, ax=list(row), shrink=0.8, label="active connections")
+    fig.suptitle("First layer: active connections per input over training", fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def density_figure(runs: list[RunData], path: Path) -> bool:
+    """Per-layer density bars; runs with identical densities (same distribution) share a bar."""
+    groups: dict[tuple, list[str]] = {}
+    layers: list[str] = []
+    for run in runs:
+        if not run.densities or run.method == "dense":
+            continue
+        key = tuple(sorted(run.densities.items()))
+        groups.setdefault(key, []).append(
+            f"{run.distribution} {100 * run.sparsity:g}%" if run.sparsity is not None else run.label
+        )
+        layers += [name for name in run.densities if name not in layers]
+    if not groups:
+        return False
+    fig = Figure(figsize=(max(5.0, 1.4 * len(layers) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(groups)
+    for g, (key, labels) in enumerate(groups.items()):
+        dens = dict(key)
+        values = [dens.get(name, np.nan) for name in layers]
+        x = np.arange(len(layers)) + (g - (len(groups) - 1) / 2) * width
+        bars = ax.bar(x, values, width, label=" / ".join(dict.fromkeys(labels)))
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(np.arange(len(layers)), layers, fontsize=8)
+    ax.set_ylabel("density (fraction of weights active)")
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Per-layer density", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def dynamics_figure(runs: list[RunData], path: Path) -> bool:
+    """Drop fraction, exploration and survival of grown connections."""
+    runs = [r for r in runs if r.dynamics]
+    if not runs:
+        return False
+    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    ax_drop, ax_exp, ax_surv = fig.subplots(1, 3)
+    colors = _colors()
+    styles = ["-", "--", ":", "-."]
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        first = run.dynamics[0]["layer"]
+        steps, frac = column(
+            [r for r in run.dynamics if r["layer"] == first], "step", "drop_fraction"
+        )
+        if len(steps):
+            ax_drop.plot(steps, frac, color=color, label=f"{run.label}: schedule")
+        sparse = _sparse_layers(run)
+        drops = layer_series(run, "realized_drop_fraction")
+        for j, (s, v) in enumerate(drops[name] for name in sparse):
+            keep = s > s.min() if len(s) else s  # the start row is not an update
+            ax_drop.plot(s[keep], v[keep], ".", ms=3, color=color, alpha=0.5 + 0.5 * (j == 0))
+        end = run.final.get("total_steps")
+        explored = layer_series(run, "explored")
+        for j, (layer, (s, v)) in enumerate((name, explored[name]) for name in sparse):
+            if (
+                isinstance(end, int) and len(s) and end > s[-1]
+            ):  # nothing moves after the last update
+                s, v = np.append(s, end), np.append(v, v[-1])
+            ax_exp.plot(s, v, styles[j % 4], color=color, label=f"{run.label}: {layer}")
+        if run.lifetimes or run.alive:
+            for origin, style in (("grown", "-"), ("initial", "--")):
+                x, y = survival_curve(run, origin)
+                if len(x) > 1:
+                    ax_surv.step(
+                        x, y, style, where="post", color=color, label=f"{run.label}: {origin}"
+                    )
+    ax_drop.set(
+        xlabel="step", ylabel="fraction", title="Drop fraction (line: f_decay, dots: realized)"
+    )
+    ax_exp.set(xlabel="step", ylabel="fraction of weights ever active", title="Exploration")
+    ax_surv.set(xlabel="lifetime (steps)", ylabel="fraction still active", title="Survival")
+    ax_surv.set_ylim(0, 1.02)
+    for ax in (ax_drop, ax_exp, ax_surv):
+        ax.title.set_fontsize(9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    _save(fig, path)
+    return True
+
+
+def _sparse_layers(run: RunData) -> list[str]:
+    """Layers of ``dynamics.csv`` that are not dense (a dense layer never moves)."""
+    layers = dict.fromkeys(r["layer"] for r in run.dynamics)
+    dense = {r["layer"] for r in run.dynamics if r["n_active"] == r["n_total"]}
+    return [name for name in layers if name not in dense]
+
+
+def training_figure(runs: list[RunData], path: Path) -> bool:
+    """Loss, accuracy, learning rate and drop fraction from ``metrics.csv``."""
+    runs = [r for r in runs if r.metrics]
+    if not runs:
+        return False
+    fig = Figure(figsize=(13, 3.3), layout="constrained")
+    ax_loss, ax_acc, ax_lr, ax_drop = fig.subplots(1, 4)
+    for run, color in zip(runs, _colors() * len(runs), strict=False):
+        steps = [r for r in run.metrics if r.get("kind") == "step"]
+        epochs = [r for r in run.metrics if r.get("kind") == "epoch"]
+        x, y = column(steps, "step", "loss")
+        ax_loss.plot(x, y, color=color, lw=0.7, alpha=0.6, label=f"{run.label}: train (steps)")
+        x, y = column(epochs, "step", "test_loss")
+        ax_loss.plot(x, y, "o--", ms=3, color=color, label=f"{run.label}: test")
+        for key, style, name in (
+            ("train_accuracy", "-", "train"),
+            ("test_accuracy", "o--", "test"),
+        ):
+            x, y = column(epochs, "step", key)
+            ax_acc.plot(x, y, style, ms=3, color=color, label=f"{run.label}: {name}")
+        ax_lr.plot(*column(steps, "step", "lr"), color=color, label=run.label)
+        ax_lr.ticklabel_format(axis="y", useOffset=False)
+        x, y = column(steps, "step", "drop_fraction")
+        if len(x):
+            ax_drop.plot(x, y, color=color, label=run.label)
+    ax_loss.set_yscale("log")
+    _plain_log_labels(ax_loss)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="Loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy (per epoch)")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    ax_drop.set(xlabel="step", ylabel="f_decay(t)", title="Drop fraction")
+    for ax in (ax_loss, ax_acc, ax_lr, ax_drop):
+        ax.title.set_fontsize(9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    _save(fig, path)
+    return True
