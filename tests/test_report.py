@@ -22,13 +22,15 @@ from rigl.experiments.report_plots import first_layer_figure
 FIGURES = ["first_layer.png", "density.png", "dynamics.png", "training.png", "interpolation.png"]
 
 
-def train_tiny(recorder: MaskRecorder | None, steps: int = 60, method: str = "rigl"):
+def train_tiny(recorder: MaskRecorder | None, steps: int = 60, *, hooks: bool = True):
     torch.manual_seed(0)
     model = TinyMLP()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = rigl.create(
-        method, model, optimizer, sparsity=0.8, total_steps=steps, update_interval=5
+        "rigl", model, optimizer, sparsity=0.8, total_steps=steps, update_interval=5
     )
+    if not hooks:
+        sparsifier.update_hooks = ()  # a sparsifier without update hooks: the recorder polls
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         x = torch.randn(16, 12, generator=gen)  # (B, 12)
@@ -42,9 +44,10 @@ def train_tiny(recorder: MaskRecorder | None, steps: int = 60, method: str = "ri
     return model, sparsifier
 
 
-def test_recorder_bookkeeping(tmp_path):
+@pytest.mark.parametrize("hooks", [True, False], ids=["update-hook", "polling"])
+def test_recorder_bookkeeping(tmp_path, hooks):
     recorder = MaskRecorder(tmp_path, snapshot_every=10)
-    _, sparsifier = train_tiny(recorder)
+    _, sparsifier = train_tiny(recorder, hooks=hooks)
     recorder.close()
     rows = read_rows(tmp_path / "dynamics.csv")
     updates = [r for r in rows if r["step"] != "0"]
@@ -70,6 +73,15 @@ def test_recorder_bookkeeping(tmp_path):
     assert (snaps["counts"].sum(1) == sparsifier.weights[0].n_active).all()
     _, s = survival_curve(load_run(tmp_path), "grown")
     assert s[0] == 1.0 and (np.diff(s) <= 0).all() and s[-1] >= 0
+
+
+def test_recorder_every_second_update_merges_rows(tmp_path):
+    recorder = MaskRecorder(tmp_path, every=2, snapshot_every=0)
+    _, sparsifier = train_tiny(recorder)
+    rows = [r for r in read_rows(tmp_path / "dynamics.csv") if r["step"] != "0"]
+    assert len(rows) == sparsifier.update_count // 2 * len(sparsifier.weights)
+    assert {r["updates"] for r in rows} == {"2"}
+    assert not (tmp_path / "first_layer.npz").exists()
 
 
 def test_recorder_state_dict_round_trip(tmp_path):

@@ -62,9 +62,8 @@ class _LayerState:
         self.birth: Tensor | None = None
         self.initial: Tensor | None = None
         if track_lifetimes:
-            self.birth = torch.full_like(
-                flat, step, dtype=torch.int32
-            )  # step each connection was born
+            # the step each connection was born (int32: half the memory of int64)
+            self.birth = torch.full_like(flat, step, dtype=torch.int32)
             self.initial = flat.clone()  # still the connection of the starting mask
 
 
@@ -73,10 +72,12 @@ class MaskRecorder:
 
     Args:
         run_dir: the run folder; files are created (or appended to, on resume) there.
-        every: look at the masks every ``every`` steps. Tensor work happens only when
-            ``sparsifier.update_count`` moved since the last look, so ``every=1`` costs
-            one int comparison per ordinary step; with ``every > 1`` several updates may
-            be merged into one row (``updates`` column, net drop/grow counts).
+        every: record every ``every``-th topology update (default: each one). Recording
+            is O(weights) tensor work done only at updates, through the sparsifier's
+            ``update_hooks`` (or, for sparsifiers without them, by comparing
+            ``update_count`` at each call); with ``every > 1`` the skipped updates are
+            merged into the next row (``updates`` column, net drop/grow counts, and
+            lifetimes of connections that lived through a recorded update).
         snapshot_every: steps between first-layer snapshots (0 disables them).
         track_lifetimes: keep a per-weight birth step to measure how long connections
             survive (an int32 per weight; disable on very large models).
@@ -87,7 +88,9 @@ class MaskRecorder:
 
     Called as ``recorder(step, model, sparsifier, metrics)`` after every training step
     (extra calls at epoch ends for the same step are ignored); ``close()`` writes a
-    last snapshot and closes the files.
+    last snapshot. Rows are appended and files replaced atomically as they come, so a
+    killed run keeps what was recorded; ``state_dict``/``load_state_dict`` continue
+    a resumed run (log rows written after its checkpoint are cut).
     """
 
     def __init__(
@@ -116,27 +119,46 @@ class MaskRecorder:
         self._snap_counts: list[np.ndarray] = []
         self._first_name: str | None = None
         self._sparsifier: Any = None
+        self._hooked = False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._logs = {
             "dynamics": CsvLog(self.run_dir / "dynamics.csv", DYNAMICS_FIELDS),
             "lifetimes": CsvLog(self.run_dir / "lifetimes.csv", LIFETIME_FIELDS),
         }
         if sparsifier is not None:
-            self._start(sparsifier)
+            self._attach(sparsifier)
 
     # -- the callback ---------------------------------------------------------------------
     def __call__(self, step: int, model: Any, sparsifier: Any, metrics: Any = None) -> None:
         del step, model, metrics  # the sparsifier's own counters are the clock
+        if self._sparsifier is not sparsifier:
+            self._attach(sparsifier)
         done = int(sparsifier.step_count)  # optimizer steps completed
-        if not self._layers:
-            self._start(sparsifier)
-        if done == self._last_step or (done % self.every != 0 and done != _total(sparsifier)):
-            return
+        if done == self._last_step:
+            return  # the epoch-end call of a step already seen
         self._last_step = done
-        if sparsifier.update_count != self._seen_updates:
-            self._record_update(sparsifier, done - 1)
+        if not self._hooked:  # no update hooks: the update, if any, was in the last step
+            self._maybe_record(sparsifier, done - 1)
         if self.snapshot_every and (done % self.snapshot_every == 0 or done == _total(sparsifier)):
             self._snapshot(sparsifier, done)
+
+    def _attach(self, sparsifier: Any) -> None:
+        """Follow ``sparsifier``: an update hook when it has them, else polling per call."""
+        self._sparsifier = sparsifier
+        hooks = getattr(sparsifier, "update_hooks", None)
+        self._hooked = isinstance(hooks, list)
+        if self._hooked:
+            hooks.append(self._on_update)
+        if not self._layers:
+            self._start(sparsifier)
+
+    def _on_update(self, sparsifier: Any) -> None:
+        """Called inside the topology update of step t (``step_count`` is still t)."""
+        self._maybe_record(sparsifier, int(sparsifier.step_count))
+
+    def _maybe_record(self, sparsifier: Any, step: int) -> None:
+        if int(sparsifier.update_count) - self._seen_updates >= self.every:
+            self._record_update(sparsifier, step)
 
     def close(self, sparsifier: Any = None) -> None:
         """Write a last first-layer snapshot of the final masks (files are already flushed)."""
@@ -188,7 +210,6 @@ class MaskRecorder:
 
     # -- recording ----------------------------------------------------------------------------
     def _start(self, sparsifier: Any) -> None:
-        self._sparsifier = sparsifier
         start = int(sparsifier.step_count)
         if sparsifier.update_count == 0:
             start = 0  # started after a step without update: the masks are still step 0's
