@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 import rigl
 from rigl.config import ConfigError
+from rigl.experiments import measures
 from rigl.experiments.callbacks import MetricsLog, TensorBoardLog, make_recorders
 from rigl.experiments.config import ExperimentConfig
 
@@ -68,12 +70,15 @@ class Run:
     total_steps: int
     width: float
     callbacks: list[Any] = field(default_factory=list)
+    augment: Callable[[Tensor], Tensor] | None = None
     epoch: int = 0
     batch: int = 0  # batches of `epoch` already trained on
     stats: EpochStats = field(default_factory=EpochStats)
     last_eval: dict[str, Any] | None = None
     elapsed_before: float = 0.0  # training seconds of earlier processes (resume)
+    cpu_before: float = 0.0  # their CPU seconds
     started: float = field(default_factory=time.perf_counter)
+    started_cpu: float = field(default_factory=time.process_time)
 
     @property
     def step(self) -> int:
@@ -88,6 +93,11 @@ class Run:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
+
+    def cpu_time(self) -> float:
+        """CPU seconds of this run's processes: its wall time on an otherwise idle core
+        when it runs with one thread (as in `rigl compare`)."""
+        return self.cpu_before + time.process_time() - self.started_cpu
 
     def density(self) -> float:
         weights = self.sparsifier.weights
@@ -119,7 +129,7 @@ class Run:
         c = self.config
         return {
             "method": c.method,
-            "sparsity": 0.0 if c.method == "dense" else c.sparsity,
+            "sparsity": 0.0 if c.method == "dense" and c.width_rule == "fixed" else c.sparsity,
             "distribution": c.distribution,
             "seed": c.seed,
             "multiplier": c.multiplier,
@@ -139,7 +149,7 @@ def build(config: ExperimentConfig, out: Path, extra_callbacks: Sequence[Any] = 
     data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total = config.total_steps(steps_per_epoch)
-    width = solve_width(config, data)
+    width = measures.solve_width(config, data)
     torch.manual_seed(config.seed)  # model initialisation, then dropout etc.
     model = make_model(config, data, width).to(device)
     optimizer = make_optimizer(config, model)
@@ -152,8 +162,30 @@ def build(config: ExperimentConfig, out: Path, extra_callbacks: Sequence[Any] = 
     callbacks += list(extra_callbacks)
     return Run(
         config, out, data, model, optimizer, scheduler, sparsifier, device,
-        steps_per_epoch, total, width, callbacks,
+        steps_per_epoch, total, width, callbacks, make_augment(config.augment),
     )  # fmt: skip
+
+
+def crop_flip(x: Tensor, pad: int = 4) -> Tensor:
+    """Standard CIFAR augmentation: a random crop of the zero-padded image, flipped
+    horizontally with probability 1/2. Draws come from torch's global CPU generator,
+    whose state is saved in checkpoints."""
+    batch, channels, height, width = x.shape  # (B, C, H, W)
+    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    top = torch.randint(0, 2 * pad + 1, (batch, 1))
+    left = torch.randint(0, 2 * pad + 1, (batch, 1))
+    flip = torch.rand(batch, 1) < 0.5
+    rows = top + torch.arange(height)  # (B, H)
+    cols = left + torch.arange(width)  # (B, W)
+    cols = torch.where(flip, cols.flip(1), cols)
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    b = torch.arange(batch, device=x.device)[:, None, None, None]
+    c = torch.arange(channels, device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def make_augment(name: str) -> Callable[[Tensor], Tensor] | None:
+    return crop_flip if name == "crop_flip" else None
 
 
 def make_device(name: str) -> torch.device:
@@ -240,89 +272,3 @@ def progress_bar(run: Run, quiet: bool) -> Any:
 
     label = f"{run.config.method} {run.config.sparsity:g}"
     return tqdm(total=run.total_steps, initial=run.step, desc=label, unit="step", leave=False)
-
-
-# -- width rules and the numbers of final.json ----------------------------------------------
-def _sparsity_options(config: ExperimentConfig) -> dict[str, Any]:
-    return {
-        "first_layer_dense": config.first_layer_dense,
-        "last_layer_dense": config.last_layer_dense,
-    }
-
-
-def solve_width(config: ExperimentConfig, data: Any) -> float:
-    """``config.width``, or the Small-Dense / Big-Sparse width of rigl.flops' solvers."""
-    if config.width_rule == "fixed":
-        return config.width
-    from rigl import flops
-
-    def build(width: float) -> nn.Module:
-        return make_model(config, data, width)
-
-    example = data.train[:2][0]
-    solver = (
-        flops.small_dense_width if config.width_rule == "small_dense" else flops.big_sparse_width
-    )
-    return (
-        float(
-            solver(
-                build,
-                example,
-                config.sparsity,
-                distribution=config.distribution,
-                **_sparsity_options(config),
-            )
-        )
-        * config.width
-    )
-
-
-def final_numbers(run: Run) -> dict[str, Any]:
-    """Test accuracy, active parameters and FLOPs relative to the dense model."""
-    from rigl.flops import count_flops, train_flops_ratio
-
-    config, model = run.config, run.model
-    densities = {s.name: s.density for s in run.sparsifier.summary()}
-    example = run.data.test[:2][0].to(run.device)
-    report = count_flops(model, example, densities)
-    f_reference = report.flops_dense
-    if run.width != 1.0:  # relative to the dense model at width 1
-        f_reference = count_flops(
-            make_model(config, run.data, 1.0).to(run.device), example
-        ).flops_dense
-    method = config.method
-    pruning = {}
-    schedule = run.sparsifier.schedule
-    if method == "gmp":
-        pruning = {
-            "pruning_begin": schedule.begin_step / run.total_steps,
-            "pruning_end": min(
-                1.0, max(schedule.end_step, schedule.begin_step + 1) / run.total_steps
-            ),
-            "pruning_interval": schedule.update_interval / run.total_steps,
-        }
-    train_ratio = train_flops_ratio(
-        method,
-        report.flops_sparse,
-        report.flops_dense,
-        update_interval=config.update_interval,
-        multiplier=config.multiplier,
-        **pruning,
-    ) * (report.flops_dense / f_reference)
-    n_params = sum(p.numel() for p in model.parameters())
-    inactive = sum(w.numel - w.n_active for w in run.sparsifier.weights)
-    last = run.last_eval or {}
-    return {
-        "test_accuracy": last.get("test_accuracy"),
-        "test_loss": last.get("test_loss"),
-        "train_accuracy": last.get("train_accuracy"),
-        "train_loss": last.get("train_loss"),
-        "params": n_params - inactive,
-        "params_dense": n_params,
-        "density": run.density(),
-        "inference_flops": report.flops_sparse,
-        "dense_inference_flops": f_reference,
-        "inference_flops_ratio": report.flops_sparse / f_reference,
-        "train_flops_ratio": train_ratio,
-        "skipped_updates": run.sparsifier.skipped_updates,
-    }

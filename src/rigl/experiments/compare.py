@@ -26,7 +26,8 @@ from rigl.experiments.sweep import RunSpec, Sweep
 
 RECORD_KEYS = (
     "test_accuracy", "test_loss", "train_accuracy", "params", "params_dense", "density",
-    "inference_flops_ratio", "train_flops_ratio", "total_steps", "wall_time_s", "width",
+    "inference_flops_ratio", "train_flops_ratio", "total_steps", "wall_time_s", "cpu_time_s",
+    "width",
 )  # fmt: skip
 
 
@@ -63,6 +64,7 @@ def run_sweep(plan: Sweep, out: Path, jobs: int, quiet: bool) -> list[dict[str, 
     say(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, {jobs} jobs")
     failures = []
     if todo:
+        _warm_data([configs[s] for s in todo])
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
             futures = {pool.submit(_train_one, configs[s].to_dict()): s for s in todo}
@@ -79,6 +81,19 @@ def run_sweep(plan: Sweep, out: Path, jobs: int, quiet: bool) -> list[dict[str, 
     if failures:
         raise RuntimeError("runs failed:\n  " + "\n  ".join(failures))
     return [record(spec, finals[spec], out, plan) for spec in plan.runs]
+
+
+def _warm_data(configs: list[ExperimentConfig]) -> None:
+    """Load each dataset once here, so that workers read the cache instead of all
+    generating it at the same time (MNIST-1D is generated on first use)."""
+    from rigl.experiments.data import load_dataset
+
+    seen = set()
+    for c in configs:
+        key = (c.dataset, c.data_root, repr(sorted(c.dataset_options.items())))
+        if key not in seen:
+            seen.add(key)
+            load_dataset(c.dataset, root=c.data_root, **c.dataset_options)
 
 
 def record(spec: RunSpec, final: dict[str, Any], out: Path, plan: Sweep) -> dict[str, Any]:
@@ -108,6 +123,7 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
     meta = {
         **provenance(argv),
         "wall_time_s": wall,
+        "cpu_time_s": sum(r["cpu_time_s"] or 0.0 for r in records),
         "jobs": jobs,
         "base": plan.base.to_dict(),
         "sweep": plan.settings,

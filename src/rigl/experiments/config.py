@@ -32,6 +32,16 @@ from rigl.config import ConfigError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 WIDTH_RULES = ("fixed", "small_dense", "big_sparse")
+AUGMENTS = ("none", "crop_flip")
+SYNONYMS = {  # names an unknown key probably meant: the paper's symbols, common spellings
+    "learning_rate": "lr",
+    "delta_t": "update_interval",
+    "alpha": "drop_fraction",
+    "t_end": "end_step",
+    "wd": "weight_decay",
+    "batch": "batch_size",
+    "distribution_type": "distribution",
+}
 DISTRIBUTIONS = ("uniform", "er", "erk")
 DECAYS = ("cosine", "linear", "constant")
 
@@ -44,6 +54,7 @@ class ExperimentConfig:
     dataset: str = "mnist1d"
     data_root: str | None = None  # folder of the dataset files (None: the loader's default)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 8000}
+    augment: str = "none"  # "crop_flip": random 4-pixel-padded crops and horizontal flips
     # -- model -----------------------------------------------------------------------
     model: str = "mlp"
     width: float = 1.0  # width multiplier of the model's hidden layers
@@ -103,6 +114,7 @@ class ExperimentConfig:
             ("optimizer", OPTIMIZERS),
             ("lr_schedule", LR_SCHEDULES),
             ("width_rule", WIDTH_RULES),
+            ("augment", AUGMENTS),
         ):
             _choice(name, getattr(self, name), allowed)
         from rigl.experiments.callbacks import list_recorders
@@ -127,6 +139,14 @@ class ExperimentConfig:
             raise ConfigError(
                 f"data_root={self.data_root!r}: no such folder (put the dataset files there, "
                 "or leave data_root unset for the loader's default location)"
+            )
+        if (self.width_rule == "small_dense") != (
+            self.method == "dense"
+        ) and self.width_rule != "fixed":
+            raise ConfigError(
+                f"width_rule={self.width_rule!r} with method={self.method!r}: Small-Dense "
+                "trains method 'dense' at the parameter count of `sparsity`; Big-Sparse "
+                "trains a sparse method"
             )
         if self.width_rule != "fixed" and self.sparsity == 0:
             raise ConfigError(
@@ -174,7 +194,11 @@ def from_dict(data: Mapping[str, Any], *, source: str = "config") -> ExperimentC
     known = [f.name for f in dataclasses.fields(ExperimentConfig)]
     for key in data:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+            close = (
+                [SYNONYMS[key]]
+                if key in SYNONYMS
+                else difflib.get_close_matches(str(key), known, n=1)
+            )
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown key {key!r} in {source}{hint}; allowed: {', '.join(known)}")
     return ExperimentConfig(**data)

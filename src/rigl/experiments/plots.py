@@ -22,6 +22,11 @@ def plot_all(
     ]
 
 
+def _is_dense(row: dict[str, Any]) -> bool:
+    """The dense baseline's row (one cell for every sparsity column)."""
+    return DENSE in row["cells"]
+
+
 def _dense_band(ax: Any, row: dict[str, Any]) -> None:
     cell = row["cells"][DENSE]
     mean, std = cell["accuracy_mean"], cell["accuracy_std"]
@@ -33,7 +38,7 @@ def accuracy_vs_sparsity(rows: list[dict[str, Any]], sparsities: list[float], pa
     """Test accuracy (mean ± std over seeds) against sparsity, one line per table row."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for row in rows:
-        if row["method"] == DENSE:
+        if _is_dense(row):
             _dense_band(ax, row)
             continue
         points = [(100 * s, cell_for(row, s)) for s in sparsities]
@@ -62,18 +67,16 @@ def accuracy_vs_train_flops(
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for row in rows:
         cells = (
-            [cell_for(row, s) for s in sparsities]
-            if row["method"] != DENSE
-            else [row["cells"][DENSE]]
+            [cell_for(row, s) for s in sparsities] if not _is_dense(row) else [row["cells"][DENSE]]
         )
         cells = [c for c in cells if c is not None]
         ax.errorbar(
             [c["train_flops_ratio"] for c in cells],
             [c["accuracy_mean"] for c in cells],
             yerr=[c["accuracy_std"] for c in cells],
-            marker="s" if row["method"] == DENSE else "o",
-            linestyle="none" if row["method"] == DENSE else "-",
-            color="black" if row["method"] == DENSE else None,
+            marker="s" if _is_dense(row) else "o",
+            linestyle="none" if _is_dense(row) else "-",
+            color="black" if _is_dense(row) else None,
             capsize=3,
             label=row["row"],
         )

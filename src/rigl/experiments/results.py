@@ -30,7 +30,7 @@ def summarise(records: list[dict[str, Any]], sparsities: list[float]) -> list[di
                 "cells": {},
             },
         )
-        key = DENSE if rec["method"] == DENSE else f"{rec['sparsity']:g}"
+        key = DENSE if rec["sparsity"] == 0 else f"{rec['sparsity']:g}"
         row["cells"].setdefault(key, []).append(rec)
     for row in rows.values():
         row["cells"] = {key: _cell(recs) for key, recs in row["cells"].items()}
@@ -102,7 +102,9 @@ def write_markdown(
         f"{base.batch_size}, {steps} steps at 1x; ΔT {base.update_interval}, "
         f"α {base.drop_fraction:g}, T_end {base.end_step}",
         f"- wall time: {meta['wall_time_s']:.0f} s with {meta['jobs']} parallel jobs "
-        f"({meta['cpu_count']} CPUs); git {meta['git']}; torch {meta['versions']['torch']}",
+        f"({meta['cpu_count']} CPUs; runs skipped as finished take no time); CPU time of "
+        f"all runs {meta['cpu_time_s']:.0f} s; git {meta['git']}; "
+        f"torch {meta['versions']['torch']}",
         "- plots: `accuracy_vs_sparsity.png`, `accuracy_vs_train_flops.png`; "
         "per-run folders under `runs/`",
         "",

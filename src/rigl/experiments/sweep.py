@@ -61,18 +61,24 @@ class RunSpec:
         """Run folder name, e.g. ``rigl-erk-s0.9-1x-seed0`` or ``dense-1x-seed0``."""
         mult = f"{self.multiplier:g}x"
         extra = "".join(f"-{k}={v}" for k, v in self.extra)
-        if self.method == "dense":
-            return f"dense-{mult}{extra}-seed{self.seed}"
+        if self.sparsity == 0:
+            return f"{self.method}-{mult}{extra}-seed{self.seed}"
         return f"{self.method}-{self.distribution}-s{self.sparsity:g}-{mult}{extra}-seed{self.seed}"
 
     def row(self, show_distribution: bool) -> str:
         """Row label of the results table: ``RigL``, ``RigL 5x``, ``RigL (uniform)``."""
+        extra = dict(self.extra)
+        rule = extra.pop("width_rule", "fixed")
         label = NAMES.get(self.method, self.method)
+        if rule == "small_dense":
+            label = "Small-Dense"
+        elif rule == "big_sparse":
+            label = f"Big-Sparse {label}"
         if self.multiplier != 1:
             label += f" {self.multiplier:g}x"
         if show_distribution and self.method != "dense":
             label += f" ({'ERK' if self.distribution == 'erk' else self.distribution})"
-        label += "".join(f" {k}={v}" for k, v in self.extra)
+        label += "".join(f" {k}={v}" for k, v in extra.items())
         return label
 
     def config(self, base: ExperimentConfig, out: Path) -> ExperimentConfig:
@@ -95,7 +101,7 @@ class Sweep:
 
     @property
     def sparsities(self) -> list[float]:
-        return sorted({r.sparsity for r in self.runs if r.method != "dense"})
+        return sorted({r.sparsity for r in self.runs if r.sparsity > 0})
 
 
 def find_preset(name: str) -> Path:
@@ -164,8 +170,8 @@ def _entry_runs(
     distribution = entry.pop("distribution", base.distribution)
     multiplier = float(entry.pop("multiplier", 1.0))
     levels = [float(s) for s in entry.pop("sparsities", sparsities)]
-    if method == "dense":
-        levels, distribution = [0.0], base.distribution
+    if method == "dense" and entry.get("width_rule") != "small_dense":
+        levels, distribution = [0.0], base.distribution  # dense: once per seed
     extra = tuple(sorted(entry.items()))
     runs = [
         RunSpec(method, s, distribution, seed, multiplier, extra) for s in levels for seed in seeds

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rigl.config import ConfigError
-from rigl.experiments import builders
+from rigl.experiments import builders, measures
 from rigl.experiments.builders import Run
 from rigl.experiments.config import ExperimentConfig, load_config
 from rigl.experiments.runio import atomic_torch_save, provenance, read_json, write_json
@@ -77,6 +77,8 @@ def train_one_epoch(run: Run, progress: Any = None) -> None:
     run.model.train()
     for x, y in iterate_batches(data.train, order, config.batch_size, run.batch, stop):
         x, y = x.to(run.device), y.to(run.device)
+        if run.augment is not None:
+            x = run.augment(x)
         lr = run.optimizer.param_groups[0]["lr"]
         run.optimizer.zero_grad(set_to_none=True)
         loss, correct, count = loss_and_correct(run.model(x), y)
@@ -141,6 +143,7 @@ def save_checkpoint(run: Run) -> None:
         "last_eval": run.last_eval,
         "callbacks": [getattr(cb, "state_dict", dict)() for cb in run.callbacks],
         "elapsed_s": run.elapsed(),
+        "cpu_time_s": run.cpu_time(),
     }
     atomic_torch_save(run.out / CHECKPOINT, state)
 
@@ -159,6 +162,7 @@ def load_checkpoint(run: Run) -> None:
         if cb_state and hasattr(callback, "load_state_dict"):
             callback.load_state_dict(cb_state)
     run.elapsed_before = float(state["elapsed_s"])
+    run.cpu_before = float(state.get("cpu_time_s", 0.0))
 
 
 # -- the whole run -------------------------------------------------------------------------
@@ -228,7 +232,12 @@ def train(
 def finish(run: Run, quiet: bool) -> dict[str, Any]:
     save_checkpoint(run)
     run.close_callbacks()
-    final = {**run.describe(), **builders.final_numbers(run), "wall_time_s": run.elapsed()}
+    final = {
+        **run.describe(),
+        **measures.final_numbers(run),
+        "wall_time_s": run.elapsed(),
+        "cpu_time_s": run.cpu_time(),
+    }
     write_json(run.out / FINAL, final)  # written last: its presence marks a finished run
     if not quiet:
         print(

@@ -1,0 +1,212 @@
+"""The `rigl` command end to end on tiny MNIST-1D runs: train, resume after kill -9,
+compare, errors before training, flops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rigl.cli import main
+from rigl.experiments.data import load_dataset
+from rigl.experiments.runio import read_csv
+
+pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """A data folder shared by this module's tests (MNIST-1D is generated once into it)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def tiny_config(folder: Path, data_root: Path, **changes) -> Path:
+    """A config of a few dozen steps: 240 training examples, a 32-32 MLP, batch 24."""
+    config = {
+        "dataset": "mnist1d",
+        "dataset_options": {"num_samples": 300},
+        "data_root": str(data_root),
+        "model": "mlp",
+        "model_options": {"hidden_sizes": [32, 32]},
+        "method": "rigl",
+        "sparsity": 0.8,
+        "update_interval": 4,
+        "batch_size": 24,
+        "epochs": 3,
+        "log_every": 5,
+        "checkpoint_every": 7,
+        "out": str(folder / "run"),
+        **changes,
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def final(run: Path) -> dict:
+    return json.loads((run / "final.json").read_text())
+
+
+# -- rigl train ------------------------------------------------------------------------------
+def test_train_writes_every_documented_file(tmp_path, data_root, monkeypatch, capsys):
+    fake_tb = types.ModuleType("torch.utils.tensorboard")
+    scalars = []
+
+    class SummaryWriter:  # records what TensorBoard would get
+        def __init__(self, log_dir):
+            Path(log_dir).mkdir(parents=True)
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+    fake_tb.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake_tb)
+    config = tiny_config(tmp_path, data_root)
+    assert main(["train", "--config", str(config), "--quiet", "--lr", "0.05"]) == 0
+    run = tmp_path / "run"
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "run.json", "metrics.csv", "topology.csv", "checkpoint.pt"} <= names
+    assert {"final.json", "tb"} <= names
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.05  # flag won
+    info = json.loads((run / "run.json").read_text())
+    assert "--lr 0.05" in info["command"] and set(info["versions"]) >= {"torch", "rigl", "python"}
+    assert "git" in info
+    rows = read_csv(run / "metrics.csv")
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [int(r["step"]) for r in steps[:2]] == [5, 10] and steps[0]["drop_fraction"]
+    assert len(epochs) == 3 and all(r["test_accuracy"] and r["train_loss"] for r in epochs)
+    topology = read_csv(run / "topology.csv")
+    assert topology and {r["step"] for r in topology} >= {"4", "8"}
+    assert all(r["n_dropped"] == r["n_grown"] for r in topology)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "sparsifier", "step", "epoch", "data_order"} <= set(
+        state
+    )
+    assert state["step"] == 30 and "torch_rng" in state
+    result = final(run)
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["params"] < result["params_dense"]
+    assert 0 < result["inference_flops_ratio"] < 1 and 0 < result["train_flops_ratio"] < 1
+    assert result["wall_time_s"] > 0 and result["total_steps"] == 30
+    assert any(tag == "epoch/test_accuracy" for tag, _, _ in scalars)
+    # a second run into the same folder is refused before training
+    assert main(["train", "--config", str(config), "--quiet"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--learning_rate", "0.1"], "unrecognized arguments: --learning_rate"),
+        (["--epochs", "two"], "epochs='two' has the wrong type"),
+        (["--data_root", "/no/such/folder"], "data_root='/no/such/folder': no such folder"),
+        (["--method", "magic"], "method='magic' is unknown"),
+    ],
+)
+def test_bad_flags_fail_before_training(tmp_path, data_root, capsys, args, message):
+    config = tiny_config(tmp_path, data_root)
+    try:
+        code = main(["train", "--config", str(config), "--quiet", *args])
+    except SystemExit as exc:  # argparse rejects unknown flags itself
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_and_missing_dataset_files_fail_before_training(tmp_path, data_root, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: mnist1d\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown key 'learning_rate'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tiny_config(tmp_path, empty, dataset="mnist", dataset_options={"download": False})
+    assert main(["train", "--config", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, data_root):
+    """kill -9 a run right after a mid-epoch checkpoint; --resume ends where an
+    uninterrupted run ends, to the last bit."""
+    changes = {"epochs": 40, "batch_size": 20, "checkpoint_every": 7, "log_every": 50}
+    load_dataset("mnist1d", root=data_root, num_samples=300)  # the cache, before two processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "rigl.cli", "train", "--quiet"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir(), cut_dir.mkdir()
+    ref_cfg = tiny_config(ref_dir, data_root, **changes)
+    cut_cfg = tiny_config(cut_dir, data_root, **changes)
+    reference = subprocess.Popen([*cmd, "--config", str(ref_cfg)], env=env)
+    victim = subprocess.Popen([*cmd, "--config", str(cut_cfg)], env=env)
+    checkpoint = cut_dir / "run" / "checkpoint.pt"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (cut_dir / "run" / "final.json").exists(), "the run finished before the kill"
+    state = torch.load(checkpoint, weights_only=True)
+    assert 0 < state["batch"] < 12, "the checkpoint should be mid-epoch (12 batches per epoch)"
+    subprocess.run([*cmd, "--config", str(cut_cfg), "--resume"], env=env, check=True)
+    assert reference.wait() == 0
+    ref_state = torch.load(ref_dir / "run" / "checkpoint.pt", weights_only=True)
+    cut_state = torch.load(checkpoint, weights_only=True)
+    assert ref_state["step"] == cut_state["step"] == 480
+    for name, tensor in ref_state["model"].items():
+        assert torch.equal(tensor, cut_state["model"][name]), name
+    for name, mask in ref_state["sparsifier"]["masks"].items():
+        assert torch.equal(mask, cut_state["sparsifier"]["masks"][name]), name
+    assert final(ref_dir / "run")["test_accuracy"] == final(cut_dir / "run")["test_accuracy"]
+    info = json.loads((cut_dir / "run" / "run.json").read_text())
+    assert len(info["resumed"]) == 1
+    steps = [
+        int(r["step"]) for r in read_csv(cut_dir / "run" / "metrics.csv") if r["kind"] == "step"
+    ]
+    assert steps == sorted(set(steps))  # rows written after the checkpoint were not repeated
+
+
+# -- rigl compare ------------------------------------------------------------------------------
+def test_compare_grid_writes_results_and_skips_finished_runs(tmp_path, data_root, capsys):
+    base = tiny_config(tmp_path, data_root, epochs=2, checkpoint_every=0)
+    out = tmp_path / "sweep"
+    args = ["compare", "--config", str(base), "--methods", "static,rigl", "--sparsities",
+            "0.8,0.9", "--seeds", "1", "--jobs", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "| Method | 80% | 90% |" in printed.out and "| RigL |" in printed.out
+    names = {p.name for p in out.iterdir()}
+    assert {"results.json", "results.md", "accuracy_vs_sparsity.png"} <= names
+    assert "accuracy_vs_train_flops.png" in names
+    results = json.loads((out / "results.json").read_text())
+    records = results["records"]
+    assert len(records) == 5  # dense once + 2 methods x 2 sparsities
+    assert [r["method"] for r in records].count("dense") == 1
+    for key in ("test_accuracy", "params", "inference_flops_ratio", "train_flops_ratio"):
+        assert all(r[key] is not None for r in records), key
+    finals = sorted(out.glob("runs/*/final.json"))
+    stamps = [p.stat().st_mtime_ns for p in finals]
+    assert main(args) == 0
+    assert "5 runs, 5 already finished" in capsys.readouterr().err
+    assert [p.stat().st_mtime_ns for p in finals] == stamps
+
+
+# -- rigl flops ------------------------------------------------------------------------------
+def test_flops_json(capsys):
+    pytest.importorskip("rigl.experiments.flops_cli")
+    assert main(["flops", "--model", "lenet300_100", "--sparsity", "0.9", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert isinstance(report, dict) and report

@@ -1,0 +1,174 @@
+"""ExperimentConfig validation and round trips, schedules, data order, sweeps and tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rigl import ConfigError
+from rigl.experiments.builders import lr_factor
+from rigl.experiments.config import ExperimentConfig, from_dict, load_config, parse_value
+from rigl.experiments.results import markdown, summarise
+from rigl.experiments.sweep import RunSpec, expand, find_preset, read_sweep_file
+from rigl.experiments.train import epoch_order
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- round trips ---------------------------------------------------------------------------------
+def test_defaults_are_valid_and_round_trip_yaml_and_json(tmp_path):
+    config = ExperimentConfig(method="set", lr_milestones=[100, 0.5], dataset_options={"seed": 3})
+    config.save(tmp_path / "c.yaml")
+    config.save(tmp_path / "c.json")
+    assert load_config(tmp_path / "c.yaml") == config
+    assert load_config(tmp_path / "c.json") == config
+    assert json.loads(config.to_json())["lr_milestones"] == [100, 0.5]
+
+
+def test_yaml_reads_exponent_floats_and_flags_win(tmp_path):
+    path = write(tmp_path / "c.yaml", "lr: 1e-3\nweight_decay: 5E-4\nepochs: 3\n")
+    config = load_config(path, {"epochs": 7, "lr": parse_value("2e-2")})
+    assert config.lr == pytest.approx(0.02) and config.weight_decay == pytest.approx(5e-4)
+    assert config.epochs == 7  # the command line wins over the file
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("true") is True
+
+
+@pytest.mark.parametrize(
+    "name", ["main", "mnist5k", "mnist1d_mlp", "cifar10_wrn22_2", "mnist5k_lenet"]
+)
+def test_shipped_configs_are_valid(name):
+    path = REPO / "configs" / f"{name}.yaml"
+    base, settings = read_sweep_file(path)
+    config = from_dict(base, source=str(path))
+    if settings:
+        assert len(expand(config, settings).runs) > 0
+
+
+def test_cifar_recipe_matches_the_paper():
+    config = load_config(REPO / "configs" / "cifar10_wrn22_2.yaml")
+    assert (config.steps, config.batch_size, config.lr, config.weight_decay) == (
+        97656,
+        128,
+        0.1,
+        5e-4,
+    )
+    assert (config.update_interval, config.drop_fraction, config.end_step) == (100, 0.3, 75000)
+    assert config.lr_milestones == [30000, 60000, 90000] and config.lr_gamma == pytest.approx(0.2)
+    assert config.optimizer == "sgd" and config.nesterov and config.momentum == 0.9
+
+
+# -- errors name the key, the value or the path ----------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("learning_rate: 0.1\n", "unknown key 'learning_rate'.*did you mean 'lr'"),
+        ("lr: fast\n", "lr='fast' has the wrong type"),
+        ("epochs: 2.5\n", "epochs=2.5 has the wrong type: expected int"),
+        ("nesterov: 1\n", "nesterov=1 has the wrong type: expected bool"),
+        ("sparsity: 1.2\n", r"sparsity=1.2 is outside \[0, 1\)"),
+        ("method: magic\n", "method='magic' is unknown; allowed: dense, gmp"),
+        ("optimizer: rmsprop\n", "optimizer='rmsprop' is unknown"),
+        ("dataset: imagenet\n", "dataset='imagenet' is unknown"),
+        ("end_step: 1.5\n", "end_step=1.5: a float is a fraction"),
+        ("batch_size: 0\n", "batch_size=0 must be > 0"),
+        ("recorders: [nope]\n", "recorders='nope' is unknown"),
+        ("data_root: /no/such/folder\n", "data_root='/no/such/folder': no such folder"),
+        ("width_rule: small_dense\n", "width_rule='small_dense' with method='rigl'"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path / "bad.yaml", text))
+
+
+def test_missing_or_broken_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(write(tmp_path / "broken.yaml", "lr: [1,\n"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+# -- schedules and data order ------------------------------------------------------------------
+def test_multiplier_stretches_absolute_schedule_steps():
+    config = ExperimentConfig(
+        steps=1000, multiplier=2.0, lr_schedule="step", lr_milestones=[300, 0.9], lr_gamma=0.1
+    )
+    total = config.total_steps(steps_per_epoch=10)
+    assert total == 2000
+    factor = lr_factor(config, total)
+    assert factor(599) == 1.0 and factor(600) == pytest.approx(0.1)  # 300 stretched to 600
+    assert factor(1799) == pytest.approx(0.1) and factor(1800) == pytest.approx(0.01)  # 0.9
+    assert config.scaled_step(75) == 150 and config.scaled_step(0.75) == 0.75
+
+
+def test_cosine_and_warmup_learning_rate():
+    factor = lr_factor(ExperimentConfig(lr_schedule="cosine", warmup_steps=4), 100)
+    assert factor(0) == pytest.approx(0.25 * 1.0)
+    assert factor(50) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    a = epoch_order(0, 3, 50)
+    assert torch.equal(a, epoch_order(0, 3, 50))
+    assert sorted(a.tolist()) == list(range(50))
+    assert not torch.equal(a, epoch_order(0, 4, 50))
+    assert not torch.equal(a, epoch_order(1, 3, 50))
+
+
+# -- sweeps and the results table -------------------------------------------------------------------
+def test_sweep_grid_runs_dense_once_per_seed():
+    plan = expand(
+        ExperimentConfig(),
+        {"methods": ["static", "rigl"], "sparsities": [0.8, 0.9], "seeds": 2,
+         "distributions": ["erk", "uniform"]},
+    )  # fmt: skip
+    names = [r.name for r in plan.runs]
+    assert len(names) == len(set(names)) == 2 + 2 * 2 * 2 * 2
+    assert [n for n in names if n.startswith("dense")] == ["dense-1x-seed0", "dense-1x-seed1"]
+    assert "rigl-uniform-s0.9-1x-seed1" in names and plan.sparsities == [0.8, 0.9]
+
+
+def test_sweep_run_list_and_row_names():
+    plan = expand(
+        ExperimentConfig(),
+        {"sparsities": [0.9], "seeds": 1,
+         "runs": [{"method": "dense"}, {"method": "rigl", "multiplier": 5},
+                  {"method": "rigl", "distribution": "uniform"},
+                  {"method": "dense", "width_rule": "small_dense"}]},
+    )  # fmt: skip
+    rows = [r.row(show_distribution=True) for r in plan.runs]
+    assert rows == ["Dense", "RigL 5x (ERK)", "RigL (uniform)", "Small-Dense"]
+    with pytest.raises(ConfigError, match="lr='x' has the wrong type"):
+        expand(ExperimentConfig(), {"runs": [{"method": "rigl", "lr": "x"}]})
+
+
+def test_presets_are_found_by_name():
+    assert find_preset("main").name == "main.yaml"
+    with pytest.raises(ConfigError, match="preset='nope' not found; available: .*main"):
+        find_preset("nope")
+
+
+def test_summary_table_mean_and_std_over_seeds():
+    def rec(method, sparsity, seed, acc):
+        spec = RunSpec(method, sparsity, "erk", seed)
+        return {"row": spec.row(False), "method": method, "sparsity": sparsity, "seed": seed,
+                "distribution": "erk", "multiplier": 1.0, "test_accuracy": acc, "params": 10,
+                "train_flops_ratio": 0.5, "inference_flops_ratio": 0.25}  # fmt: skip
+
+    records = [rec("dense", 0.0, 0, 0.90), rec("dense", 0.0, 1, 0.92)]
+    records += [rec("rigl", 0.9, 0, 0.80), rec("rigl", 0.9, 1, 0.84)]
+    table = markdown(summarise(records, [0.9]), [0.9])
+    lines = table.splitlines()
+    assert lines[0] == "| Method | 90% | train FLOPs 90% | test FLOPs 90% |"
+    assert lines[2] == "| Dense | 91.0 ± 1.4 | 0.50x | 0.25x |"
+    assert lines[3] == "| RigL | 82.0 ± 2.8 | 0.50x | 0.25x |"
