@@ -1,0 +1,90 @@
+"""PyTorch Lightning: ``RigLCallback`` adds sparse training to an existing ``Trainer``.
+
+::
+
+    from rigl.integrations.lightning import RigLCallback
+
+    trainer = L.Trainer(max_epochs=10, callbacks=[RigLCallback("rigl", sparsity=0.9)])
+    trainer.fit(module, data)
+
+The sparsifier is built in ``on_fit_start`` from the LightningModule and its (single)
+optimizer, with ``total_steps`` from ``trainer.estimated_stepping_batches`` unless given;
+``on_before_optimizer_step`` (gradients final: accumulated, all-reduced by DDP, unscaled by
+AMP) runs :meth:`~rigl.Sparsifier.pre_optimizer_step` and ``on_train_batch_end``
+:meth:`~rigl.Sparsifier.post_optimizer_step`. Masks and counters are saved in Lightning
+checkpoints and restored on resume. Automatic optimization only (one optimizer step per
+batch, after ``accumulate_grad_batches`` micro-batches). How update steps skip the
+optimizer step: see :mod:`rigl.integrations`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rigl.config import ConfigError
+from rigl.integrations import SparseTrainingHooks
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package
+    try:
+        import pytorch_lightning as pl
+    except ImportError as exc:
+        raise ImportError(
+            "rigl.integrations.lightning needs PyTorch Lightning: "
+            "pip install 'rigl[integrations]' (or pip install lightning)"
+        ) from exc
+
+__all__ = ["RigLCallback"]
+
+
+class RigLCallback(SparseTrainingHooks, pl.Callback):
+    """Sparse training with any registered method (RigL, Evci et al. 2020, by default).
+
+    Args:
+        method: a name from :func:`rigl.list_methods`.
+        **kwargs: arguments of :func:`rigl.create` (``sparsity``, ``distribution``,
+            ``update_interval``, ``drop_fraction``, ``seed``, ...).
+
+    ``callback.sparsifier`` is the :class:`rigl.Sparsifier` once fitting has started.
+    """
+
+    def __init__(self, method: str = "rigl", **kwargs: Any) -> None:
+        SparseTrainingHooks.__init__(self, method, **kwargs)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(
+                f"RigLCallback needs exactly one optimizer, the module configured "
+                f"{len(trainer.optimizers)}"
+            )
+        total = trainer.estimated_stepping_batches
+        total_steps = int(total) if math.isfinite(total) else None
+        self.build(pl_module, trainer.optimizers[0], total_steps)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.before_optimizer_step(optimizer, scaler_in_use=scaler is not None)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.after_optimizer_step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sparsifier_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.load_sparsifier_state(state_dict)
