@@ -30,8 +30,9 @@ def random_pattern(shape, density, seed=0, empty_rows=(), empty_cols=()):
     return mask
 
 
-def index_of(mask):
-    return SparseIndex.from_flat(mask.reshape(-1).nonzero().squeeze(1), tuple(mask.shape))[0]
+def index_of(mask, block_nnz=37):  # small blocks: several CSC blocks even in tiny tests
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    return SparseIndex.from_flat(flat, tuple(mask.shape), block_nnz)[0]
 
 
 @pytest.mark.parametrize("use", BACKENDS)
@@ -100,9 +101,16 @@ def test_index_orders_are_consistent():
     assert torch.equal(index.rows(), rows)
     assert torch.equal(index.col_idx.long(), cols)
     perm = index.perm.long()
+    assert index.n_blocks > 1
     assert torch.equal(index.row_idx.long(), rows[perm])
-    csc_keys = cols[perm] * 13 + rows[perm]
-    assert bool((csc_keys[1:] > csc_keys[:-1]).all())
+    block = torch.bucketize(rows[perm], index.block_rows[1:-1].long(), right=True)
+    keys = (block * 17 + cols[perm]) * 13 + rows[perm]
+    assert bool((keys[1:] > keys[:-1]).all())
+    col_ptr = index.col_ptr.reshape(index.n_blocks, 18).long()
+    for b in range(index.n_blocks):
+        for i in range(17):
+            seg = slice(int(col_ptr[b, i]), int(col_ptr[b, i + 1]))
+            assert bool((cols[perm[seg]] == i).all()) and bool((block[seg] == b).all())
     assert all(t.dtype == torch.int32 for t in index.tensors().values())
 
 
@@ -111,3 +119,11 @@ def test_env_var_forces_torch_fallback():
     env = {**os.environ, "RIGL_SPARSE_KERNELS": "torch"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "torch", out.stderr
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 5), (33, 70), (64, 128), (40, 7)])
+def test_transpose(use, shape):
+    a = torch.randn(shape)
+    torch.testing.assert_close(kernels.transpose(a, use=use), a.t().contiguous(), rtol=0, atol=0)
+    assert kernels.transpose(a, use=use).is_contiguous()

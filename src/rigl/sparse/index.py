@@ -4,8 +4,11 @@ A weight ``W`` of shape ``(out, in)`` with ``nnz`` active entries is held as
 
 - CSR (row = output unit): ``row_ptr`` (out + 1), ``col_idx`` (nnz); the values tensor
   (nnz) lives in the layer, in this row-major order;
-- CSC (the CSR of ``W^T``): ``col_ptr`` (in + 1), ``row_idx`` (nnz) and ``perm`` (nnz) with
-  ``values_csc[k] = values[perm[k]]``; the backward pass walks ``W`` column by column.
+- blocked CSC: the rows are cut into ``n_blocks`` blocks of about ``block_nnz`` non-zeros
+  (boundaries ``block_rows``, n_blocks + 1) and each block has its own CSC: ``col_ptr``
+  (n_blocks * (in + 1), global positions), ``row_idx`` (nnz) and ``perm`` (nnz) with
+  ``values_csc[k] = values[perm[k]]``. The backward pass walks one block at a time, column
+  by column, so that what it gathers (output-gradient rows, values, dW) stays in cache.
 
 Every index is int32: 12 bytes per non-zero for both orders (a torch CSR with int64
 indices and a cached transpose costs 32 bytes per non-zero).
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 _INT32_MAX = 2**31 - 1
+BLOCK_NNZ = 65536  # non-zeros per row block of the CSC (values + dW window ~ 512 KB)
 
 
 @dataclass(frozen=True)
@@ -28,16 +32,23 @@ class SparseIndex:
     shape: tuple[int, int]
     row_ptr: Tensor  # (out + 1,)
     col_idx: Tensor  # (nnz,)
-    col_ptr: Tensor  # (in + 1,)
+    block_rows: Tensor  # (n_blocks + 1,) row boundaries of the CSC blocks
+    col_ptr: Tensor  # (n_blocks * (in + 1),)
     row_idx: Tensor  # (nnz,)
-    perm: Tensor  # (nnz,) CSC position -> CSR position
+    perm: Tensor  # (nnz,) blocked-CSC position -> CSR position
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_rows.numel()) - 1
 
     @property
     def nnz(self) -> int:
         return int(self.col_idx.numel())
 
     @staticmethod
-    def from_flat(flat: Tensor, shape: tuple[int, int]) -> tuple[SparseIndex, Tensor]:
+    def from_flat(
+        flat: Tensor, shape: tuple[int, int], block_nnz: int = BLOCK_NNZ
+    ) -> tuple[SparseIndex, Tensor]:
         """Index of the positions ``flat = row * in + col`` (any order, no duplicates).
 
         Returns the index and ``order``: ``flat[order]`` is row-major sorted, so values
@@ -54,22 +65,38 @@ class SparseIndex:
             raise ValueError(f"indices out of range for shape {shape}")
         rows = torch.div(flat_sorted, n_in, rounding_mode="floor")
         cols = flat_sorted - rows * n_in
-        return SparseIndex.from_sorted_coo(rows, cols, shape), order
+        return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz), order
 
     @staticmethod
-    def from_sorted_coo(rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> SparseIndex:
+    def from_sorted_coo(
+        rows: Tensor, cols: Tensor, shape: tuple[int, int], block_nnz: int = BLOCK_NNZ
+    ) -> SparseIndex:
         """Index of row-major sorted, unique coordinates."""
         n_out, n_in = shape
-        if rows.numel() > _INT32_MAX:
+        nnz = rows.numel()
+        if nnz > _INT32_MAX:
             raise ValueError("more than 2**31 - 1 non-zeros")
         row_ptr = _ptr(rows, n_out)
-        # CSC order: sort by (col, row); the CSR positions are already row-major.
-        csc_order = torch.argsort(cols * n_out + rows)
+        # Row blocks of about block_nnz non-zeros (a row is never split).
+        n_blocks = max(1, -(-nnz // block_nnz))
+        goals = torch.arange(1, n_blocks, dtype=torch.int64) * nnz // n_blocks
+        cuts = torch.searchsorted(row_ptr.to(torch.int64), goals)
+        bounds = torch.unique(torch.cat([torch.tensor([0, n_out]), cuts.clamp(0, n_out)]))
+        n_blocks = bounds.numel() - 1
+        block = torch.bucketize(rows, bounds[1:-1], right=True)
+        # Blocked-CSC order: by (block, col, row); the CSR positions are row-major already.
+        key = block * n_in + cols
+        csc_order = torch.argsort(key * n_out + rows)
+        counts = torch.bincount(key, minlength=n_blocks * n_in).reshape(n_blocks, n_in)
+        col_ptr = torch.zeros(n_blocks, n_in + 1, dtype=torch.int64)
+        col_ptr[:, 1:] = counts.reshape(-1).cumsum(0).reshape(n_blocks, n_in)
+        col_ptr[1:, 0] = col_ptr[:-1, -1]
         return SparseIndex(
             shape=(n_out, n_in),
             row_ptr=row_ptr,
             col_idx=cols.to(torch.int32),
-            col_ptr=_ptr(cols[csc_order], n_in),
+            block_rows=bounds.to(torch.int32),
+            col_ptr=col_ptr.reshape(-1).to(torch.int32),
             row_idx=rows[csc_order].to(torch.int32),
             perm=csc_order.to(torch.int32),
         )
@@ -87,6 +114,7 @@ class SparseIndex:
         return {
             "row_ptr": self.row_ptr,
             "col_idx": self.col_idx,
+            "block_rows": self.block_rows,
             "col_ptr": self.col_ptr,
             "row_idx": self.row_idx,
             "perm": self.perm,

@@ -113,19 +113,44 @@ def backward(
     ext = _pick(use)
     if ext is not None:
         dxt, dw = ext.backward(
-            values, index.col_ptr, index.row_idx, index.perm, xt, dyt, want_dx, want_dw
+            values,
+            index.col_ptr,
+            index.n_blocks,
+            index.row_idx,
+            index.perm,
+            xt,
+            dyt,
+            want_dx,
+            want_dw,
         )
         return (dxt if want_dx else None), (dw if want_dw else None)
     dxt = dw = None
     n_out, n_in = index.shape
-    if want_dx:
-        perm = index.perm.to(torch.int64)
-        wt = _csr(index.col_ptr, index.row_idx, values[perm], (n_in, n_out))
-        dxt = torch.mm(wt, dyt)
+    if want_dx:  # one CSR of W_b^T per row block b
+        dxt = torch.zeros(n_in, dyt.shape[1], dtype=dyt.dtype)
+        col_ptr = index.col_ptr.reshape(index.n_blocks, n_in + 1)
+        bounds = index.block_rows.tolist()
+        for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
+            ptr = col_ptr[b]
+            k0, k1 = int(ptr[0]), int(ptr[-1])
+            rows = index.row_idx[k0:k1] - r0
+            vals = values[index.perm[k0:k1].to(torch.int64)]
+            dxt += torch.mm(_csr(ptr - k0, rows, vals, (n_in, r1 - r0)), dyt[r0:r1])
     if want_dw:
         pattern = _csr(index.row_ptr, index.col_idx, torch.zeros_like(values), index.shape)
         dw = torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0).values()
     return dxt, dw
+
+
+def transpose(a: Tensor, *, use: str | None = None) -> Tensor:
+    """``a.t()`` as a contiguous tensor (a no-op view when it already is one)."""
+    at = a.t()
+    if at.is_contiguous():
+        return at
+    ext = _pick(use)
+    if ext is not None and a.is_contiguous():
+        return ext.transpose(a)
+    return at.contiguous()
 
 
 def _csr(ptr: Tensor, idx: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

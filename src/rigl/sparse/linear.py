@@ -23,12 +23,6 @@ from rigl.sparse import kernels
 from rigl.sparse.index import SparseIndex
 
 
-def _feature_major(a: Tensor) -> Tensor:
-    """``a (B, n)`` as a contiguous ``(n, B)`` tensor, copying only when needed."""
-    at = a.t()
-    return at if at.is_contiguous() else at.contiguous()
-
-
 class _GrowInputs:
     """The last batch's ``xt`` and ``dyt``, kept only while a grow step needs them."""
 
@@ -44,23 +38,29 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, index, grow, use):  # type: ignore[override]
         lead = x.shape[:-1]
-        xt = _feature_major(x.reshape(-1, x.shape[-1]))  # (in, B)
+        xt = kernels.transpose(x.reshape(-1, x.shape[-1]), use=use)  # (in, B)
         yt = kernels.forward(values, index, xt, bias, use=use)  # (out, B)
         ctx.save_for_backward(xt, values)
         ctx.index, ctx.grow, ctx.use, ctx.lead = index, grow, use, lead
         ctx.has_bias = bias is not None
+        # A leaf input keeps its gradient in its own (row-major) layout; anything else
+        # takes the feature-major view, which the layer before reads without a copy.
+        ctx.dx_row_major = x.is_leaf
         return yt.t().reshape(*lead, yt.shape[0])
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         xt, values = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (B, out)
-        dyt = _feature_major(dy2)  # (out, B)
+        dyt = kernels.transpose(dy2, use=ctx.use)  # (out, B)
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dxt, dw = kernels.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
         if ctx.grow is not None and ctx.grow.enabled:
             ctx.grow.xt, ctx.grow.dyt = xt, dyt
-        dx = dxt.t().reshape(*ctx.lead, xt.shape[0]) if dxt is not None else None
+        dx = None
+        if dxt is not None:
+            dx = kernels.transpose(dxt, use=ctx.use) if ctx.dx_row_major else dxt.t()
+            dx = dx.reshape(*ctx.lead, xt.shape[0])
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
 
@@ -175,6 +175,7 @@ class SparseLinear(nn.Module):
             (self.out_features, self.in_features),
             self.row_ptr,
             self.col_idx,
+            self.block_rows,
             self.col_ptr,
             self.row_idx,
             self.perm,
@@ -190,7 +191,7 @@ class SparseLinear(nn.Module):
         key = prefix + "values"
         if key in state_dict and state_dict[key].shape != self.values.shape:
             self.values.data = torch.empty_like(state_dict[key], dtype=self.values.dtype)
-            for name in ("col_idx", "row_idx", "perm"):
+            for name in ("col_idx", "block_rows", "col_ptr", "row_idx", "perm"):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_index()

@@ -145,12 +145,12 @@ template <typename T, int C, bool WANT_DX, bool WANT_DW>
 inline void bwd_tile(const int32_t* __restrict rows, const T* __restrict vals_csc, int64_t n,
                      const T* __restrict dyt, const T* __restrict xr, int64_t ld,
                      T* __restrict dx_out, const T* __restrict dw_acc, T* __restrict dw_out,
-                     const int32_t* __restrict perm) {
+                     const int32_t* __restrict perm, bool dx_accum) {
   T acc[C];
   T x[C];
 #pragma omp simd
   for (int i = 0; i < C; ++i) {
-    acc[i] = T(0);
+    acc[i] = (WANT_DX && dx_accum) ? dx_out[i] : T(0);
     x[i] = xr[i];
   }
   for (int64_t k = 0; k < n; ++k) {
@@ -189,12 +189,13 @@ template <int NV, bool WANT_DX, bool WANT_DW>
 inline void bwd_tile_avx(const int32_t* __restrict rows, const float* __restrict vals_csc,
                          int64_t n, const float* __restrict dyt, const float* __restrict xr,
                          int64_t ld, float* __restrict dx_out, const float* __restrict dw_acc,
-                         float* __restrict dw_out, const int32_t* __restrict perm) {
+                         float* __restrict dw_out, const int32_t* __restrict perm,
+                         bool dx_accum) {
   __m256 acc[NV];
   __m256 x[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
-    acc[v] = _mm256_setzero_ps();
+    acc[v] = (WANT_DX && dx_accum) ? _mm256_loadu_ps(dx_out + 8 * v) : _mm256_setzero_ps();
     x[v] = _mm256_loadu_ps(xr + 8 * v);
   }
   int64_t k = 0;
@@ -262,8 +263,8 @@ template <typename T, bool WANT_DX, bool WANT_DW>
 inline void bwd_tile_any(const int32_t* __restrict rows, const T* __restrict vals_csc, int64_t n,
                          const T* __restrict dyt, const T* __restrict xr, int64_t ld,
                          T* __restrict dx_out, const T* __restrict dw_acc, T* __restrict dw_out,
-                         const int32_t* __restrict perm, int c) {
-  if (WANT_DX)
+                         const int32_t* __restrict perm, int c, bool dx_accum) {
+  if (WANT_DX && !dx_accum)
     for (int i = 0; i < c; ++i) dx_out[i] = T(0);
   for (int64_t k = 0; k < n; ++k) {
     const T* __restrict g = dyt + static_cast<int64_t>(rows[k]) * ld;
@@ -287,71 +288,142 @@ inline void bwd_tile_any(const int32_t* __restrict rows, const T* __restrict val
 template <typename T, bool WANT_DX, bool WANT_DW>
 inline void bwd_tile_full(const int32_t* rows, const T* vals_csc, int64_t n, const T* dyt,
                           const T* xr, int64_t ld, T* dx_out, const T* dw_acc, T* dw_out,
-                          const int32_t* perm) {
+                          const int32_t* perm, bool dx_accum) {
 #ifdef __AVX2__
   if constexpr (std::is_same_v<T, float>) {
     bwd_tile_avx<kChunkBwd / 8, WANT_DX, WANT_DW>(rows, vals_csc, n, dyt, xr, ld, dx_out, dw_acc,
-                                                  dw_out, perm);
+                                                  dw_out, perm, dx_accum);
     return;
   }
 #endif
   bwd_tile<T, kChunkBwd, WANT_DX, WANT_DW>(rows, vals_csc, n, dyt, xr, ld, dx_out, dw_acc, dw_out,
-                                           perm);
+                                           perm, dx_accum);
 }
 
 // Split columns [0, n_in) into nt contiguous parts of about equal work (nnz + a per-column
-// constant), so that every column belongs to one thread for all chunks (dW partial sums of
-// one entry are never touched by two threads).
-std::vector<int64_t> balanced_parts(const int32_t* ptr, int64_t n, int nt) {
-  std::vector<int64_t> parts(nt + 1, n);
+// constant), so that every column belongs to one thread for all blocks and chunks: the dx
+// rows and the dW partial sums of one entry are never touched by two threads.
+std::vector<int64_t> balanced_parts(const int32_t* col_ptr, int64_t n_blocks, int64_t n_in,
+                                    int nt) {
+  std::vector<double> work(n_in + 1, 0.0);
+  for (int64_t i = 0; i < n_in; ++i) {
+    double w = 4.0;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int32_t* ptr = col_ptr + b * (n_in + 1);
+      w += ptr[i + 1] - ptr[i];
+    }
+    work[i + 1] = work[i] + w;
+  }
+  std::vector<int64_t> parts(nt + 1, n_in);
   parts[0] = 0;
-  const double per_col = 4.0;
-  const double total = static_cast<double>(ptr[n]) + per_col * n;
   int64_t j = 0;
   for (int t = 1; t < nt; ++t) {
-    const double goal = total * t / nt;
-    while (j < n && ptr[j] + per_col * j < goal) ++j;
+    const double goal = work[n_in] * t / nt;
+    while (j < n_in && work[j] < goal) ++j;
     parts[t] = j;
   }
   return parts;
 }
 
+// Blocked CSC: the rows are cut into blocks of about 64K non-zeros; block b has its own CSC
+// (col_ptr + b * (n_in + 1) points into row_idx / perm). Walking one block at a time keeps
+// the gathered dyt rows (a few hundred rows x chunk) in L1 and the perm targets (values,
+// dW) inside a window of the block's non-zeros in L2; dx of a column is accumulated across
+// blocks in dxt (one extra read-modify-write of a dxt row per block).
 template <typename T, bool WANT_DX, bool WANT_DW>
-void backward_impl(const T* vals, const int32_t* col_ptr, const int32_t* row_idx,
-                   const int32_t* perm, const T* xt, const T* dyt, T* dxt, T* dw, int64_t n_in,
-                   int64_t nnz, int64_t batch) {
+void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
+                   const int32_t* row_idx, const int32_t* perm, const T* xt, const T* dyt, T* dxt,
+                   T* dw, int64_t n_in, int64_t nnz, int64_t batch) {
   const int nt = n_threads();
   const int64_t n_chunks = (batch + kChunkBwd - 1) / kChunkBwd;
   std::vector<T> vals_csc(WANT_DX ? nnz : 0);
   std::vector<T> dw_csc(WANT_DW && n_chunks > 1 ? nnz : 0);
-  const std::vector<int64_t> parts = balanced_parts(col_ptr, n_in, nt);
+  const std::vector<int64_t> parts = balanced_parts(col_ptr, n_blocks, n_in, nt);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num();
     const int64_t i0 = tid < nt ? parts[tid] : 0, i1 = tid < nt ? parts[tid + 1] : 0;
-    if (WANT_DX) {  // values in CSC order, this thread's columns only
-      for (int64_t k = col_ptr[i0]; k < col_ptr[i1]; ++k) vals_csc[k] = vals[perm[k]];
+    if (WANT_DX) {  // values in blocked-CSC order, this thread's columns only
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const int32_t* ptr = col_ptr + b * (n_in + 1);
+        for (int64_t k = ptr[i0]; k < ptr[i1]; ++k) vals_csc[k] = vals[perm[k]];
+      }
     }
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       const int64_t c0 = ch * kChunkBwd;
       const int64_t c = std::min<int64_t>(kChunkBwd, batch - c0);
       const bool first = ch == 0, last = ch == n_chunks - 1;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = col_ptr[i], n = col_ptr[i + 1] - p;
-        const T* acc_in = (WANT_DW && !first) ? dw_csc.data() + p : nullptr;
-        T* out = WANT_DW ? (last ? dw : dw_csc.data() + p) : nullptr;
-        const int32_t* pm = last ? perm + p : nullptr;
-        T* dxo = WANT_DX ? dxt + i * batch + c0 : nullptr;
-        const T* vc = WANT_DX ? vals_csc.data() + p : nullptr;
-        if (c == kChunkBwd)
-          bwd_tile_full<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0,
-                                                   xt + i * batch + c0, batch, dxo, acc_in, out,
-                                                   pm);
-        else
-          bwd_tile_any<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xt + i * batch + c0,
-                                            batch, dxo, acc_in, out, pm, static_cast<int>(c));
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        const int32_t* ptr = col_ptr + b * (n_in + 1);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t p = ptr[i], n = ptr[i + 1] - p;
+          if (n == 0 && b > 0) continue;
+          const T* acc_in = (WANT_DW && !first) ? dw_csc.data() + p : nullptr;
+          T* out = WANT_DW ? (last ? dw : dw_csc.data() + p) : nullptr;
+          const int32_t* pm = last ? perm + p : nullptr;
+          T* dxo = WANT_DX ? dxt + i * batch + c0 : nullptr;
+          const T* vc = WANT_DX ? vals_csc.data() + p : nullptr;
+          const T* xr = xt + i * batch + c0;
+          if (c == kChunkBwd)
+            bwd_tile_full<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xr, batch, dxo,
+                                               acc_in, out, pm, b > 0);
+          else
+            bwd_tile_any<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xr, batch, dxo,
+                                              acc_in, out, pm, static_cast<int>(c), b > 0);
+        }
       }
     }
+  }
+}
+
+// ------------------------------------------------------------------------- transpose
+// dst (cols x rows) = src (rows x cols)^T, both contiguous; tiles of 32 x 32 (8 x 8 AVX
+// register transposes for float32) so that both sides are read and written by cache line.
+#ifdef __AVX2__
+inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      const __m256 a = t[4 * i + j], b = t[4 * i + 2 + j];
+      r[4 * i + 2 * j] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 2 * j + 1] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+template <typename T>
+void transpose_impl(const T* src, T* dst, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 32;
+  const int64_t tr = (rows + kTile - 1) / kTile, tc = (cols + kTile - 1) / kTile;
+#pragma omp parallel for schedule(static) num_threads(n_threads())
+  for (int64_t t = 0; t < tr * tc; ++t) {
+    const int64_t r0 = (t / tc) * kTile, c0 = (t % tc) * kTile;
+    const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+#ifdef __AVX2__
+    if constexpr (std::is_same_v<T, float>) {
+      if (r1 - r0 == kTile && c1 - c0 == kTile) {
+        for (int64_t r = r0; r < r1; r += 8)
+          for (int64_t c = c0; c < c1; c += 8)
+            transpose8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
+        continue;
+      }
+    }
+#endif
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
   }
 }
 
@@ -392,6 +464,7 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
 
 // Returns (dxt (n_in x B) or empty, dW values (nnz) or empty).
 std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& col_ptr,
+                                    int64_t n_blocks,
                                     const torch::Tensor& row_idx, const torch::Tensor& perm,
                                     const torch::Tensor& xt, const torch::Tensor& dyt,
                                     bool want_dx, bool want_dw) {
@@ -401,14 +474,16 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   check_act(xt, values, "xt");
   check_act(dyt, values, "dyt");
   TORCH_CHECK(xt.size(1) == dyt.size(1), "xt and dyt differ in batch size");
-  const int64_t n_in = col_ptr.numel() - 1, batch = xt.size(1), nnz = values.numel();
+  TORCH_CHECK(n_blocks >= 1 && col_ptr.numel() % n_blocks == 0, "bad blocked col_ptr");
+  const int64_t n_in = col_ptr.numel() / n_blocks - 1, batch = xt.size(1), nnz = values.numel();
   torch::Tensor dxt, dw;
   if (want_dx) dxt = torch::empty({n_in, batch}, xt.options());
   if (want_dw) dw = torch::empty({nnz}, values.options());
   if (!want_dx && !want_dw) return {dxt, dw};
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_backward", [&] {
     auto run = [&](auto impl) {
-      impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), row_idx.data_ptr<int32_t>(),
+      impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), n_blocks,
+           row_idx.data_ptr<int32_t>(),
            perm.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), dyt.data_ptr<scalar_t>(),
            want_dx ? dxt.data_ptr<scalar_t>() : nullptr,
            want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, nnz, batch);
@@ -423,7 +498,19 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   return {dxt, dw};
 }
 
+// Contiguous transpose of a contiguous 2-D tensor.
+torch::Tensor transpose(const torch::Tensor& src) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "src must be a contiguous 2-D tensor");
+  auto dst = torch::empty({src.size(1), src.size(0)}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rigl_sparse_transpose", [&] {
+    transpose_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), src.size(0),
+                             src.size(1));
+  });
+  return dst;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("transpose", &transpose, "contiguous transpose (tiled, OpenMP)");
   m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)");
-  m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over CSC W");
+  m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over blocked CSC W");
 }
