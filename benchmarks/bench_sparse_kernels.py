@@ -213,9 +213,12 @@ def ratio_table(timing: dict, sparselab: dict) -> list[str]:
                 sp["sparselab"] = lab["dense"] / lab["sparselab"]
             peers = [sp[m] for m in ("sparseprop", "sparselab") if m in sp]
             vs = f"{sp['cpp'] / max(peers):.2f}x" if peers and "cpp" in sp else "n/a"
-            cell = lambda m: f"{sp[m]:.2f}x" if m in sp else "n/a"  # noqa: E731
+            cell = {
+                m: f"{sp[m]:.2f}x" if m in sp else "n/a"
+                for m in ("cpp", "torch", "sparseprop", "sparselab")
+            }
             lines.append(
-                f"{d} | {dense:.1f} | {cell('cpp')} | {cell('torch')} | {cell('sparseprop')} | {cell('sparselab')} | {vs}"
+                f"{d} | {dense:.1f} | {cell['cpp']} | {cell['torch']} | {cell['sparseprop']} | {cell['sparselab']} | {vs}"
             )
     return lines
 

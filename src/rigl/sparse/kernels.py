@@ -16,6 +16,7 @@ warning is issued once and the torch fallback (``torch.sparse`` CSR products) is
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -125,12 +126,12 @@ def backward(
         )
         return (dxt if want_dx else None), (dw if want_dw else None)
     dxt = dw = None
-    n_out, n_in = index.shape
+    n_in = index.shape[1]
     if want_dx:  # one CSR of W_b^T per row block b
         dxt = torch.zeros(n_in, dyt.shape[1], dtype=dyt.dtype)
         col_ptr = index.col_ptr.reshape(index.n_blocks, n_in + 1)
         bounds = index.block_rows.tolist()
-        for b, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for b, (r0, r1) in enumerate(itertools.pairwise(bounds)):
             ptr = col_ptr[b]
             k0, k1 = int(ptr[0]), int(ptr[-1])
             rows = index.row_idx[k0:k1] - r0
