@@ -22,6 +22,15 @@ from rigl.experiments.report_plots import first_layer_figure
 FIGURES = ["first_layer.png", "density.png", "dynamics.png", "training.png", "interpolation.png"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_tiny(recorder: MaskRecorder | None, steps: int = 60, *, hooks: bool = True):
     torch.manual_seed(0)
     model = TinyMLP()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rigl.experiments import report_plots
-from rigl.experiments.report_data import RunData, border_share, load_run
+from rigl.experiments.report_data import RunData, constant_inputs, load_run, share_on
 from rigl.experiments.runio import atomic_write_text
 
 FIGURES = {  # file -> (title, caption)
@@ -151,7 +151,7 @@ def _interpolation(runs, pair, out, points, max_examples, made) -> list[str]:
         return ["No interpolation: no static and rigl runs of the same sparsity (use --pair)."]
     a, b = chosen
     model, state_a, state_b, splits = interp.load_pair(a, b, max_examples)
-    alphas = np.round(np.linspace(-0.2, 1.2, points), 4)
+    alphas = np.round(np.linspace(-0.2, 1.2, points), 4) + 0.0  # + 0.0: no -0
     curve = interp.interpolation_curve(model, state_a, state_b, splits, alphas)
     interp.write_points(curve, out / "interpolation.csv")
     interp.interpolation_figure(curve, (a.label, b.label), out / "interpolation.png")
@@ -198,7 +198,7 @@ def write_html(
 
 def _run_table(runs: list[RunData]) -> str:
     head = ["run", "method", "sparsity", "distribution", "steps", "test accuracy",
-            "explored (all layers)", "first layer on 4-px border: start → end"]  # fmt: skip
+            "explored (sparse layers)", "first layer on constant inputs: start → end"]  # fmt: skip
     rows = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for run in runs:
         cells = [
@@ -209,7 +209,7 @@ def _run_table(runs: list[RunData]) -> str:
             str(run.final.get("total_steps", "")),
             _fmt(run.final.get("test_accuracy")),
             _explored(run),
-            _border(run),
+            _constant_share(run),
         ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return "\n".join([*rows, "</table>"])
@@ -220,20 +220,25 @@ def _fmt(value: Any) -> str:
 
 
 def _explored(run: RunData) -> str:
-    """Weights ever active / all weights of the sparsified layers, at the last record."""
+    """Weights ever active / all weights, over the layers that are not dense."""
     last: dict[str, dict[str, str]] = {}
     for row in run.dynamics:
         last[row["layer"]] = row
-    if not last:
+    sparse = [r for r in last.values() if r["n_active"] != r["n_total"]]
+    if not sparse:
         return ""
-    total = sum(int(r["n_total"]) for r in last.values())
-    ever = sum(float(r["explored"]) * int(r["n_total"]) for r in last.values())
+    total = sum(int(r["n_total"]) for r in sparse)
+    ever = sum(float(r["explored"]) * int(r["n_total"]) for r in sparse)
     return f"{ever / total:.3f}"
 
 
-def _border(run: RunData) -> str:
-    """Share of first-layer connections on the outer 4 pixels of a 28x28 input."""
-    if run.first_layer is None or run.first_layer["counts"].shape[1] != 784:
+def _constant_share(run: RunData) -> str:
+    """Share of first-layer connections on inputs that never vary (MNIST's blank border)."""
+    if run.first_layer is None:
         return ""
-    counts = run.first_layer["counts"]
-    return f"{border_share(counts[0]):.3f} → {border_share(counts[-1]):.3f}"
+    counts = run.first_layer["counts"]  # (T, n_inputs)
+    constant = constant_inputs(run.config)
+    if constant is None or constant.shape[0] != counts.shape[1] or not constant.any():
+        return ""
+    start, end = share_on(counts[0], constant), share_on(counts[-1], constant)
+    return f"{start:.3f} → {end:.3f} ({int(constant.sum())} of {constant.size} inputs)"

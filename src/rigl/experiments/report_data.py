@@ -7,6 +7,7 @@ checkpoint still gives the figures it has data for.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +193,32 @@ def survival_curve(run: RunData, origin: str = "grown") -> tuple[np.ndarray, np.
     return np.asarray(xs), np.asarray(ys)
 
 
-def border_share(counts: np.ndarray, side: int = 28, ring: int = 4) -> float:
-    """Share of first-layer connections on the outer ``ring`` pixels of a square image."""
-    image = counts.reshape(side, side)
-    inner = image[ring : side - ring, ring : side - ring].sum()
-    total = image.sum()
-    return float((total - inner) / total) if total else float("nan")
+def constant_inputs(config: dict[str, Any]) -> np.ndarray | None:
+    """Bool (n_inputs,): input features with one value over the whole training split
+    (MNIST's always-blank border pixels), or None when the dataset cannot be loaded."""
+    if "dataset" not in config:
+        return None
+    key = json.dumps(
+        [config["dataset"], config.get("data_root"), config.get("dataset_options") or {}],
+        sort_keys=True,
+    )
+    return _constant_inputs(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _constant_inputs(key: str) -> np.ndarray | None:
+    from rigl.experiments.data import load_dataset
+
+    name, root, options = json.loads(key)
+    try:
+        x = load_dataset(name, root=root, **options).train.tensors[0]
+    except Exception:  # no data on this machine: the report just leaves the column out
+        return None
+    flat = x.reshape(len(x), -1)  # (N, n_inputs)
+    return (flat == flat[:1]).all(dim=0).numpy()
+
+
+def share_on(counts: np.ndarray, where: np.ndarray) -> float:
+    """Share of the first layer's connections that sit on the inputs ``where``."""
+    total = counts.sum()
+    return float(counts[where].sum() / total) if total else float("nan")

@@ -14,6 +14,7 @@ import matplotlib
 import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from rigl.experiments.report_data import (
     RunData,
@@ -113,54 +114,72 @@ def density_figure(runs: list[RunData], path: Path) -> bool:
 
 
 def dynamics_figure(runs: list[RunData], path: Path) -> bool:
-    """Drop fraction, exploration and survival of grown connections."""
+    """Drop fraction, exploration and survival; colour = run, line style = layer / origin."""
     runs = [r for r in runs if r.dynamics]
     if not runs:
         return False
-    fig = Figure(figsize=(13, 3.4), layout="constrained")
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
     ax_drop, ax_exp, ax_surv = fig.subplots(1, 3)
-    colors = _colors()
-    styles = ["-", "--", ":", "-."]
-    for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
+    layers: list[str] = []  # every sparse layer of every run, in order: its style index
+    for run, color in zip(runs, _colors() * len(runs), strict=False):
+        sparse = _sparse_layers(run)
+        layers += [name for name in sparse if name not in layers]
         first = run.dynamics[0]["layer"]
         steps, frac = column(
             [r for r in run.dynamics if r["layer"] == first], "step", "drop_fraction"
         )
-        if len(steps):
-            ax_drop.plot(steps, frac, color=color, label=f"{run.label}: schedule")
-        sparse = _sparse_layers(run)
+        ax_drop.plot(steps, frac, color=color)
         drops = layer_series(run, "realized_drop_fraction")
-        for j, (s, v) in enumerate(drops[name] for name in sparse):
+        for name in sparse:
+            s, v = drops[name]
+            marker = MARKERS[layers.index(name) % len(MARKERS)]
             keep = s > s.min() if len(s) else s  # the start row is not an update
-            ax_drop.plot(s[keep], v[keep], ".", ms=3, color=color, alpha=0.5 + 0.5 * (j == 0))
+            ax_drop.plot(s[keep], v[keep], marker, ms=3, color=color, ls="none")
         end = run.final.get("total_steps")
         explored = layer_series(run, "explored")
-        for j, (layer, (s, v)) in enumerate((name, explored[name]) for name in sparse):
-            if (
-                isinstance(end, int) and len(s) and end > s[-1]
-            ):  # nothing moves after the last update
+        for name in sparse:
+            s, v = explored[name]
+            if isinstance(end, int) and len(s) and end > s[-1]:  # flat after the last update
                 s, v = np.append(s, end), np.append(v, v[-1])
-            ax_exp.plot(s, v, styles[j % 4], color=color, label=f"{run.label}: {layer}")
-        if run.lifetimes or run.alive:
-            for origin, style in (("grown", "-"), ("initial", "--")):
-                x, y = survival_curve(run, origin)
-                if len(x) > 1:
-                    ax_surv.step(
-                        x, y, style, where="post", color=color, label=f"{run.label}: {origin}"
-                    )
-    ax_drop.set(
-        xlabel="step", ylabel="fraction", title="Drop fraction (line: f_decay, dots: realized)"
-    )
+            ax_exp.plot(s, v, STYLES[layers.index(name) % len(STYLES)], color=color)
+        for origin, style in (("grown", "-"), ("initial", "--")):
+            x, y = survival_curve(run, origin)
+            if len(x) > 1:
+                ax_surv.step(x, y, style, where="post", color=color)
+    _style_legend(ax_drop, [("f_decay(t)", "-", "")] + [
+        (f"realized: {n}", "none", MARKERS[i % len(MARKERS)]) for i, n in enumerate(layers)
+    ])  # fmt: skip
+    _style_legend(ax_exp, [(n, STYLES[i % len(STYLES)], "") for i, n in enumerate(layers)])
+    _style_legend(ax_surv, [("grown during training", "-", ""), ("initial mask", "--", "")])
+    ax_drop.set(xlabel="step", ylabel="fraction of active weights", title="Drop fraction")
     ax_exp.set(xlabel="step", ylabel="fraction of weights ever active", title="Exploration")
     ax_surv.set(xlabel="lifetime (steps)", ylabel="fraction still active", title="Survival")
     ax_surv.set_ylim(0, 1.02)
-    for ax in (ax_drop, ax_exp, ax_surv):
-        ax.title.set_fontsize(9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+    _run_legend(fig, runs)
     _save(fig, path)
     return True
+
+
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "v", "D"]
+
+
+def _style_legend(ax, entries: list[tuple[str, str, str]]) -> None:
+    """Legend of line styles / markers in grey: (label, linestyle, marker)."""
+    handles = [
+        Line2D([], [], color="grey", ls=style, marker=marker, ms=4, label=label)
+        for label, style, marker in entries
+    ]
+    ax.legend(handles=handles, fontsize=7)
+
+
+def _run_legend(fig: Figure, runs: list[RunData]) -> None:
+    """One legend for the whole figure: colour = run."""
+    handles = [
+        Line2D([], [], color=color, lw=2, label=run.label)
+        for run, color in zip(runs, _colors() * len(runs), strict=False)
+    ]
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 5), fontsize=8)
 
 
 def _sparse_layers(run: RunData) -> list[str]:
@@ -171,39 +190,30 @@ def _sparse_layers(run: RunData) -> list[str]:
 
 
 def training_figure(runs: list[RunData], path: Path) -> bool:
-    """Loss, accuracy, learning rate and drop fraction from ``metrics.csv``."""
+    """Loss, accuracy, learning rate and drop fraction from ``metrics.csv``; colour = run."""
     runs = [r for r in runs if r.metrics]
     if not runs:
         return False
-    fig = Figure(figsize=(13, 3.3), layout="constrained")
+    fig = Figure(figsize=(13, 3.5), layout="constrained")
     ax_loss, ax_acc, ax_lr, ax_drop = fig.subplots(1, 4)
     for run, color in zip(runs, _colors() * len(runs), strict=False):
         steps = [r for r in run.metrics if r.get("kind") == "step"]
         epochs = [r for r in run.metrics if r.get("kind") == "epoch"]
-        x, y = column(steps, "step", "loss")
-        ax_loss.plot(x, y, color=color, lw=0.7, alpha=0.6, label=f"{run.label}: train (steps)")
-        x, y = column(epochs, "step", "test_loss")
-        ax_loss.plot(x, y, "o--", ms=3, color=color, label=f"{run.label}: test")
-        for key, style, name in (
-            ("train_accuracy", "-", "train"),
-            ("test_accuracy", "o--", "test"),
-        ):
-            x, y = column(epochs, "step", key)
-            ax_acc.plot(x, y, style, ms=3, color=color, label=f"{run.label}: {name}")
-        ax_lr.plot(*column(steps, "step", "lr"), color=color, label=run.label)
-        ax_lr.ticklabel_format(axis="y", useOffset=False)
-        x, y = column(steps, "step", "drop_fraction")
-        if len(x):
-            ax_drop.plot(x, y, color=color, label=run.label)
+        ax_loss.plot(*column(steps, "step", "loss"), color=color, lw=0.7, alpha=0.6)
+        ax_loss.plot(*column(epochs, "step", "test_loss"), "o--", ms=2.5, color=color)
+        ax_acc.plot(*column(epochs, "step", "train_accuracy"), "-", color=color)
+        ax_acc.plot(*column(epochs, "step", "test_accuracy"), "o--", ms=2.5, color=color)
+        ax_lr.plot(*column(steps, "step", "lr"), color=color)
+        ax_drop.plot(*column(steps, "step", "drop_fraction"), color=color)
     ax_loss.set_yscale("log")
     _plain_log_labels(ax_loss)
+    ax_lr.ticklabel_format(axis="y", useOffset=False)
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="Loss")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy (per epoch)")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
-    ax_drop.set(xlabel="step", ylabel="f_decay(t)", title="Drop fraction")
-    for ax in (ax_loss, ax_acc, ax_lr, ax_drop):
-        ax.title.set_fontsize(9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+    ax_drop.set(xlabel="step", ylabel="f_decay(t)", title="Drop fraction of the schedule")
+    _style_legend(ax_loss, [("train (logged steps)", "-", ""), ("test (epochs)", "--", "o")])
+    _style_legend(ax_acc, [("train (epoch mean)", "-", ""), ("test", "--", "o")])
+    _run_legend(fig, runs)
     _save(fig, path)
     return True
