@@ -201,7 +201,7 @@ def test_shard_splits_a_global_batch():
 def test_fingerprint_sees_masks_state_and_weights(mlp):
     sparsifier = rigl.create("snfs", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10)
     before = rd.fingerprint(sparsifier, weights=True)
-    assert {"step_count", "seed", "mask fc1.weight", "weight fc1.bias"} <= set(before)
+    assert {"step", "seed", "mask fc1.weight", "weight fc1.bias"} <= set(before)
     sparsifier.weights[0].mask.view(-1)[0] ^= True
     with torch.no_grad():
         mlp.out.bias.add_(1.0)

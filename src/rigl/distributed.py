@@ -184,14 +184,10 @@ def _tensors(state: Any, prefix: str) -> dict[str, Tensor]:
 def fingerprint(sparsifier: Sparsifier, *, weights: bool = False) -> dict[str, str]:
     """{what: digest} of everything that must agree across ranks: counters, seed, masks,
     the method's state (SNFS momentum) and, with ``weights``, every model parameter."""
-    found = {
-        "step_count": str(sparsifier.step_count),
-        "update_count": str(sparsifier.update_count),
-        "seed": str(sparsifier.seed),
-    }
-    found.update({f"mask {w.name}": _digest(w.mask) for w in sparsifier.weights})
-    extra = _tensors(sparsifier.extra_state(), "")
-    found.update({f"state {k}": _digest(v) for k, v in extra.items()})
+    state = sparsifier.state_dict()  # plain data, whatever the weights' storage
+    found = {key: str(state[key]) for key in ("step", "update_count", "seed")}
+    found.update({f"mask {k}": _digest(v) for k, v in _tensors(state["masks"], "").items()})
+    found.update({f"state {k}": _digest(v) for k, v in _tensors(state["extra"], "").items()})
     if weights:
         found.update({f"weight {n}": _digest(p) for n, p in sparsifier.model.named_parameters()})
     return found

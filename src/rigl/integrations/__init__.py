@@ -100,13 +100,12 @@ class SparseTrainingHooks:
 
     @torch.no_grad()
     def _load(self, saved: dict[str, torch.Tensor]) -> None:
+        """Put the resumed values back, then the saved masks (which they already respect)."""
         assert self.sparsifier is not None and self._pending_state is not None
-        self.sparsifier.load_state_dict(self._pending_state)
-        self._pending_state = None
         for name, param in self.sparsifier.model.named_parameters():
             param.copy_(saved[name])
-        for weight in self.sparsifier.weights:
-            weight.apply_mask()
+        self.sparsifier.load_state_dict(self._pending_state)
+        self._pending_state = None
 
     # -- around the framework's optimizer step ---------------------------------------------
     def before_optimizer_step(self, optimizer: Any, *, scaler_in_use: bool) -> None:
