@@ -48,14 +48,20 @@ def _build(method: str, seed: int = 3) -> tuple[nn.Module, torch.optim.Optimizer
     return model, optimizer, sparsifier
 
 
-def _train(method: str, env: rd.DistEnv, *, accumulate: bool = False) -> dict:
-    """Train on the global batches of conftest, each rank on its shard; returns final state."""
+def _train(method: str, env: rd.DistEnv, *, accumulate: bool = False, ties: bool = False) -> dict:
+    """Train on the global batches of conftest, each rank on its shard; returns final state.
+    ``ties``: only input feature 0 is non-zero, so most of fc1's gradient is exactly zero
+    and growth there is decided by the tie-break priorities."""
     model, optimizer, sparsifier = _build(method)
     ddp_model = rd.wrap_model(model, env)
     if env.enabled:
+        rd.check_consistency(sparsifier, weights=True)  # initial masks agree
         rd.add_consistency_check(sparsifier, every=1, weights=True)
+    grads, tie_grown = {}, 0
     for t in range(STEPS):
         x, y = batch(t, size=16)
+        if ties:
+            x[:, 1:] = 0.0
         x, y = rd.shard(x.double(), env), rd.shard(y, env)
         optimizer.zero_grad()
         if accumulate:  # two micro-batches; only the second backward all-reduces
@@ -66,12 +72,18 @@ def _train(method: str, env: rd.DistEnv, *, accumulate: bool = False) -> dict:
             (nn.functional.cross_entropy(ddp_model(x[half:]), y[half:]) / 2).backward()
         else:
             nn.functional.cross_entropy(ddp_model(x), y).backward()
+        if t == 0:  # DDP's param.grad is the gradient of the global batch
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before, grad = sparsifier.masks["fc1.weight"].clone(), model.fc1.weight.grad.clone()
         sparsifier.step()  # after the synced backward
+        tie_grown += int(((sparsifier.masks["fc1.weight"] & ~before) & (grad == 0)).sum())
     return {
         "masks": {k: v.clone() for k, v in sparsifier.masks.items()},
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "update_count": sparsifier.update_count,
         "extra": sparsifier.extra_state(),
+        "grads": grads,
+        "tie_grown": tie_grown,
     }
 
 
@@ -97,6 +109,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         env = rd.init_from_env(device="cpu")
         result = {
             "rigl": _train("rigl", env),
+            "rigl_ties": _train("rigl", env, ties=True),
             "snfs_accumulated": _train("snfs", env, accumulate=True),
         }
         # a sparsifier seeded by rank: detected, then fixed from rank 0
@@ -151,12 +164,19 @@ def _assert_same(a: dict, b: dict, *, exact: bool) -> None:
             torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("run", ["rigl", "snfs_accumulated"])
+@pytest.mark.parametrize("run", ["rigl", "rigl_ties", "snfs_accumulated"])
 def test_ranks_agree_and_match_one_process(ranks, run):
     _assert_same(ranks[0][run], ranks[1][run], exact=True)
-    single = _train(run.split("_")[0], rd.DistEnv(), accumulate=run.endswith("accumulated"))
+    method = run.split("_")[0]
+    single = _train(
+        method, rd.DistEnv(), accumulate=run.endswith("accumulated"), ties=run.endswith("ties")
+    )
     _assert_same(ranks[0][run], single, exact=False)
-    if run.startswith("snfs"):  # the gradient momentum was kept from synced gradients
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(ranks[0][run]["grads"][name], grad, rtol=0, atol=1e-12)
+    if run.endswith("ties"):  # growth among exactly tied (zero) gradients happened
+        assert single["tie_grown"] > 0 and ranks[0][run]["tie_grown"] == single["tie_grown"]
+    if method == "snfs":  # the gradient momentum was kept from synced gradients
         for name, ema in single["extra"]["ema"].items():
             torch.testing.assert_close(ranks[0][run]["extra"]["ema"][name], ema)
 
