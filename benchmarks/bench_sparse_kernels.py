@@ -115,16 +115,22 @@ CLOCK = time.perf_counter
 
 
 def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    for fn in steps.values():  # warm-up: kernels built, caches and allocator settled
-        for _ in range(2):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    """Median seconds per method; a method that fails is reported as ``"error: ..."``."""
+    failed: dict[str, str] = {}
+    for name, fn in steps.items():  # warm-up: kernels built, caches and allocator settled
+        try:
+            for _ in range(2):
+                fn()
+        except Exception as err:  # a peer's bug must not stop the comparison
+            failed[name] = f"error: {type(err).__name__}: {err}"[:300]
+    live = {n: f for n, f in steps.items() if n not in failed}
+    times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(repeats):
-        for name, fn in steps.items():
+        for name, fn in live.items():
             start = CLOCK()
             fn()
             times[name].append(CLOCK() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {**{name: statistics.median(t) for name, t in times.items()}, **failed}
 
 
 def run_timings(methods: list[str], repeats: int, densities) -> dict:
@@ -137,12 +143,10 @@ def run_timings(methods: list[str], repeats: int, densities) -> dict:
                 model = build(method, density, n_layers)
                 steps[method] = step_fn(model, x_grad=(case == "layer"))
             med = time_round_robin(steps, repeats)
-            out[case][str(density)] = {m: t * 1e3 for m, t in med.items()}
-            print(
-                f"  {case} d={density}: "
-                + ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in med.items()),
-                flush=True,
-            )
+            out[case][str(density)] = {
+                m: t * 1e3 if isinstance(t, float) else t for m, t in med.items()
+            }
+            print(f"  {case} d={density}: {out[case][str(density)]}", flush=True, file=sys.stderr)
     return out
 
 
@@ -207,9 +211,9 @@ def ratio_table(timing: dict, sparselab: dict) -> list[str]:
         )
         for d, t in per_density.items():
             dense = t["dense"]
-            sp = {m: dense / t[m] for m in t if m != "dense"}
+            sp = {m: dense / t[m] for m in t if m != "dense" and isinstance(t[m], float)}
             lab = sparselab.get(case, {}).get(d)
-            if lab:
+            if lab and isinstance(lab.get("sparselab"), float):
                 sp["sparselab"] = lab["dense"] / lab["sparselab"]
             peers = [sp[m] for m in ("sparseprop", "sparselab") if m in sp]
             vs = f"{sp['cpp'] / max(peers):.2f}x" if peers and "cpp" in sp else "n/a"

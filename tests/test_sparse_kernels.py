@@ -74,7 +74,9 @@ def test_gradcheck(use, batch):
     bias = torch.randn(9, dtype=torch.float64, generator=gen, requires_grad=True)
     x = torch.randn(batch, 11, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, v, b: sparse_linear(x, v, index, b, use=use), (x, values, bias)
+        lambda x, v, b: sparse_linear(x, v, index, b, use=use),
+        (x, values, bias),
+        fast_mode=batch > 8,  # random projections: the tail-chunk case stays cheap
     )
 
 

@@ -46,6 +46,10 @@ constexpr int kChunkBwd = RIGL_CHUNK_BWD;  // batch columns per register tile, f
 
 int n_threads() { return std::max(1, at::get_num_threads()); }
 
+// Threads for `work` multiply-adds: one below ~64K, where waking a team costs more than
+// it saves (and on a busy machine a barrier can wait a whole scheduler slice).
+int n_threads(int64_t work) { return work < (int64_t{1} << 16) ? 1 : n_threads(); }
+
 // --------------------------------------------------------------------------- forward
 template <typename T, int C>
 inline void fwd_tile(const int32_t* __restrict cols, const T* __restrict vals, int64_t n,
@@ -113,7 +117,7 @@ inline void fwd_tile_any(const int32_t* __restrict cols, const T* __restrict val
 template <typename T>
 void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, const T* xt,
                   const T* bias, T* yt, int64_t n_out, int64_t batch) {
-  const int nt = n_threads();
+  const int nt = n_threads((row_ptr[n_out] + n_out) * batch);
   const int64_t n_chunks = (batch + kChunkFwd - 1) / kChunkFwd;
   // Row blocks small enough for dynamic balancing (rows differ in their counts).
   const int64_t rows_per_block = std::max<int64_t>(1, n_out / (16 * nt));
@@ -334,7 +338,7 @@ template <typename T, bool WANT_DX, bool WANT_DW>
 void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
                    const int32_t* row_idx, const int32_t* perm, const T* xt, const T* dyt, T* dxt,
                    T* dw, int64_t n_in, int64_t nnz, int64_t batch) {
-  const int nt = n_threads();
+  const int nt = n_threads((nnz + n_in) * batch);
   const int64_t n_chunks = (batch + kChunkBwd - 1) / kChunkBwd;
   std::vector<T> vals_csc(WANT_DX ? nnz : 0);
   std::vector<T> dw_csc(WANT_DW && n_chunks > 1 ? nnz : 0);
@@ -408,7 +412,7 @@ template <typename T>
 void transpose_impl(const T* src, T* dst, int64_t rows, int64_t cols) {
   constexpr int64_t kTile = 32;
   const int64_t tr = (rows + kTile - 1) / kTile, tc = (cols + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static) num_threads(n_threads())
+#pragma omp parallel for schedule(static) num_threads(n_threads(rows * cols))
   for (int64_t t = 0; t < tr * tc; ++t) {
     const int64_t r0 = (t / tc) * kTile, c0 = (t % tc) * kTile;
     const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
