@@ -140,9 +140,8 @@ def test_first_layer_figure_draws_square_inputs_as_images(tmp_path):
     assert matplotlib.image.imread(tmp_path / "f.png").ndim == 3
 
 
-def test_report_from_tiny_runs(tmp_path):
+def tiny_config(tmp_path, **changes):
     from rigl.experiments.config import from_dict
-    from rigl.experiments.train import train
 
     base = {
         "dataset": "mnist1d",
@@ -158,10 +157,39 @@ def test_report_from_tiny_runs(tmp_path):
         "recorders": ["topology", "dynamics"],
         "tensorboard": False,
     }
+    return from_dict({**base, **changes})
+
+
+def test_killed_and_resumed_run_records_the_same_dynamics(tmp_path):
+    from rigl.experiments.train import train
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_13(step, model, sparsifier, metrics):
+        if step == 13:
+            raise Killed
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(tiny_config(tmp_path, out=str(whole), checkpoint_every=5), quiet=True)
+    with pytest.raises(Killed):
+        config = tiny_config(tmp_path, out=str(resumed), checkpoint_every=5)
+        train(config, quiet=True, callbacks=[kill_at_step_13])
+    train(tiny_config(tmp_path, out=str(resumed), checkpoint_every=5), quiet=True, resume=True)
+    for name in ("dynamics.csv", "lifetimes.csv", "alive.csv"):
+        text = [(run / name).read_text().replace("\r", "") for run in (whole, resumed)]
+        assert text[0] == text[1], name
+    a, b = np.load(whole / "first_layer.npz"), np.load(resumed / "first_layer.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_report_from_tiny_runs(tmp_path):
+    from rigl.experiments.train import train
+
     runs = []
     for method in ("static", "rigl"):
         out = tmp_path / method
-        train(from_dict({**base, "method": method, "out": str(out)}), quiet=True)
+        train(tiny_config(tmp_path, method=method, out=str(out)), quiet=True)
         runs.append(str(out))
     report = tmp_path / "report"
     assert main(["report", *runs, "--out", str(report), "--points", "5"]) == 0
