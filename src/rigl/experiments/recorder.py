@@ -268,7 +268,7 @@ class MaskRecorder:
         fraction: float | None,
         mean_life: float | None,
     ) -> dict[str, Any]:
-        n_active, numel = int(w.n_active), int(w.mask.numel())
+        n_active, numel = int(w.n_active), int(state.prev.numel())
         before = n_active - n_grown + n_dropped
         return {
             "step": step,
