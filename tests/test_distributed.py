@@ -203,7 +203,9 @@ def test_single_process_helpers_are_no_ops(mlp):
     assert rd.wrap_model(mlp, env) is mlp
     x = torch.arange(6)
     assert rd.shard(x, env) is x
-    sparsifier = rigl.create("rigl", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10)
+    sparsifier = rigl.create(
+        "rigl", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10, update_interval=2
+    )
     rd.check_consistency(sparsifier, weights=True)
     assert rd.sync_sparsifier(sparsifier) is False
     assert rd.all_reduce_mean(3.0) == 3.0
@@ -219,7 +221,9 @@ def test_shard_splits_a_global_batch():
 
 
 def test_fingerprint_sees_masks_state_and_weights(mlp):
-    sparsifier = rigl.create("snfs", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10)
+    sparsifier = rigl.create(
+        "snfs", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1), total_steps=10, update_interval=2
+    )
     before = rd.fingerprint(sparsifier, weights=True)
     assert {"step", "seed", "mask fc1.weight", "weight fc1.bias"} <= set(before)
     sparsifier.weights[0].mask.view(-1)[0] ^= True
