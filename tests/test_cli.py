@@ -106,6 +106,22 @@ def test_train_writes_every_documented_file(tmp_path, data_root, monkeypatch, ca
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 
+def test_callbacks_and_named_recorders_see_every_step(tmp_path, data_root):
+    from rigl.experiments.config import load_config
+    from rigl.experiments.train import train
+
+    calls = []
+
+    def callback(step, model, sparsifier, metrics):
+        calls.append((step, metrics["kind"], sparsifier.step_count))
+
+    path = tiny_config(tmp_path, data_root, recorders=["topology", "dynamics"], epochs=2)
+    result = train(load_config(path), quiet=True, callbacks=[callback])
+    assert [c for c in calls if c[1] == "step"] == [(s, "step", s) for s in range(1, 21)]
+    assert [c for c in calls if c[1] == "epoch"] == [(10, "epoch", 10), (20, "epoch", 20)]
+    assert (tmp_path / "run" / "dynamics.csv").exists() and result["total_steps"] == 20
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
