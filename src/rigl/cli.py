@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:  # bad config, missing data files
         print(f"rigl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rigl {args.command}: interrupted (finished runs are kept)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,26 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one core per run; --jobs runs side by side
 
 
-def _train_one(config_dict: dict[str, Any]) -> dict[str, Any]:
+def _train_one(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any] | None, str]:
+    """Train one run in a worker: (index, final.json or None, error message)."""
     from rigl.experiments.train import train
 
-    return train(from_dict(config_dict), resume=True, quiet=True)
+    index, config_dict = item
+    try:
+        return index, train(from_dict(config_dict), resume=True, quiet=True), ""
+    except Exception as exc:  # reported by the parent; the other runs go on
+        return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM: leave the pool's `with`, which terminates the workers
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler; returns the previous one (None off the main thread)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def finished(config: ExperimentConfig) -> dict[str, Any] | None:
@@ -65,19 +82,23 @@ def run_sweep(plan: Sweep, out: Path, jobs: int, quiet: bool) -> list[dict[str, 
     failures = []
     if todo:
         _warm_data([configs[s] for s in todo])
+        items = [(i, configs[s].to_dict()) for i, s in enumerate(todo)]
+        previous = _on_sigterm(_interrupt)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
-            futures = {pool.submit(_train_one, configs[s].to_dict()): s for s in todo}
-            for done, future in enumerate(as_completed(futures), start=1):
-                spec = futures[future]
-                try:
-                    finals[spec] = future.result()
-                except Exception as exc:  # report every failed run, keep the others
-                    failures.append(f"{spec.name}: {type(exc).__name__}: {exc}")
-                    say(f"[{done}/{len(todo)}] {spec.name} FAILED: {exc}")
-                    continue
-                acc, wall = finals[spec]["test_accuracy"], finals[spec]["wall_time_s"]
-                say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+        try:
+            with context.Pool(jobs, initializer=_worker_init) as pool:  # exit: terminate()
+                results = pool.imap_unordered(_train_one, items)
+                for done, (index, final, error) in enumerate(results, start=1):
+                    spec = todo[index]
+                    if final is None:
+                        failures.append(f"{spec.name}: {error}")
+                        say(f"[{done}/{len(todo)}] {spec.name} FAILED: {error}")
+                        continue
+                    finals[spec] = final
+                    acc, wall = final["test_accuracy"], final["wall_time_s"]
+                    say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+        finally:
+            _on_sigterm(previous)
     if failures:
         raise RuntimeError("runs failed:\n  " + "\n  ".join(failures))
     return [record(spec, finals[spec], out, plan) for spec in plan.runs]
