@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rigl._version import __version__
 from rigl.config import ConfigError, resolve_step
 from rigl.schedules import UpdateSchedule
-from rigl.storage import MaskedWeight, RewireStats
+from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
 from rigl.topology import random_mask, update_generator
 
@@ -65,10 +65,6 @@ class LayerSummary:
     n_total: int
 
 
-class _SkipUpdate(Exception):
-    """A score was not finite: the whole topology update is skipped."""
-
-
 class Sparsifier:
     """Sparse training of ``model`` with ``optimizer``; ``step()`` replaces ``optimizer.step()``.
 
@@ -90,6 +86,7 @@ class Sparsifier:
     update_before_step: ClassVar[bool] = False  # needs the gradient before the step
     default_skip_optimizer_step: ClassVar[bool] = False
     dense_start: ClassVar[bool] = False
+    supports_sparse_backend: ClassVar[bool] = False  # starts sparse and needs no dense state
 
     def __init__(
         self,
@@ -106,6 +103,7 @@ class Sparsifier:
         decay: str = "cosine",
         seed: int = 0,
         skip_optimizer_step_on_update: bool | None = None,
+        backend: str = "masked",
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -133,8 +131,9 @@ class Sparsifier:
         )
         self._check_optimizer()
         self.target_counts = target_counts(self.targets, self.config)
+        self.backend = self._check_backend(backend)
         self.weights = [
-            MaskedWeight(t.name, t.param, self.initial_mask(i, t, n))
+            self._make_weight(i, t, self.initial_mask(i, t, n))
             for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
         ]
         for weight in self.weights:
@@ -144,9 +143,30 @@ class Sparsifier:
         self.update_count = 0  # successful topology updates so far
         self.last_update: list[RewireStats] | None = None
         self._pending_update = False
+        self._prepare_weights()
         # called with the sparsifier after every successful topology update
         # (e.g. rigl.distributed.add_consistency_check)
         self.update_hooks: list[Callable[[Sparsifier], None]] = []
+
+    def _check_backend(self, backend: str) -> str:
+        if backend not in ("masked", "sparse"):
+            raise ConfigError(f"backend={backend!r} is unknown; allowed: masked, sparse")
+        if backend == "sparse" and not self.supports_sparse_backend:
+            raise ConfigError(
+                f"backend='sparse' does not support method {self.name!r}: it keeps dense state "
+                "(a dense start or a dense gradient average); use backend='masked' or one of "
+                "static, set, rigl"
+            )
+        return backend
+
+    def _make_weight(self, index: int, target: Target, mask: Tensor) -> Any:
+        """Masked storage, or compressed storage for plain Linear layers with backend='sparse'."""
+        if self.backend == "sparse" and type(target.module) is nn.Linear:
+            from rigl.sparse.convert import convert_linear
+
+            weight, self.targets[index] = convert_linear(self.model, target, mask, self.optimizer)
+            return weight
+        return MaskedWeight(target.name, target.param, mask)
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -167,7 +187,8 @@ class Sparsifier:
     def observe_gradients(self) -> None:
         """Called every step before masking the gradients (SNFS keeps its EMA here)."""
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
+        """Grow scores by row block (see :data:`rigl.storage.RowScores`)."""
         raise NotImplementedError(f"{type(self).__name__} does not grow connections")
 
     def plan_layer(
@@ -243,6 +264,14 @@ class Sparsifier:
         for weight in self.weights:
             weight.apply_mask()
         self.step_count += 1
+        self._prepare_weights()
+
+    def _prepare_weights(self) -> None:
+        """Tell each weight whether the coming step updates the topology (a compressed
+        weight then keeps that backward's activations for its grow scores)."""
+        update_due = self.should_update(self.step_count)
+        for weight in self.weights:
+            weight.prepare_step(update_due)
 
     @torch.no_grad()
     def _update_topology(self, step: int) -> bool:
@@ -250,17 +279,17 @@ class Sparsifier:
         try:
             for weight in self.weights:
                 if weight.param.grad is not None:
-                    _check_finite(weight.param.grad, weight.name)
+                    check_finite(weight.param.grad, weight.name)
             plans = [
                 self.plan_layer(i, w, step, update_generator(self.seed, step, i))
                 for i, w in enumerate(self.weights)
             ]
-        except _SkipUpdate as exc:
+        except NonFiniteScore as exc:
             self.skipped_updates += 1
             warnings.warn(f"skipping the topology update at step {step}: {exc}", stacklevel=3)
             return False
         self.last_update = [
-            w.set_mask(plan, self.optimizer)
+            w.set_topology(plan, self.optimizer)
             if plan is not None
             else RewireStats(w.name, w.n_active, 0, 0)
             for w, plan in zip(self.weights, plans, strict=True)
@@ -296,7 +325,7 @@ class Sparsifier:
             "update_count": self.update_count,
             "seed": self.seed,
             "config": self.config.to_dict(),
-            "masks": {w.name: w.mask.detach().cpu().clone() for w in self.weights},
+            "masks": {w.name: w.topology_state() for w in self.weights},
             "extra": self.extra_state(),
         }
 
@@ -310,19 +339,12 @@ class Sparsifier:
             )
         check_model_names(self.targets, state["masks"])
         for weight in self.weights:
-            mask = state["masks"][weight.name]
-            if tuple(mask.shape) != weight.shape:
-                raise ConfigError(
-                    f"state dict mask {weight.name} has shape {tuple(mask.shape)}, "
-                    f"the model's weight has {weight.shape}: it belongs to a different model"
-                )
-            weight.mask = mask.to(device=weight.param.device, dtype=torch.bool).clone()
-            weight._n_active = int(weight.mask.sum())
-            weight.apply_mask()
+            weight.load_topology(state["masks"][weight.name])
         self.step_count = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.update_count = int(state.get("update_count", 0))
         self.load_extra_state(state.get("extra", {}))
+        self._prepare_weights()
 
     def _check_optimizer(self) -> None:
         if self.optimizer is None:
@@ -340,11 +362,6 @@ class Sparsifier:
             f"{type(self).__name__}(sparsity={self.config.sparsity}, "
             f"distribution={self.config.distribution!r}, layers={len(self.weights)}, step={self.step_count})"
         )
-
-
-def _check_finite(score: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(score).all()):
-        raise _SkipUpdate(f"non-finite scores in {name} (inf/NaN gradient?)")
 
 
 def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:

@@ -8,12 +8,28 @@ holds the masked-dense storage: the ordinary dense parameter times a bool mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from rigl.config import ConfigError
 from rigl.topology import TieBreak, drop_and_grow, magnitude_prune
+
+# Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
+# ((r1 - r0) * cols,). A masked weight asks for all rows at once; a compressed weight scans
+# row blocks, so a dense score matrix never has to exist.
+RowScores = Callable[[int, int], Tensor]
+
+
+class NonFiniteScore(Exception):
+    """A score was inf/NaN: the whole topology update is skipped."""
+
+
+def check_finite(score: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(score).all()):
+        raise NonFiniteScore(f"non-finite scores in {name} (inf/NaN gradient?)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,14 @@ class MaskedWeight:
             self.param.grad.mul_(self.mask)
 
     # -- scores ---------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.numel // self.shape[0]
+
     def magnitude(self) -> Tensor:
         """Drop score: ``|θ|``, flat."""
         return self.param.detach().abs().flatten()
@@ -97,17 +121,31 @@ class MaskedWeight:
         grad = self.param.grad
         return None if grad is None else grad.detach().flatten()
 
+    def gradient_rows(self, r0: int, r1: int) -> Tensor:
+        """Rows [r0, r1) of the dense gradient viewed as (rows, cols)."""
+        grad = self.param.grad
+        if grad is None:
+            raise RuntimeError(
+                f"the gradient of {self.name} is needed on update steps; call "
+                "loss.backward() before sparsifier.step()"
+            )
+        return grad.detach().reshape(self.rows, self.cols)[r0:r1]
+
     # -- topology -------------------------------------------------------------------
-    def rewire(self, n_update: int, grow_score: Tensor, tie_break: TieBreak) -> Tensor:
-        """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow_score``."""
-        return drop_and_grow(self.mask.flatten(), self.magnitude(), grow_score, n_update, tie_break)
+    def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
+        """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow``."""
+        score = grow(0, self.rows).reshape(-1)
+        check_finite(score, self.name)
+        return drop_and_grow(self.mask.flatten(), self.magnitude(), score, n_update, tie_break)
 
     def prune(self, n_keep: int, score: Tensor, tie_break: TieBreak) -> Tensor:
         """New flat mask keeping the ``n_keep`` active weights of largest ``score``."""
         return magnitude_prune(self.mask.flatten(), score, n_keep, tie_break)
 
     @torch.no_grad()
-    def set_mask(self, new_mask: Tensor, optimizer: torch.optim.Optimizer | None) -> RewireStats:
+    def set_topology(
+        self, new_mask: Tensor, optimizer: torch.optim.Optimizer | None
+    ) -> RewireStats:
         """Install ``new_mask``: grown weights start at zero with zeroed optimizer state,
         dropped weights become zero (their state too); kept weights keep value and state."""
         new_mask = new_mask.reshape(self.shape).to(torch.bool)
@@ -120,3 +158,22 @@ class MaskedWeight:
         return RewireStats(
             self.name, self._n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
         )
+
+    # -- checkpoints ------------------------------------------------------------------
+    def topology_state(self) -> Tensor:
+        """What a checkpoint stores: the bool mask."""
+        return self.mask.detach().cpu().clone()
+
+    def load_topology(self, mask: Tensor) -> None:
+        if tuple(mask.shape) != self.shape:
+            raise ConfigError(
+                f"state dict mask {self.name} has shape {tuple(mask.shape)}, "
+                f"the model's weight has {self.shape}: it belongs to a different model"
+            )
+        self.mask = mask.to(device=self.param.device, dtype=torch.bool).clone()
+        self._n_active = int(self.mask.count_nonzero())
+        self.apply_mask()
+
+    def prepare_step(self, update_due: bool) -> None:
+        """Called before each step's backward; a masked weight needs nothing."""
+        del update_due

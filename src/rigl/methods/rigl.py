@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
-from rigl.storage import MaskedWeight
+from rigl.storage import MaskedWeight, RowScores
 
 
 @register_method("rigl")
@@ -21,12 +20,7 @@ class RigL(SET):
 
     update_before_step = True
     default_skip_optimizer_step = True
+    supports_sparse_backend = True
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
-        grad = weight.gradient()
-        if grad is None:
-            raise RuntimeError(
-                f"RigL needs the gradient of {weight.name} on update steps; call "
-                "loss.backward() before sparsifier.step()"
-            )
-        return grad.abs()
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
+        return lambda r0, r1: weight.gradient_rows(r0, r1).abs().reshape(-1)

@@ -6,12 +6,29 @@ import torch
 from torch import Tensor
 
 from rigl.sparsifier import Sparsifier, register_method
-from rigl.storage import MaskedWeight
+from rigl.storage import MaskedWeight, RowScores
+
+CHUNK_ROWS = 64  # random scores are drawn per chunk of rows, seeded by (update, chunk)
 
 
 @register_method("set")
 class SET(Sparsifier):
     """Sparse Evolutionary Training: the optimizer step is taken, then the mask changes."""
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
-        return torch.rand(weight.numel, generator=generator).to(weight.param.device)
+    supports_sparse_backend = True
+
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
+        # Scores are a pure function of (update seed, row), so a storage may read any row
+        # block, in any order and more than once, and both backends see the same scores.
+        base = int(torch.randint(0, 2**62, (1,), generator=generator))
+        cols = weight.cols
+
+        def scores(r0: int, r1: int) -> Tensor:
+            parts = []
+            for c0 in range(r0 - r0 % CHUNK_ROWS, r1, CHUNK_ROWS):
+                n_rows = min(CHUNK_ROWS, weight.rows - c0)
+                chunk = torch.rand(n_rows, cols, generator=torch.Generator().manual_seed(base + c0))
+                parts.append(chunk[max(r0 - c0, 0) : min(r1 - c0, n_rows)])
+            return torch.cat(parts).reshape(-1).to(weight.param.device)
+
+        return scores

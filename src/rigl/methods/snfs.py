@@ -9,13 +9,15 @@ from torch import Tensor
 
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
-from rigl.storage import MaskedWeight
+from rigl.storage import MaskedWeight, RowScores
 
 
 @register_method("snfs")
 class SNFS(SET):
     """Sparse momentum: every step keeps ``m = β m + (1 - β) g`` of the dense gradient;
     growth picks the largest ``|m|``. Costs a dense gradient every step (``2 f_S + f_D``)."""
+
+    supports_sparse_backend = False  # the average is dense-shaped
 
     def __init__(self, *args: Any, momentum: float = 0.9, **kwargs: Any) -> None:
         if not 0.0 <= momentum < 1.0:
@@ -38,11 +40,12 @@ class SNFS(SET):
             else:
                 ema.mul_(self.momentum).add_(grad, alpha=1.0 - self.momentum)
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> Tensor:
+    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
         ema = self.ema.get(weight.name)
         if ema is None:
-            return torch.zeros(weight.numel, device=weight.param.device)
-        return ema.abs().flatten()
+            ema = torch.zeros(weight.shape, device=weight.param.device)
+        table = ema.reshape(weight.rows, weight.cols)
+        return lambda r0, r1: table[r0:r1].abs().reshape(-1)
 
     def extra_state(self) -> dict[str, Any]:
         return {"momentum": self.momentum, "ema": {k: v.cpu().clone() for k, v in self.ema.items()}}

@@ -11,5 +11,7 @@ from rigl.sparsifier import Sparsifier, register_method
 class Static(Sparsifier):
     """Random sparse initialisation (any distribution) trained with a fixed mask."""
 
+    supports_sparse_backend = True
+
     def build_schedule(self, **args: Any) -> None:
         return None

@@ -1,0 +1,159 @@
+"""The compressed backend runs the same algorithms as the masked one, with the same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rigl
+from rigl.sparse import SparseLinear
+from rigl.sparse import storage as sparse_storage
+from rigl.sparse.convert import to_dense
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+
+
+def _run(backend, method="rigl", steps=120, optimizer="sgd", start_state=None, stop_at=None):
+    torch.manual_seed(0)
+    model = _mlp()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sp = rigl.create(
+        method,
+        model,
+        opt,
+        sparsity=0.85,
+        total_steps=steps,
+        update_interval=10,
+        drop_fraction=0.4,
+        backend=backend,
+        seed=4,
+    )
+    g = torch.Generator().manual_seed(0)
+    for _t in range(stop_at or steps):
+        x = torch.randn(32, 64, generator=g)
+        x[:, :16] = 0  # dead inputs: their gradients are exactly zero and tie
+        y = torch.randint(0, 4, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    return model, opt, sp
+
+
+def _dense_weights(sp):
+    return [
+        w.layer.to_dense().weight.detach() if hasattr(w, "layer") else w.param.detach()
+        for w in sp.weights
+    ]
+
+
+@pytest.mark.parametrize("method", ["rigl", "set", "static"])
+@pytest.mark.parametrize("block_elements", [1 << 20, 1000])  # one block, and many small ones
+def test_same_masks_and_weights_on_both_backends(method, block_elements, monkeypatch):
+    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", block_elements)
+    _, _, masked = _run("masked", method)
+    model, _, sparse = _run("sparse", method)
+    assert all(isinstance(model[i], SparseLinear) for i in (0, 2, 4))
+    if method != "static":
+        assert sparse.update_count == masked.update_count > 5
+    for k in masked.masks:
+        assert torch.equal(masked.masks[k], sparse.masks[k]), k
+    for a, b in zip(_dense_weights(masked), _dense_weights(sparse), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_invariants_on_the_sparse_backend_with_adam():
+    _model, opt, sp = _run("sparse", "rigl", optimizer="adam")
+    for weight, n in zip(sp.weights, sp.target_counts, strict=True):
+        assert weight.n_active == n == weight.param.numel()
+        for value in opt.state[weight.param].values():  # optimizer state is nnz-sized
+            assert value.numel() in (1, n)
+    # nothing dense is trained: the optimizer holds values, not dense weights
+    shapes = {tuple(p.shape) for group in opt.param_groups for p in group["params"]}
+    assert (48, 64) not in shapes and (32, 48) not in shapes
+
+
+def test_grown_weights_start_at_zero_with_zero_state():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sp = rigl.create(
+        "rigl",
+        model,
+        opt,
+        sparsity=0.85,
+        total_steps=100,
+        update_interval=5,
+        drop_fraction=0.5,
+        backend="sparse",
+    )
+    for _t in range(5):
+        x, y = torch.randn(16, 64), torch.randint(0, 4, (16,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+    before = {w.name: set(w.layer.active_indices().tolist()) for w in sp.weights}
+    x, y = torch.randn(16, 64), torch.randint(0, 4, (16,))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    sp.step()  # the update step (no optimizer step, as in the paper)
+    for w in sp.weights:
+        flat = w.layer.active_indices().tolist()
+        new = torch.tensor([i not in before[w.name] for i in flat])
+        assert new.any()
+        assert bool((w.param[new] == 0).all())
+        for value in opt.state[w.param].values():
+            if value.numel() == w.n_active:
+                assert bool((value[new] == 0).all())
+
+
+def test_resume_is_bit_identical_on_the_sparse_backend(tmp_path):
+    model, _, _sp = _run("sparse", steps=60)
+    model2, opt2, sp2 = _run("sparse", steps=60, stop_at=25)
+    torch.save(
+        {"model": model2.state_dict(), "opt": opt2.state_dict(), "sp": sp2.state_dict()},
+        tmp_path / "c.pt",
+    )
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    model3, opt3, sp3 = _run("sparse", steps=60, stop_at=0)
+    model3.load_state_dict(state["model"])
+    opt3.load_state_dict(state["opt"])
+    sp3.load_state_dict(state["sp"])
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        x = torch.randn(32, 64, generator=g)
+        x[:, :16] = 0
+        y = torch.randint(0, 4, (32,), generator=g)
+        if t < 25:
+            continue
+        opt3.zero_grad()
+        nn.functional.cross_entropy(model3(x), y).backward()
+        sp3.step()
+    for a, b in zip(model.parameters(), model3.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_conversion_back_to_dense_keeps_the_function():
+    model, _, _sp = _run("sparse", steps=30)
+    x = torch.randn(8, 64)
+    expected = model(x)
+    to_dense(model)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_errors():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(rigl.ConfigError, match="backend='dense-ish' is unknown"):
+        rigl.create("rigl", model, opt, total_steps=1000, backend="dense-ish")
+    for method in ("gmp", "snip", "snfs", "dense"):
+        with pytest.raises(rigl.ConfigError, match=f"does not support method '{method}'"):
+            rigl.create(method, model, opt, total_steps=1000, backend="sparse")
