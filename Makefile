@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[experiments,sparse,dev]"
+	$(BIN)/pip install -q -e ".[experiments,sparse,integrations,dev]"
 	touch $(STAMP)
 
 main: setup  ## the default experiment: MNIST-1D comparison table and plots under results/main

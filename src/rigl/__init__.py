@@ -11,6 +11,9 @@ Integration into an existing loop::
 from rigl._version import __version__
 from rigl.config import ConfigError, SparsityConfig
 from rigl.distributions import active_counts, layer_sparsities
+from rigl.flops import FlopsReport, count_flops
+from rigl.flops_size import big_sparse_width, model_size, small_dense_width, width_for_params
+from rigl.flops_train import train_flops_ratio
 from rigl.methods import GMP, SET, SNFS, SNIP, Dense, RigL, Static
 from rigl.schedules import PruningSchedule, UpdateSchedule
 from rigl.sparsifier import (
@@ -32,6 +35,7 @@ __all__ = [
     "SNIP",
     "ConfigError",
     "Dense",
+    "FlopsReport",
     "LayerSummary",
     "MaskedWeight",
     "PruningSchedule",
@@ -43,6 +47,8 @@ __all__ = [
     "UpdateSchedule",
     "__version__",
     "active_counts",
+    "big_sparse_width",
+    "count_flops",
     "create",
     "drop_and_grow",
     "find_targets",
@@ -50,7 +56,11 @@ __all__ = [
     "layer_densities",
     "layer_sparsities",
     "list_methods",
+    "model_size",
     "random_mask",
     "register_method",
+    "small_dense_width",
     "topk_mask",
+    "train_flops_ratio",
+    "width_for_params",
 ]
