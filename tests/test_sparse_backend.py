@@ -18,7 +18,9 @@ def _mlp() -> nn.Module:
     )
 
 
-def _run(backend, method="rigl", steps=120, optimizer="sgd", start_state=None, stop_at=None):
+def _run(
+    backend, method="rigl", steps=120, optimizer="sgd", start_state=None, stop_at=None, parts=1
+):
     torch.manual_seed(0)
     model = _mlp()
     if optimizer == "sgd":
@@ -42,7 +44,8 @@ def _run(backend, method="rigl", steps=120, optimizer="sgd", start_state=None, s
         x[:, :16] = 0  # dead inputs: their gradients are exactly zero and tie
         y = torch.randint(0, 4, (32,), generator=g)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        for part in torch.arange(32).chunk(parts):  # gradient accumulation over micro-batches
+            (nn.functional.cross_entropy(model(x[part]), y[part]) / parts).backward()
         sp.step()
     return model, opt, sp
 
@@ -67,6 +70,36 @@ def test_same_masks_and_weights_on_both_backends(method, block_elements, monkeyp
         assert torch.equal(masked.masks[k], sparse.masks[k]), k
     for a, b in zip(_dense_weights(masked), _dense_weights(sparse), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_gives_the_same_masks_on_both_backends():
+    _, _, masked = _run("masked", parts=2)
+    _, _, sparse = _run("sparse", parts=2)
+    _, _, whole = _run("sparse", parts=1)
+    assert sparse.update_count == masked.update_count > 5
+    for k in masked.masks:
+        assert torch.equal(masked.masks[k], sparse.masks[k]), k
+    # the grow scores are the accumulated gradient, not the last micro-batch's
+    assert all(torch.equal(whole.masks[k], sparse.masks[k]) for k in masked.masks)
+
+
+def test_grad_rows_is_the_gradient_accumulated_over_backward_calls():
+    torch.manual_seed(0)
+    dense = nn.Linear(24, 16)
+    mask = torch.rand(16, 24) < 0.3
+    layer = SparseLinear.from_dense(dense, mask)
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    x, dy = torch.randn(3, 10, 24), torch.randn(3, 10, 16)
+    layer.keep_grow_inputs(True)
+    for i in range(3):
+        layer(x[i]).backward(dy[i])
+        dense(x[i]).backward(dy[i])
+    torch.testing.assert_close(layer.grad_rows(0, 16), dense.weight.grad)
+    torch.testing.assert_close(layer.grad_rows(5, 9), dense.weight.grad[5:9])
+    layer.keep_grow_inputs(False)  # the kept batches are dropped
+    with pytest.raises(RuntimeError, match="no kept batch"):
+        layer.grad_rows(0, 16)
 
 
 def test_invariants_on_the_sparse_backend_with_adam():

@@ -24,12 +24,17 @@ from rigl.sparse.index import SparseIndex
 
 
 class _GrowInputs:
-    """The last batch's ``xt`` and ``dyt``, kept only while a grow step needs them."""
+    """Every ``(xt, dyt)`` of the backward calls of one step, kept only while a grow step
+    needs them: with gradient accumulation (several backward calls before one optimizer
+    step) the grow score is the accumulated gradient ``sum_i dyt_i @ xt_i^T``."""
 
     def __init__(self) -> None:
         self.enabled = False
-        self.xt: Tensor | None = None
-        self.dyt: Tensor | None = None
+        self.xts: list[Tensor] = []
+        self.dyts: list[Tensor] = []
+
+    def clear(self) -> None:
+        self.xts, self.dyts = [], []
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -56,7 +61,8 @@ class SparseLinearFunction(torch.autograd.Function):
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dxt, dw = kernels.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
         if ctx.grow is not None and ctx.grow.enabled:
-            ctx.grow.xt, ctx.grow.dyt = xt, dyt
+            ctx.grow.xts.append(xt)
+            ctx.grow.dyts.append(dyt)
         dx = None
         if dxt is not None:
             dx = kernels.transpose(dxt, use=ctx.use) if ctx.dx_row_major else dxt.t()
@@ -220,25 +226,31 @@ class SparseLinear(nn.Module):
 
     # -- grow scores (RigL) -----------------------------------------------------------
     def keep_grow_inputs(self, enabled: bool = True) -> None:
-        """Keep (or stop keeping) the next backward's ``xt``, ``dyt`` for grow scores.
+        """Keep (or stop keeping) the coming backward calls' ``xt``, ``dyt`` for grow scores.
 
-        The algorithm enables this before the backward of an update step; memory cost is
-        one input and one output-gradient batch, no dense weight-sized tensor.
+        Either way, what was kept so far is dropped. The algorithm enables this before the
+        backward calls of an update step (one per accumulated micro-batch) and disables it
+        after the update; memory cost is the inputs and output gradients of those calls,
+        no dense weight-sized tensor.
         """
         self._grow.enabled = enabled
-        if not enabled:
-            self._grow.xt = self._grow.dyt = None
+        self._grow.clear()
 
     def grad_rows(self, row_start: int, row_end: int) -> Tensor:
-        """Dense ``dL/dW[row_start:row_end]`` (rows, in) of the last kept batch.
+        """Dense ``dL/dW[row_start:row_end]`` (rows, in), accumulated over the kept batches.
 
-        ``dW = dy^T x`` restricted to a block of output rows: one small dense GEMM, so a
-        caller can scan the full gradient block by block in bounded memory.
+        ``dW = sum_i dy_i^T x_i`` restricted to a block of output rows: one small dense
+        GEMM per kept backward call, so a caller can scan the full gradient block by block
+        in bounded memory. Summed in backward order, as autograd accumulates ``.grad``.
         """
-        if self._grow.xt is None or self._grow.dyt is None:
+        if not self._grow.xts:
             raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
-        xt, dyt = self._grow.xt, self._grow.dyt  # (in, B), (out, B)
-        return dyt[row_start:row_end] @ xt.t()
+        pieces = zip(self._grow.xts, self._grow.dyts, strict=True)  # (in, B_i), (out, B_i)
+        xt, dyt = next(pieces)
+        grad = dyt[row_start:row_end] @ xt.t()
+        for xt, dyt in pieces:
+            grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
+        return grad
 
     def topk_grow_candidates(
         self, k: int, exclude: Tensor | None = None, block_rows: int = 256
