@@ -122,8 +122,49 @@ def magnitude_prune(mask: Tensor, score: Tensor, n_keep: int, tie_break: TieBrea
 def random_mask(numel: int, n_active: int, generator: torch.Generator) -> Tensor:
     """Flat bool mask with exactly ``n_active`` True positions, uniformly at random."""
     chosen = torch.zeros(numel, dtype=torch.bool)
-    chosen[torch.randperm(numel, generator=generator)[:n_active]] = True
+    chosen[random_indices(numel, n_active, generator)] = True
     return chosen
+
+
+# A permutation of all positions costs 8 bytes per position (34 GB for a 65536 x 65536
+# layer). Up to PERMUTATION_MAX positions it is still used, so that every mask drawn
+# before the O(n_active) sampler existed stays the same; above, the positions are drawn
+# as the first ``n_active`` distinct values of a stream of uniform draws, which is a
+# uniformly random ``n_active``-subset (each new distinct value is uniform over the
+# positions not drawn yet). Expected repeats: n_active^2 / (2 numel), so one or two rounds.
+PERMUTATION_MAX = 1 << 24
+
+
+def random_indices(numel: int, n_active: int, generator: torch.Generator | None) -> Tensor:
+    """Exactly ``n_active`` distinct flat positions in ``[0, numel)``, uniformly at random
+    (int64, in no particular order). Memory O(n_active) above :data:`PERMUTATION_MAX`."""
+    if not 0 <= n_active <= numel:
+        raise ValueError(f"cannot choose {n_active} of {numel} positions")
+    if numel <= PERMUTATION_MAX:
+        return torch.randperm(numel, generator=generator)[:n_active]
+    if 2 * n_active > numel:  # dense: draw the positions left out (O(numel) bools <= 2 n_active)
+        chosen = torch.ones(numel, dtype=torch.bool)
+        chosen[_distinct_draws(numel, numel - n_active, generator)] = False
+        return chosen.nonzero().squeeze(1)
+    return _distinct_draws(numel, n_active, generator)
+
+
+def _distinct_draws(numel: int, n: int, generator: torch.Generator | None) -> Tensor:
+    """The first ``n`` distinct values of a stream of uniform draws from ``[0, numel)``."""
+    chosen = torch.zeros(0, dtype=torch.int64)
+    while chosen.numel() < n:
+        missing = n - chosen.numel()
+        draws = torch.randint(numel, (missing + missing * n // numel + 16,), generator=generator)
+        chosen = _first_occurrences(torch.cat([chosen, draws]))
+    return chosen[:n]
+
+
+def _first_occurrences(values: Tensor) -> Tensor:
+    """``values`` without repeats: each value kept at its first position, order unchanged."""
+    ordered, order = torch.sort(values, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return values[torch.sort(order[first]).values]
 
 
 def update_generator(seed: int, step: int, layer: int) -> torch.Generator:

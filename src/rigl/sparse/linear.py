@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rigl.sparse import kernels
 from rigl.sparse.index import SparseIndex
+from rigl.topology import random_indices
 
 
 class _GrowInputs:
@@ -108,7 +109,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         numel = in_features * out_features
         n_active = round(density * numel)
-        flat = torch.randperm(numel, generator=generator)[:n_active]
+        flat = random_indices(numel, n_active, generator)  # O(n_active) for huge layers
         bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
         values = torch.empty(n_active, dtype=dtype).uniform_(-bound, bound, generator=generator)
         self.values = nn.Parameter(values)
