@@ -21,7 +21,7 @@ from rigl.config import ConfigError, resolve_step
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
-from rigl.topology import random_mask, update_generator
+from rigl.topology import random_indices, update_generator
 
 _REGISTRY: dict[str, type[Sparsifier]] = {}
 
@@ -133,9 +133,10 @@ class Sparsifier:
         self.target_counts = target_counts(self.targets, self.config)
         self.backend = self._check_backend(backend)
         self.weights = [
-            self._make_weight(i, t, self.initial_mask(i, t, n))
+            self._make_weight(i, t, n)
             for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
         ]
+        _check_materialised(model)
         for weight in self.weights:
             weight.apply_mask()
         self.step_count = 0
@@ -159,14 +160,22 @@ class Sparsifier:
             )
         return backend
 
-    def _make_weight(self, index: int, target: Target, mask: Tensor) -> Any:
-        """Masked storage, or compressed storage for plain Linear layers with backend='sparse'."""
+    def _make_weight(self, index: int, target: Target, n_active: int) -> Any:
+        """Masked storage, or compressed storage for plain Linear layers with backend='sparse'
+        (built from the initial indices, so no dense mask exists; a Linear on the meta
+        device is created from its shapes, see :func:`rigl.sparse.convert.convert_linear`)."""
         if self.backend == "sparse" and type(target.module) is nn.Linear:
             from rigl.sparse.convert import convert_linear
 
-            weight, self.targets[index] = convert_linear(self.model, target, mask, self.optimizer)
+            weight, self.targets[index] = convert_linear(
+                self.model,
+                target,
+                self.initial_indices(index, target, n_active),
+                self.optimizer,
+                update_generator(self.seed, -2, index),
+            )
             return weight
-        return MaskedWeight(target.name, target.param, mask)
+        return MaskedWeight(target.name, target.param, self.initial_mask(index, target, n_active))
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -178,11 +187,17 @@ class Sparsifier:
 
     def initial_mask(self, index: int, target: Target, n_active: int) -> Tensor:
         """Exactly ``n_active`` weights at random (or all, for methods with a dense start)."""
-        numel = math.prod(target.shape)
         if self.dense_start:
             return torch.ones(target.shape, dtype=torch.bool)
+        mask = torch.zeros(math.prod(target.shape), dtype=torch.bool)
+        mask[self.initial_indices(index, target, n_active)] = True
+        return mask.reshape(target.shape)
+
+    def initial_indices(self, index: int, target: Target, n_active: int) -> Tensor:
+        """Flat positions of the initial active weights (the True entries of
+        :meth:`initial_mask`), drawn in O(n_active) memory for huge layers."""
         generator = update_generator(self.seed, -1, index)
-        return random_mask(numel, n_active, generator).reshape(target.shape)
+        return random_indices(math.prod(target.shape), n_active, generator)
 
     def observe_gradients(self) -> None:
         """Called every step before masking the gradients (SNFS keeps its EMA here)."""
@@ -361,6 +376,22 @@ class Sparsifier:
         return (
             f"{type(self).__name__}(sparsity={self.config.sparsity}, "
             f"distribution={self.config.distribution!r}, layers={len(self.weights)}, step={self.step_count})"
+        )
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """A model may be built on the ``meta`` device only where backend='sparse' creates
+    the layers from their shapes (the sparsified ``nn.Linear`` layers)."""
+    on_meta = [
+        name
+        for name, t in (*model.named_parameters(), *model.named_buffers())
+        if t is not None and t.is_meta
+    ]
+    if on_meta:
+        raise ConfigError(
+            f"parameters/buffers {on_meta} are on the meta device; only the sparsified "
+            "nn.Linear layers of backend='sparse' are created from their shapes. Build the "
+            "other layers on a real device (or pass backend='sparse')."
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -25,21 +27,58 @@ def _swap_in_optimizer(optimizer: torch.optim.Optimizer | None, old: Tensor, new
 
 
 def convert_linear(
-    model: nn.Module, target: Target, mask: Tensor, optimizer: torch.optim.Optimizer | None
+    model: nn.Module,
+    target: Target,
+    topology: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    generator: torch.Generator | None = None,
 ) -> tuple[SparseWeight, Target]:
-    """Replace the ``nn.Linear`` of ``target`` by a ``SparseLinear`` holding ``weight[mask]``.
+    """Replace the ``nn.Linear`` of ``target`` by a ``SparseLinear`` with the active set
+    ``topology``: a bool mask of the weight's shape or flat indices ``row * in + col``.
 
-    The optimizer is pointed at the new ``values`` (its state for the dense weight is
-    dropped); the bias stays the same Parameter object.
+    A materialised layer gives its active weights ``weight[mask]``, and the bias stays the
+    same Parameter object. A layer on the ``meta`` device (one whose dense form need not
+    fit in memory) is created from its shapes: values and bias drawn from ``generator`` as
+    ``nn.Linear`` draws them, U(-1/sqrt(in), 1/sqrt(in)). The optimizer is pointed at the
+    new parameters (its state for the old ones is dropped).
     """
     linear = target.module
-    layer = SparseLinear.from_dense(linear, mask.to(linear.weight.device)).to(linear.weight.device)
-    if linear.bias is not None:
-        layer.bias = linear.bias
+    if linear.weight.is_meta:
+        flat = (
+            topology.reshape(-1).nonzero().squeeze(1) if topology.dtype == torch.bool else topology
+        )
+        layer = _from_shapes(linear, flat, generator)
+        _swap_in_optimizer(optimizer, linear.bias, layer.bias)
+    else:  # the dense weight exists already, so a dense bool mask costs nothing extra
+        mask = topology
+        if topology.dtype != torch.bool:
+            mask = torch.zeros(linear.weight.numel(), dtype=torch.bool)
+            mask[topology] = True
+        device = linear.weight.device
+        layer = SparseLinear.from_dense(linear, mask.reshape(linear.weight.shape).to(device))
+        layer = layer.to(device)
+        if linear.bias is not None:
+            layer.bias = linear.bias
     module_name = target.name.rpartition(".")[0]
     _replace_module(model, module_name, layer)
     _swap_in_optimizer(optimizer, linear.weight, layer.values)
     return SparseWeight(target.name, layer), Target(target.name, layer, "values", "SparseLinear")
+
+
+def _from_shapes(
+    linear: nn.Linear, flat: Tensor, generator: torch.Generator | None
+) -> SparseLinear:
+    """A ``SparseLinear`` for a meta ``nn.Linear``: O(nnz + out) memory, never out * in."""
+    n_in, n_out = linear.in_features, linear.out_features
+    dtype = linear.weight.dtype
+    layer = SparseLinear(n_in, n_out, linear.bias is not None, density=0.0, dtype=dtype)
+    bound = 1.0 / math.sqrt(n_in) if n_in else 0.0
+    values = torch.empty(flat.numel(), dtype=dtype).uniform_(-bound, bound, generator=generator)
+    layer.set_topology(flat, values)
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
 
 
 def to_dense(model: nn.Module) -> nn.Module:
