@@ -253,6 +253,21 @@ class SparseLinear(nn.Module):
             grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
         return grad
 
+    def grad_at(self, flat: Tensor) -> Tensor:
+        """``dL/dW`` at the flat positions ``flat`` (any order, no repeats), accumulated over
+        the kept batches: an SDDMM over just those positions, O(len(flat)) memory."""
+        if not self._grow.xts:
+            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
+        index, order = SparseIndex.from_flat(flat, self.shape)
+        zeros = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
+        sorted_grad = zeros.clone()
+        for xt, dyt in zip(self._grow.xts, self._grow.dyts, strict=True):
+            _, dw = kernels.backward(zeros, index, xt, dyt, False, True, use=self.kernels)
+            sorted_grad += dw
+        grad = torch.empty_like(sorted_grad)
+        grad[order] = sorted_grad  # back to the order of ``flat``
+        return grad
+
     def topk_grow_candidates(
         self, k: int, exclude: Tensor | None = None, block_rows: int = 256
     ) -> tuple[Tensor, Tensor]:
