@@ -22,7 +22,9 @@ from rigl.sparse.linear import SparseLinear
 from rigl.storage import RewireStats, RowScores, check_finite
 from rigl.topology import TieBreak, _priority, topk_indices
 
-BLOCK_ELEMENTS = 1 << 20  # grow scores per block (4 MB of float32)
+# Grow scores per block (16 MB of float32): for a wide layer (65536 inputs) that is 64
+# rows, enough for the gradient GEMM of a block to run near full speed.
+BLOCK_ELEMENTS = 1 << 22
 
 
 class SparseWeight:
@@ -188,12 +190,21 @@ def _blockwise_topk(
     lost: list[float] = []
     for r0, r1 in blocks:
         score = _block_scores(grow, r0, r1, cols, kept, name)
+        local = None
+        if best_val.numel() == k:
+            # Below the running k-th value nothing can be chosen (it only rises) nor tie
+            # with the final one: one comparison pass instead of a top-k over the block.
+            local = (score >= best_val.min()).nonzero().squeeze(1)
+            score = score[local]
+            if score.numel() == 0:
+                continue
         top = torch.topk(score, min(k, score.numel()), sorted=False)
         cut = top.values.min()
         if int((score >= cut).count_nonzero()) > top.values.numel():
             lost.append(float(cut))  # an entry equal to ``cut`` was left out
         best_val = torch.cat([best_val, top.values])
-        best_pos = torch.cat([best_pos, top.indices + r0 * cols])
+        chosen = top.indices if local is None else local[top.indices]
+        best_pos = torch.cat([best_pos, chosen + r0 * cols])
         if best_val.numel() > k:
             order = torch.topk(best_val, k, sorted=False).indices
             left_out = torch.ones(best_val.numel(), dtype=torch.bool, device=best_val.device)
