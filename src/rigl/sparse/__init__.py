@@ -1,7 +1,16 @@
 """Compressed sparse training backend: kernels and ``SparseLinear`` (see design.md)."""
 
+from rigl.sparse.export import load_sparse, save_sparse
 from rigl.sparse.index import SparseIndex
 from rigl.sparse.kernels import backend
 from rigl.sparse.linear import SparseLinear, SparseLinearFunction, sparse_linear
 
-__all__ = ["SparseIndex", "SparseLinear", "SparseLinearFunction", "backend", "sparse_linear"]
+__all__ = [
+    "SparseIndex",
+    "SparseLinear",
+    "SparseLinearFunction",
+    "backend",
+    "load_sparse",
+    "save_sparse",
+    "sparse_linear",
+]

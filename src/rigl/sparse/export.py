@@ -1,0 +1,263 @@
+"""Compact checkpoints of a sparse model: CSR values and indices in one safetensors file.
+
+For every sparsified weight ``name`` (shape ``(rows, *rest)``, seen as ``(rows, cols)``)
+the file holds
+
+- ``{name}.values``  (nnz,)      the active weights, row-major;
+- ``{name}.row_ptr`` (rows + 1,) int32, ``{name}.col_idx`` (nnz,) int32: the CSR indices;
+- ``{name}.shape``   (ndim,)     int64, the dense shape,
+
+so its size is about ``8 * nnz`` bytes instead of ``4 * rows * cols``. Every other tensor of
+the model's state dict (biases, dense layers, norms, buffers) is stored as is. The
+metadata holds the rigl version, the method and the per-layer shapes and densities.
+
+:func:`load_sparse` restores a file into either backend: ``SparseLinear`` layers take the
+topology and values directly; a dense parameter (``nn.Linear``, conv, a masked model)
+receives the densified weight, zeros elsewhere, and the sparsifier's masks are set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from rigl._version import __version__
+from rigl.config import ConfigError
+from rigl.sparse.linear import SparseLinear
+
+if TYPE_CHECKING:
+    from rigl.sparsifier import Sparsifier
+
+FORMAT = "rigl.sparse.csr"
+FORMAT_VERSION = "1"
+_PARTS = ("values", "row_ptr", "col_idx", "shape")
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as err:  # an optional dependency (the "sparse" extra)
+        raise ImportError(
+            "save_sparse/load_sparse need safetensors: pip install 'rigl[sparse]'"
+        ) from err
+    return safetensors.torch
+
+
+# -- what is sparse in a model ---------------------------------------------------------------
+def _sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
+    """{weight name: layer} of every ``SparseLinear`` (its weight is named ``<module>.weight``)."""
+    return {
+        (f"{name}.weight" if name else "weight"): m
+        for name, m in model.named_modules()
+        if isinstance(m, SparseLinear)
+    }
+
+
+def _module_keys(model: nn.Module, sparse: dict[str, SparseLinear]) -> set[str]:
+    """State-dict keys that belong to the compressed weights (values and index buffers)."""
+    keys = set()
+    for name in sparse:
+        prefix = name[: -len("weight")]
+        keys |= {prefix + "values", *(prefix + b for b in sparse[name].index.tensors())}
+    return keys
+
+
+def _csr_of_mask(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """CSR of the active entries of a dense ``weight`` viewed as (rows, cols)."""
+    rows = weight.shape[0]
+    cols = weight.numel() // rows if rows else 0
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # sorted: row-major order
+    row_of = torch.div(flat, max(cols, 1), rounding_mode="floor")
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(row_of.cpu(), minlength=rows), 0, out=row_ptr[1:])
+    return {
+        "values": weight.detach().reshape(-1)[flat],
+        "row_ptr": row_ptr.to(torch.int32),
+        "col_idx": (flat - row_of * cols).to(torch.int32),
+        "shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+
+
+def _csr_of_layer(layer: SparseLinear) -> dict[str, Tensor]:
+    return {
+        "values": layer.values.detach(),
+        "row_ptr": layer.index.row_ptr,
+        "col_idx": layer.index.col_idx,
+        "shape": torch.tensor(layer.shape, dtype=torch.int64),
+    }
+
+
+# -- save ----------------------------------------------------------------------------------
+def save_sparse(model: nn.Module, path: str | Path, sparsifier: Sparsifier | None = None) -> Path:
+    """Write ``model`` to ``path`` (safetensors) with its sparse weights in CSR form.
+
+    Sparse weights are the ``SparseLinear`` layers of the model and, given a
+    ``sparsifier``, its masked weights too (without it, a masked model is saved dense).
+    Returns the path.
+    """
+    sparse = _sparse_modules(model)
+    entries = {name: _csr_of_layer(layer) for name, layer in sparse.items()}
+    for weight in getattr(sparsifier, "weights", []):
+        if weight.name not in entries:
+            entries[weight.name] = _csr_of_mask(weight.param, weight.mask)
+    skip = _module_keys(model, sparse) | set(entries)
+    tensors = {k: v for k, v in model.state_dict().items() if k not in skip}
+    for name, parts in entries.items():
+        for part, tensor in parts.items():
+            key = f"{name}.{part}"
+            if key in tensors:
+                raise ConfigError(f"cannot save {name}: the model has a tensor named {key!r} too")
+            tensors[key] = tensor
+    layers = {
+        name: {"shape": p["shape"].tolist(), "nnz": p["values"].numel()}
+        for name, p in entries.items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rigl_version": __version__,
+        "method": getattr(sparsifier, "name", "none"),
+        "layers": json.dumps(layers),
+    }
+    path = Path(path)
+    _safetensors().save_file(_plain(tensors), str(path), metadata=metadata)
+    return path
+
+
+def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, and no two tensors sharing memory (tied weights are copied)."""
+    out, seen = {}, set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in seen:
+            tensor = tensor.clone()
+        seen.add(storage)
+        out[key] = tensor
+    return out
+
+
+# -- load ----------------------------------------------------------------------------------
+def read_sparse(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], dict]:
+    """``(sparse entries {name: {values, row_ptr, col_idx, shape}}, other tensors, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such sparse checkpoint")
+    st = _safetensors()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = st.load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise ConfigError(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise ConfigError(
+            f"{path}: not a rigl sparse checkpoint (metadata format={metadata.get('format')!r}, "
+            f"expected {FORMAT!r}; write it with rigl.sparse.save_sparse)"
+        )
+    try:
+        names = list(json.loads(metadata["layers"]))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"{path}: corrupt metadata 'layers' ({err})") from err
+    entries = {}
+    for name in names:
+        missing = [p for p in _PARTS if f"{name}.{p}" not in tensors]
+        if missing:
+            raise ConfigError(f"{path}: sparse weight {name} lacks {', '.join(missing)}")
+        entries[name] = {p: tensors.pop(f"{name}.{p}") for p in _PARTS}
+        _check_csr(path, name, entries[name])
+    return entries, tensors, metadata
+
+
+def _check_csr(path: Path, name: str, entry: dict[str, Tensor]) -> None:
+    shape = entry["shape"].tolist()
+    rows = shape[0] if shape else 0
+    cols = math.prod(shape) // rows if rows else 0
+    row_ptr, col_idx, nnz = entry["row_ptr"], entry["col_idx"], entry["values"].numel()
+    ok = (
+        row_ptr.numel() == rows + 1
+        and col_idx.numel() == nnz
+        and int(row_ptr[0]) == 0
+        and int(row_ptr[-1]) == nnz
+        and bool((row_ptr[1:] >= row_ptr[:-1]).all())
+        and (nnz == 0 or (int(col_idx.min()) >= 0 and int(col_idx.max()) < cols))
+    )
+    if not ok:
+        raise ConfigError(f"{path}: the CSR indices of {name} are inconsistent with shape {shape}")
+
+
+def _flat_indices(entry: dict[str, Tensor]) -> Tensor:
+    """Flat positions ``row * cols + col`` (int64, row-major) of a CSR entry."""
+    shape = entry["shape"].tolist()
+    cols = math.prod(shape) // shape[0]
+    counts = (entry["row_ptr"][1:] - entry["row_ptr"][:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(shape[0]), counts)
+    return rows * cols + entry["col_idx"].to(torch.int64)
+
+
+def load_sparse(
+    path: str | Path, model: nn.Module, sparsifier: Sparsifier | None = None
+) -> dict[str, Any]:
+    """Restore a :func:`save_sparse` file into ``model`` (either backend); returns the metadata.
+
+    ``SparseLinear`` layers take the saved topology and values (their active count follows
+    the file). Any other parameter receives the densified weight (zeros at inactive
+    positions); given a ``sparsifier`` of the model, its masks are set to the saved
+    topology. Raises :class:`rigl.ConfigError` naming the file if it is not a rigl sparse
+    checkpoint or belongs to a different model.
+    """
+    path = Path(path)
+    entries, others, metadata = read_sparse(path)
+    sparse = _sparse_modules(model)
+    _check_same_model(path, model, sparse, entries, others)
+    masked = {w.name: w for w in getattr(sparsifier, "weights", []) if w.name not in sparse}
+    with torch.no_grad():
+        for name, entry in entries.items():
+            flat = _flat_indices(entry)
+            if name in sparse:
+                sparse[name].set_topology(flat, entry["values"])
+                continue
+            param = model.get_parameter(name)
+            dense = torch.zeros(param.numel(), dtype=param.dtype)
+            dense[flat] = entry["values"].to(param.dtype)
+            param.copy_(dense.reshape(param.shape))
+            if name in masked:
+                mask = torch.zeros(param.numel(), dtype=torch.bool)
+                mask[flat] = True
+                masked[name].load_topology(mask.reshape(param.shape))
+    model.load_state_dict(others, strict=False)  # the sparse entries are in place already
+    return metadata
+
+
+def _check_same_model(
+    path: Path,
+    model: nn.Module,
+    sparse: dict[str, SparseLinear],
+    entries: dict[str, dict[str, Tensor]],
+    others: dict[str, Tensor],
+) -> None:
+    """Same tensor names and shapes in the file as in ``model``, else a ConfigError."""
+    state = {k: v for k, v in model.state_dict().items() if k not in _module_keys(model, sparse)}
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    expected |= {name: layer.shape for name, layer in sparse.items()}
+    found = {k: tuple(v.shape) for k, v in others.items()}
+    found |= {k: tuple(e["shape"].tolist()) for k, e in entries.items()}
+    problems = [f"missing {k}" for k in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected {k}" for k in sorted(found.keys() - expected.keys())]
+    problems += [
+        f"{k} has shape {found[k]}, the model's is {expected[k]}"
+        for k in sorted(expected.keys() & found.keys())
+        if found[k] != expected[k]
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; ... ({len(problems)} in all)" if problems[5:] else ""
+        )
+        raise ConfigError(f"{path} was saved from a different model: {shown}")

@@ -1,0 +1,122 @@
+"""save_sparse/load_sparse: compact CSR checkpoints that load into either backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import rigl
+from conftest import TinyCNN, TinyMLP, batch, make_optimizer, train_steps
+from rigl.sparse import SparseLinear, load_sparse, save_sparse
+
+
+def _trained(backend: str, model: nn.Module | None = None, steps: int = 12, seed: int = 0):
+    torch.manual_seed(seed)
+    model = model or TinyMLP()
+    opt = make_optimizer("sgd", model)
+    sp = rigl.create(
+        "rigl",
+        model,
+        opt,
+        sparsity=0.8,
+        total_steps=40,
+        update_interval=4,
+        exclude=("out.weight",),  # a dense layer beside the sparse ones
+        backend=backend,
+        seed=seed,
+    )
+    train_steps(model, opt, sp, steps)
+    return model, sp
+
+
+def _fresh(backend: str, model: nn.Module | None = None):
+    return _trained(backend, model, steps=0, seed=7)  # other masks and weights
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("sparse", "masked"), ("masked", "sparse")])
+def test_round_trip_between_backends(tmp_path, saved, loaded):
+    model, sp = _trained(saved)
+    save_sparse(model, tmp_path / "m.safetensors", sp)
+    model2, sp2 = _fresh(loaded)
+    assert any(sp2.masks[k].ne(sp.masks[k]).any() for k in sp.masks)
+    meta = load_sparse(tmp_path / "m.safetensors", model2, sp2)
+    assert meta["method"] == "rigl" and meta["rigl_version"] == rigl.__version__
+    for k in sp.masks:
+        assert torch.equal(sp.masks[k], sp2.masks[k]), k
+    x, _ = batch(99)
+    torch.testing.assert_close(model2(x), model(x), rtol=1e-5, atol=1e-6)
+    assert isinstance(model2.fc1, SparseLinear) == (loaded == "sparse")
+    assert not isinstance(model2.out, SparseLinear)  # the dense last layer is stored as is
+    train_steps(model2, sp2.optimizer, sp2, 5, start=12)  # training goes on from there
+
+
+def test_plain_model_without_a_sparsifier_gets_the_dense_weights(tmp_path):
+    model, sp = _trained("sparse")
+    save_sparse(model, tmp_path / "m.safetensors")  # the SparseLinear layers are found
+    plain = TinyMLP()
+    load_sparse(tmp_path / "m.safetensors", plain)
+    for name, mask in sp.masks.items():
+        weight = plain.get_parameter(name)
+        assert torch.equal(weight != 0, mask)
+    x, _ = batch(5)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_weights_of_a_masked_model(tmp_path):
+    model, sp = _trained("masked", TinyCNN())
+    save_sparse(model, tmp_path / "c.safetensors", sp)
+    model2, sp2 = _fresh("masked", TinyCNN())
+    load_sparse(tmp_path / "c.safetensors", model2, sp2)
+    assert all(torch.equal(sp.masks[k], sp2.masks[k]) for k in sp.masks)
+    model.eval(), model2.eval()
+    x, _ = batch(3)
+    torch.testing.assert_close(model2(x), model(x))  # BatchNorm statistics came along
+
+
+def test_file_size_scales_with_density(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = rigl.create(
+        "rigl", model, opt, sparsity=0.9, distribution="uniform", total_steps=1000, backend="sparse"
+    )
+    assert sp.summary()[0].density == pytest.approx(0.1, abs=1e-3)
+    sparse_file = save_sparse(model, tmp_path / "s.safetensors", sp)
+    rigl.sparse.convert.to_dense(model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "d.st")
+    ratio = sparse_file.stat().st_size / (tmp_path / "d.st").stat().st_size
+    assert ratio < 0.22  # values + int32 column indices: 8 bytes per non-zero vs 4 per weight
+    with safe_open(str(sparse_file), framework="pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        assert f.get_tensor("0.weight.col_idx").dtype == torch.int32
+    assert layers["0.weight"]["shape"] == [1024, 1024]
+
+
+def test_errors_name_the_file_and_the_problem(tmp_path):
+    model, sp = _trained("sparse")
+    path = save_sparse(model, tmp_path / "m.safetensors", sp)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_sparse(tmp_path / "nope.safetensors", TinyMLP())
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(rigl.ConfigError, match="junk.safetensors: not a readable safetensors"):
+        load_sparse(tmp_path / "junk.safetensors", TinyMLP())
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:-100])  # truncated
+    with pytest.raises(rigl.ConfigError, match="cut.safetensors: not a readable"):
+        load_sparse(tmp_path / "cut.safetensors", TinyMLP())
+    save_file({"w": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(rigl.ConfigError, match="other.safetensors: not a rigl sparse checkpoint"):
+        load_sparse(tmp_path / "other.safetensors", TinyMLP())
+    wider = nn.Sequential()
+    wider.fc1, wider.fc2, wider.out = nn.Linear(12, 32), nn.Linear(32, 20), nn.Linear(20, 4)
+    with pytest.raises(
+        rigl.ConfigError,
+        match=r"m.safetensors was saved from a different model: .*fc2.weight has shape \(16, 32\), the model's is \(20, 32\)",
+    ):
+        load_sparse(path, wider)
+    with pytest.raises(rigl.ConfigError, match="different model: missing 0.bias; missing 0.weight"):
+        load_sparse(path, nn.Sequential(nn.Linear(12, 4)))
