@@ -132,11 +132,11 @@ class Sparsifier:
         self._check_optimizer()
         self.target_counts = target_counts(self.targets, self.config)
         self.backend = self._check_backend(backend)
+        self._check_materialised()
         self.weights = [
             self._make_weight(i, t, n)
             for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
         ]
-        _check_materialised(model)
         for weight in self.weights:
             weight.apply_mask()
         self.step_count = 0
@@ -164,7 +164,7 @@ class Sparsifier:
         """Masked storage, or compressed storage for plain Linear layers with backend='sparse'
         (built from the initial indices, so no dense mask exists; a Linear on the meta
         device is created from its shapes, see :func:`rigl.sparse.convert.convert_linear`)."""
-        if self.backend == "sparse" and type(target.module) is nn.Linear:
+        if self._compressed(target):
             from rigl.sparse.convert import convert_linear
 
             weight, self.targets[index] = convert_linear(
@@ -176,6 +176,24 @@ class Sparsifier:
             )
             return weight
         return MaskedWeight(target.name, target.param, self.initial_mask(index, target, n_active))
+
+    def _compressed(self, target: Target) -> bool:
+        return self.backend == "sparse" and type(target.module) is nn.Linear
+
+    def _check_materialised(self) -> None:
+        """A model may be built on the ``meta`` device only where backend='sparse' creates
+        the layers from their shapes (the sparsified ``nn.Linear`` layers)."""
+        created = {
+            id(p) for t in self.targets if self._compressed(t) for p in t.module.parameters()
+        }
+        named = (*self.model.named_parameters(), *self.model.named_buffers())
+        on_meta = [name for name, t in named if t.is_meta and id(t) not in created]
+        if on_meta:
+            raise ConfigError(
+                f"parameters/buffers {on_meta} are on the meta device; only the sparsified "
+                "nn.Linear layers of backend='sparse' are created from their shapes. Build "
+                "the other layers on a real device (or pass backend='sparse')."
+            )
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -376,22 +394,6 @@ class Sparsifier:
         return (
             f"{type(self).__name__}(sparsity={self.config.sparsity}, "
             f"distribution={self.config.distribution!r}, layers={len(self.weights)}, step={self.step_count})"
-        )
-
-
-def _check_materialised(model: nn.Module) -> None:
-    """A model may be built on the ``meta`` device only where backend='sparse' creates
-    the layers from their shapes (the sparsified ``nn.Linear`` layers)."""
-    on_meta = [
-        name
-        for name, t in (*model.named_parameters(), *model.named_buffers())
-        if t is not None and t.is_meta
-    ]
-    if on_meta:
-        raise ConfigError(
-            f"parameters/buffers {on_meta} are on the meta device; only the sparsified "
-            "nn.Linear layers of backend='sparse' are created from their shapes. Build the "
-            "other layers on a real device (or pass backend='sparse')."
         )
 
 

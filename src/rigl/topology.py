@@ -149,6 +149,27 @@ def random_indices(numel: int, n_active: int, generator: torch.Generator | None)
     return _distinct_draws(numel, n_active, generator)
 
 
+def random_indices_outside(
+    numel: int, n: int, excluded: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """``n`` distinct flat positions of ``[0, numel)`` not in ``excluded`` (sorted int64),
+    uniformly at random: draws that hit ``excluded`` are rejected. O(n + len(excluded))
+    memory; meant for sparse ``excluded`` (e.g. a layer's active weights)."""
+    free = numel - excluded.numel()
+    if not 0 <= n <= free:
+        raise ValueError(f"cannot choose {n} of the {free} free positions")
+    chosen = torch.zeros(0, dtype=torch.int64)
+    while chosen.numel() < n:
+        missing = n - chosen.numel()
+        size = missing * numel // max(free, 1) + missing * n // max(free, 1) + 16
+        draws = torch.randint(numel, (size,), generator=generator)
+        slot = torch.searchsorted(excluded, draws).clamp_(max=max(excluded.numel() - 1, 0))
+        if excluded.numel():
+            draws = draws[excluded[slot] != draws]
+        chosen = _first_occurrences(torch.cat([chosen, draws]))
+    return chosen[:n]
+
+
 def _distinct_draws(numel: int, n: int, generator: torch.Generator | None) -> Tensor:
     """The first ``n`` distinct values of a stream of uniform draws from ``[0, numel)``."""
     chosen = torch.zeros(0, dtype=torch.int64)

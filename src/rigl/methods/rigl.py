@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from typing import Any
 
+import torch
+from torch import Tensor
+
+from rigl.config import ConfigError
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
 from rigl.storage import MaskedWeight, RowScores
@@ -16,11 +21,42 @@ class RigL(SET):
     As in the paper's Algorithm 1, an update step changes the topology instead of taking
     the optimizer step (``skip_optimizer_step_on_update=False`` takes both: the
     topology is updated first, then the step runs with the new mask).
+
+    ``grow_candidates`` (default None: exact RigL) is for layers too large to scan: on a
+    compressed (``backend="sparse"``) layer that grows ``k`` connections, the gradient is
+    computed only at ``ceil(grow_candidates * k)`` positions drawn uniformly among those
+    not kept, and the ``k`` largest grow. 1 is SET with zero-initialised growth; large
+    values approach exact RigL. Exact growth computes the full ``out x in`` gradient,
+    one block of rows at a time: ``out * in * batch`` multiply-adds per layer and update.
+    Masked layers hold the dense gradient anyway and always grow exactly.
     """
 
     update_before_step = True
     default_skip_optimizer_step = True
     supports_sparse_backend = True
 
+    def __init__(self, *args: Any, grow_candidates: float | None = None, **kwargs: Any) -> None:
+        if grow_candidates is not None and (
+            isinstance(grow_candidates, bool)
+            or not isinstance(grow_candidates, int | float)
+            or not grow_candidates >= 1
+        ):
+            raise ConfigError(f"grow_candidates={grow_candidates!r} must be None or a number >= 1")
+        self.grow_candidates = grow_candidates
+        super().__init__(*args, **kwargs)
+
     def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
         return lambda r0, r1: weight.gradient_rows(r0, r1).abs().reshape(-1)
+
+    def plan_layer(
+        self, index: int, weight: Any, step: int, generator: torch.Generator
+    ) -> Tensor | None:
+        if self.grow_candidates is None or not hasattr(weight, "rewire_sampled"):
+            return super().plan_layer(index, weight, step, generator)
+        n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
+        n_candidates = math.ceil(self.grow_candidates * n_update)
+        if n_update == 0 or n_candidates >= weight.numel - weight.n_active + n_update:
+            return super().plan_layer(index, weight, step, generator)  # no saving: exact
+        return weight.rewire_sampled(
+            n_update, lambda flat: weight.gradient_at(flat).abs(), n_candidates, generator
+        )

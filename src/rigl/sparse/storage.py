@@ -14,13 +14,15 @@ best by priority, so memory stays bounded even when millions of scores tie at ze
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from rigl.config import ConfigError
 from rigl.sparse.linear import SparseLinear
 from rigl.storage import RewireStats, RowScores, check_finite
-from rigl.topology import TieBreak, _priority, topk_indices
+from rigl.topology import TieBreak, _priority, random_indices_outside, topk_indices
 
 # Grow scores per block (16 MB of float32): for a wide layer (65536 inputs) that is 64
 # rows, enough for the gradient GEMM of a block to run near full speed.
@@ -90,16 +92,46 @@ class SparseWeight:
         """Rows [r0, r1) of the dense gradient ``dy^T x`` of the last update-step batch."""
         return self.layer.grad_rows(r0, r1)
 
+    def gradient_at(self, flat: Tensor) -> Tensor:
+        """The dense gradient at the flat positions ``flat`` only (an SDDMM)."""
+        return self.layer.grad_at(flat)
+
     # -- topology ----------------------------------------------------------------------
     def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
         """New active flat indices: drop the ``n_update`` smallest, grow the best ``grow``."""
-        active = self.layer.active_indices()
-        n_update = min(int(n_update), active.numel())
-        keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
-        keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
-        kept = active[keep]  # sorted
+        n_update = min(int(n_update), self.n_active)
+        kept = self._kept_after_drop(n_update, tie_break)
         grown = _blockwise_topk(grow, self.rows, self.cols, kept, n_update, tie_break, self.name)
         return torch.cat([kept, grown])
+
+    def rewire_sampled(
+        self,
+        n_update: int,
+        scores_at: Callable[[Tensor], Tensor],
+        n_candidates: int,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Like :meth:`rewire`, but grow the best ``n_update`` by ``scores_at(flat)`` among
+        ``n_candidates`` positions drawn uniformly from those not kept (the just-dropped
+        included): O(n_candidates) scores instead of a scan of every position."""
+        n_update = min(int(n_update), self.n_active)
+        kept = self._kept_after_drop(n_update, generator)
+        free = self.numel - kept.numel()
+        candidates = random_indices_outside(
+            self.numel, min(max(n_candidates, n_update), free), kept.cpu(), generator
+        ).to(kept.device)
+        score = scores_at(candidates)
+        check_finite(score, self.name)
+        grown = candidates[topk_indices(score, n_update, generator)]
+        return torch.cat([kept, grown])
+
+    def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> Tensor:
+        """Sorted flat indices of the active weights left after dropping the ``n_update``
+        of smallest magnitude."""
+        active = self.layer.active_indices()
+        keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
+        keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
+        return active[keep]
 
     @torch.no_grad()
     def set_topology(
