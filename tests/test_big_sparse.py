@@ -59,6 +59,18 @@ def test_random_indices_outside_avoid_the_excluded_positions():
         random_indices_outside(1000, 401, excluded.values, torch.Generator())
 
 
+def test_random_indices_outside_are_uniform_over_the_free_positions():
+    excluded = torch.arange(0, 60, 3)  # 20 of 60 excluded, 40 free
+    hits = torch.zeros(60)
+    for seed in range(400):  # 400 draws of 10 of 40: each free position expected 100 times
+        hits[random_indices_outside(60, 10, excluded, torch.Generator().manual_seed(seed))] += 1
+    assert float(hits[excluded].sum()) == 0
+    free = torch.ones(60, dtype=torch.bool)
+    free[excluded] = False
+    chi2 = float(((hits[free] - 100) ** 2 / 100).sum())
+    assert chi2 < 85  # 39 degrees of freedom: p < 1e-5 beyond ~85
+
+
 @pytest.mark.parametrize("block_elements", [7, 64, 1000, 1 << 20])
 @pytest.mark.parametrize("k", [1, 25, 300])
 def test_blockwise_topk_equals_one_topk(monkeypatch, block_elements, k):

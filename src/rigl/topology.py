@@ -153,21 +153,28 @@ def random_indices_outside(
     numel: int, n: int, excluded: Tensor, generator: torch.Generator | None
 ) -> Tensor:
     """``n`` distinct flat positions of ``[0, numel)`` not in ``excluded`` (sorted int64),
-    uniformly at random: draws that hit ``excluded`` are rejected. O(n + len(excluded))
-    memory; meant for sparse ``excluded`` (e.g. a layer's active weights)."""
+    uniformly at random, sorted. O(n + len(excluded)) memory; meant for sparse
+    ``excluded`` (e.g. a layer's active weights).
+
+    The distinct free positions hit by a stream of uniform draws are, given their number
+    ``m``, a uniform ``m``-subset of the free positions; drawing until ``m >= n`` and
+    leaving out ``m - n`` of them at random gives a uniform ``n``-subset (one sort per
+    round, no stable sort)."""
     free = numel - excluded.numel()
     if not 0 <= n <= free:
         raise ValueError(f"cannot choose {n} of the {free} free positions")
-    chosen = torch.zeros(0, dtype=torch.int64)
-    while chosen.numel() < n:
-        missing = n - chosen.numel()
-        size = missing * numel // max(free, 1) + missing * n // max(free, 1) + 16
+    pool = torch.zeros(0, dtype=torch.int64)
+    while pool.numel() < n:
+        missing = n - pool.numel()
+        size = missing * numel // max(free, 1) + missing * n // max(free, 1) + missing // 64 + 16
         draws = torch.randint(numel, (size,), generator=generator)
-        slot = torch.searchsorted(excluded, draws).clamp_(max=max(excluded.numel() - 1, 0))
+        pool = torch.unique(torch.cat([pool, draws]))
         if excluded.numel():
-            draws = draws[excluded[slot] != draws]
-        chosen = _first_occurrences(torch.cat([chosen, draws]))
-    return chosen[:n]
+            slot = torch.searchsorted(excluded, pool).clamp_(max=excluded.numel() - 1)
+            pool = pool[excluded[slot] != pool]
+    keep = torch.ones(pool.numel(), dtype=torch.bool)
+    keep[_distinct_draws(pool.numel(), pool.numel() - n, generator)] = False
+    return pool[keep]
 
 
 def _distinct_draws(numel: int, n: int, generator: torch.Generator | None) -> Tensor:
