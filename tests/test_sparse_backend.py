@@ -10,6 +10,8 @@ import rigl
 from rigl.sparse import SparseLinear
 from rigl.sparse import storage as sparse_storage
 from rigl.sparse.convert import to_dense
+from rigl.storage import NonFiniteScore
+from rigl.topology import topk_indices
 
 
 def _mlp() -> nn.Module:
@@ -100,6 +102,71 @@ def test_grad_rows_is_the_gradient_accumulated_over_backward_calls():
     layer.keep_grow_inputs(False)  # the kept batches are dropped
     with pytest.raises(RuntimeError, match="no kept batch"):
         layer.grad_rows(0, 16)
+
+
+def _skewed_scores(kind: str, rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    score = torch.rand(rows, cols, generator=g)
+    if kind == "ties":
+        score = (score * 8).floor()  # a mass of exact ties at the k-th value
+    elif kind == "first_rows_high":
+        score[: rows // 4] *= 10  # the first block's sampled guess overshoots: a rescan
+    elif kind == "last_rows_high":
+        score[rows // 2 :] *= 10
+    elif kind == "dead_inputs":
+        score[:, : cols // 3] = 0
+    return score
+
+
+@pytest.mark.parametrize(
+    "kind", ["uniform", "ties", "first_rows_high", "last_rows_high", "dead_inputs"]
+)
+@pytest.mark.parametrize("k", [1, 300, 6000, 60000])
+def test_blockwise_topk_with_sampled_cuts_equals_one_topk(monkeypatch, kind, k):
+    """Blocks of 2**16 scores: large enough for the sampled guesses (and their rescans)."""
+    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", 1 << 16)
+    g = torch.Generator().manual_seed(k)
+    rows, cols = 512, 512
+    score = _skewed_scores(kind, rows, cols, g)
+    kept = torch.sort(torch.randperm(rows * cols, generator=g)[:20000]).values
+    masked = score.reshape(-1).clone()
+    masked[kept] = -torch.inf
+    expected = topk_indices(masked, k, torch.Generator().manual_seed(9))
+    calls = []
+
+    def grow(r0, r1):
+        calls.append(r0)
+        return score[r0:r1].reshape(-1)  # a view: must not be written
+
+    got = sparse_storage._blockwise_topk(
+        grow, rows, cols, kept, k, torch.Generator().manual_seed(9), "w"
+    )
+    assert torch.equal(torch.sort(got).values, torch.sort(expected).values)
+    assert torch.equal(score, _skewed_scores(kind, rows, cols, torch.Generator().manual_seed(k)))
+    if kind == "uniform":
+        assert len(calls) == 4  # one pass over the four blocks
+
+
+def test_old_slots_of_a_plan_equal_a_search_of_every_position():
+    g = torch.Generator().manual_seed(0)
+    old = torch.sort(torch.randperm(5000, generator=g)[:800]).values
+    keep = torch.rand(800, generator=g) > 0.3
+    dropped = old[~keep]
+    fresh = torch.tensor([i for i in range(5000) if i not in set(old.tolist())])
+    grown = torch.cat([dropped[::3], fresh[torch.randperm(fresh.numel(), generator=g)[:100]]])
+    new = torch.cat([old[keep], grown[torch.randperm(grown.numel(), generator=g)]])
+    expected = sparse_storage._old_slots(old, new)
+    assert torch.equal(sparse_storage._old_slots_of_plan(old, keep, new), expected)
+    assert int((expected >= 0).sum()) == int(keep.sum()) + dropped[::3].numel()
+
+
+def test_non_finite_grow_scores_are_reported():
+    score = torch.rand(300, 300)
+    score[200, 7] = float("nan")
+    kept = torch.arange(0, 90000, 7)
+    with pytest.raises(NonFiniteScore, match="non-finite scores in w"):
+        sparse_storage._blockwise_topk(
+            lambda r0, r1: score[r0:r1].reshape(-1), 300, 300, kept, 50, torch.Generator(), "w"
+        )
 
 
 def test_invariants_on_the_sparse_backend_with_adam():

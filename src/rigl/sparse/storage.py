@@ -2,7 +2,8 @@
 
 A :class:`SparseWeight` wraps a :class:`~rigl.sparse.SparseLinear`: only the active values
 exist, so drop works on them directly, and growth scans the grow scores block by block of
-output rows, keeping a running top-k. No dense score, mask or gradient matrix is built.
+output rows, holding only the entries at or above a running cut. No dense score, mask or
+gradient matrix is built.
 
 Selection is the same function of (scores, seed) as on the masked backend, so the two
 backends choose identical masks: the k-th largest value ``v`` is found in a first pass;
@@ -35,6 +36,8 @@ class SparseWeight:
     def __init__(self, name: str, layer: SparseLinear) -> None:
         self.name = name
         self.layer = layer
+        self._keep: Tensor | None = None  # which active weights the last drop kept
+        self._plan: tuple[Tensor, Tensor] | None = None  # (planned flat indices, _keep)
 
     # -- shape and counts --------------------------------------------------------------
     @property
@@ -89,7 +92,8 @@ class SparseWeight:
         return self.param.detach().abs()
 
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
-        """Rows [r0, r1) of the dense gradient ``dy^T x`` of the last update-step batch."""
+        """Rows [r0, r1) of the dense gradient ``dy^T x``, accumulated over the update step's
+        backward calls."""
         return self.layer.grad_rows(r0, r1)
 
     def gradient_at(self, flat: Tensor) -> Tensor:
@@ -102,7 +106,7 @@ class SparseWeight:
         n_update = min(int(n_update), self.n_active)
         kept = self._kept_after_drop(n_update, tie_break)
         grown = _blockwise_topk(grow, self.rows, self.cols, kept, n_update, tie_break, self.name)
-        return torch.cat([kept, grown])
+        return self._planned(kept, grown)
 
     def rewire_sampled(
         self,
@@ -123,7 +127,7 @@ class SparseWeight:
         score = scores_at(candidates)
         check_finite(score, self.name)
         grown = candidates[topk_indices(score, n_update, generator)]
-        return torch.cat([kept, grown])
+        return self._planned(kept, grown)
 
     def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> Tensor:
         """Sorted flat indices of the active weights left after dropping the ``n_update``
@@ -131,7 +135,15 @@ class SparseWeight:
         active = self.layer.active_indices()
         keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
         keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
+        self._keep = keep
         return active[keep]
+
+    def _planned(self, kept: Tensor, grown: Tensor) -> Tensor:
+        """``kept`` then ``grown``, remembered with the drop mask: :meth:`set_topology` then
+        knows the old slot of every kept weight and searches only the grown ones."""
+        new_flat = torch.cat([kept, grown])
+        self._plan = (new_flat, self._keep)
+        return new_flat
 
     @torch.no_grad()
     def set_topology(
@@ -140,13 +152,13 @@ class SparseWeight:
         """Install the active set ``new_flat``: positions that stay keep value and optimizer
         state; new ones start at zero with zero state."""
         old_flat = self.layer.active_indices()
-        slot = torch.searchsorted(old_flat, new_flat).clamp_(max=max(old_flat.numel() - 1, 0))
-        survived = old_flat.numel() > 0 and old_flat[slot] == new_flat
-        survived = (
-            survived
-            if isinstance(survived, Tensor)
-            else torch.zeros_like(new_flat, dtype=torch.bool)
-        )
+        plan, self._plan = self._plan, None
+        if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
+            slot = _old_slots_of_plan(old_flat, plan[1], new_flat)
+        else:
+            slot = _old_slots(old_flat, new_flat)
+        survived = slot >= 0
+        slot = slot.clamp(min=0)
         values = self.param.detach()
         new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
         states = _weight_states(optimizer, self.param)
@@ -188,20 +200,113 @@ def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> li
     return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
 
 
+def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:
+    """Position of each ``new_flat`` entry in the sorted ``old_flat``, or -1 if absent."""
+    if old_flat.numel() == 0:
+        return torch.full_like(new_flat, -1)
+    slot = torch.searchsorted(old_flat, new_flat).clamp_(max=old_flat.numel() - 1)
+    return torch.where(old_flat[slot] == new_flat, slot, -1)
+
+
+def _old_slots_of_plan(old_flat: Tensor, keep: Tensor, new_flat: Tensor) -> Tensor:
+    """:func:`_old_slots` of ``new_flat = cat(old_flat[keep], grown)``: the kept slots are
+    known; a grown position can only be old if it was just dropped, so the grown ones are
+    looked up, sorted, among the dropped only (k searches in k, not nnz in nnz)."""
+    kept_slot = keep.nonzero().squeeze(1)
+    dropped_slot = (~keep).nonzero().squeeze(1)
+    grown_sorted, order = torch.sort(new_flat[kept_slot.numel() :])
+    grown_slot = _old_slots(old_flat[dropped_slot], grown_sorted)
+    grown_slot = torch.where(grown_slot >= 0, dropped_slot[grown_slot.clamp(min=0)], -1)
+    unsorted = torch.empty_like(grown_slot)
+    unsorted[order] = grown_slot
+    return torch.cat([kept_slot, unsorted])
+
+
 def _blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _block_scores(grow: RowScores, r0: int, r1: int, cols: int, kept: Tensor, name: str) -> Tensor:
-    """Scores of rows [r0, r1), flat, with kept positions at -inf."""
-    score = grow(r0, r1).reshape(-1).clone()
+def _block_hits(
+    grow: RowScores, r0: int, r1: int, cols: int, kept: Tensor, name: str
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Scores of rows [r0, r1), flat, and ``hits(cond)``: the block positions where the
+    bool ``cond`` holds, kept positions excluded (the scores themselves are not written:
+    ``grow`` may return a view of data it keeps)."""
+    score = grow(r0, r1).reshape(-1)
     check_finite(score, name)
     lo, hi = torch.searchsorted(
         kept, torch.tensor([r0 * cols, r1 * cols], device=kept.device)
     ).tolist()
-    score[kept[lo:hi] - r0 * cols] = -torch.inf
-    return score
+    kept_here = kept[lo:hi] - r0 * cols
+
+    def hits(cond: Tensor) -> Tensor:
+        cond[kept_here] = False
+        return cond.nonzero().squeeze(1)
+
+    return score, hits
+
+
+# Before k candidates are held there is no exact cut yet; a block is then cut at a value
+# estimated from a strided sample so that about twice its share of k pass (the sampled
+# prefilter of rigl.topology, per block). Skipping below a guess is exact as long as the
+# final k-th value is not below it, which is checked at the end (else those blocks are
+# scanned again from the final k-th value).
+_SAMPLE = 8192
+_SAMPLE_MIN = 1 << 16  # smaller blocks: no guess, every entry is a candidate
+
+
+def _sampled_cut(score: Tensor, share: float) -> float:
+    n = score.numel()
+    if n < _SAMPLE_MIN or 8 * share > n:
+        return -torch.inf  # no saving
+    sample = score[:: max(1, n // _SAMPLE)]
+    rank = sample.numel() - int(2 * share * sample.numel() / n) - 16
+    return float(torch.kthvalue(sample, rank).values) if rank >= 1 else -torch.inf
+
+
+class _Candidates:
+    """Entries ``(value, flat position)`` that may be among the ``k`` largest.
+
+    Every entry at or above its block's cut is held, except entries equal to a value in
+    ``lost`` (dropped from a mass of ties, to bound memory). ``floor`` is the k-th largest
+    value held at the last prune: it only rises and never passes the final k-th value, so
+    it is an exact cut for the blocks that follow.
+    """
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.k = k
+        self.val = torch.empty(0, device=device)
+        self.pos = torch.empty(0, dtype=torch.int64, device=device)
+        self.floor = -torch.inf
+        self.lost: list[float] = []
+
+    def add(
+        self, score: Tensor, hits: Callable[[Tensor], Tensor], lo: float, hi: float, offset: int
+    ) -> None:
+        """Hold the entries with ``lo <= score < hi`` (``score > -inf`` when lo is -inf)."""
+        cond = score > lo if lo == -torch.inf else score >= lo
+        if hi < torch.inf:
+            cond &= score < hi
+        local = hits(cond)
+        self.val = torch.cat([self.val, score[local]])
+        self.pos = torch.cat([self.pos, local + offset])
+        if self.val.numel() > 3 * self.k:  # bounded memory: back to about k
+            self.prune()
+
+    def prune(self) -> float:
+        """Hold only the entries >= the k-th largest value (returned; ``floor`` if < k held)."""
+        n = self.val.numel()
+        if n < self.k:
+            return self.floor
+        kth = float(torch.kthvalue(self.val, n - self.k + 1).values)
+        keep = self.val >= kth
+        if int(keep.count_nonzero()) > 2 * self.k:  # a mass of ties at kth: drop them
+            keep = self.val > kth
+            self.lost.append(kth)
+        self.floor = kth
+        self.val, self.pos = self.val[keep], self.pos[keep]
+        return kth
 
 
 def _blockwise_topk(
@@ -209,45 +314,36 @@ def _blockwise_topk(
 ) -> Tensor:
     """Flat positions of the ``k`` largest grow scores outside ``kept``, ties by priority.
 
-    Pass 1 keeps a running top-k and remembers every value at which it discarded an entry
-    equal to the cut (``lost``). If the final k-th value ``v`` is not among them, every
-    entry equal to ``v`` was kept and the ties are resolved from the kept set; otherwise
-    a counting pass and a drawing pass visit the tied entries in flat order.
+    One pass holds, per block, the entries at or above a cut: the running k-th value once
+    k entries are held (exact), before that a sampled guess (:func:`_sampled_cut`). Blocks
+    whose guess exceeds the final k-th value ``v`` are scanned again for the entries in
+    [v, guess) (rare). Entries tied at ``v`` are then chosen by priority in flat order, as
+    on the masked backend; if some were dropped (a mass of ties), a counting pass and a
+    drawing pass visit them again. Per block: one GEMM, one comparison, one gather.
     """
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=kept.device)
     blocks = _blocks(rows, cols)
-    best_val = torch.empty(0, device=kept.device)
-    best_pos = torch.empty(0, dtype=torch.int64, device=kept.device)
-    lost: list[float] = []
+    free = rows * cols - kept.numel()
+    held = _Candidates(k, kept.device)
+    cuts = []
     for r0, r1 in blocks:
-        score = _block_scores(grow, r0, r1, cols, kept, name)
-        local = None
-        if best_val.numel() == k:
-            # Below the running k-th value nothing can be chosen (it only rises) nor tie
-            # with the final one: one comparison pass instead of a top-k over the block.
-            local = (score >= best_val.min()).nonzero().squeeze(1)
-            score = score[local]
-            if score.numel() == 0:
-                continue
-        top = torch.topk(score, min(k, score.numel()), sorted=False)
-        cut = top.values.min()
-        if int((score >= cut).count_nonzero()) > top.values.numel():
-            lost.append(float(cut))  # an entry equal to ``cut`` was left out
-        best_val = torch.cat([best_val, top.values])
-        chosen = top.indices if local is None else local[top.indices]
-        best_pos = torch.cat([best_pos, chosen + r0 * cols])
-        if best_val.numel() > k:
-            order = torch.topk(best_val, k, sorted=False).indices
-            left_out = torch.ones(best_val.numel(), dtype=torch.bool, device=best_val.device)
-            left_out[order] = False
-            lost.append(float(best_val[left_out].max()))
-            best_val, best_pos = best_val[order], best_pos[order]
-    threshold = best_val.min()
-    above = best_pos[best_val > threshold]
+        score, hits = _block_hits(grow, r0, r1, cols, kept, name)
+        cut = held.floor
+        if cut == -torch.inf:
+            cut = _sampled_cut(score, k * score.numel() / free)
+        cuts.append(cut)
+        held.add(score, hits, cut, torch.inf, r0 * cols)
+    threshold = held.prune()
+    for (r0, r1), cut in zip(blocks, cuts, strict=True):
+        if cut > threshold:  # guessed too high: the entries in [threshold, cut) are missing
+            score, hits = _block_hits(grow, r0, r1, cols, kept, name)
+            held.add(score, hits, threshold, cut, r0 * cols)
+    threshold = held.prune()
+    above = held.pos[held.val > threshold]
     need = k - above.numel()
-    if float(threshold) not in lost:
-        tied = torch.sort(best_pos[best_val == threshold]).values
+    if threshold not in held.lost:
+        tied = torch.sort(held.pos[held.val == threshold]).values
         if tied.numel() > need:  # the same draws as the masked backend, in flat order
             tied = tied[torch.topk(_priority(tie_break, tied), need).indices]
         return torch.cat([above, tied])
@@ -261,21 +357,23 @@ def _tied_by_priority(
     blocks: list[tuple[int, int]],
     cols: int,
     kept: Tensor,
-    threshold: Tensor,
+    threshold: float,
     need: int,
     tie_break: TieBreak,
     name: str,
 ) -> Tensor:
     """``need`` of the entries equal to ``threshold``: all of them if exactly ``need``
     exist, else the best by priority, drawn per block in flat order (bounded memory)."""
-    n_tied = sum(
-        int((_block_scores(grow, r0, r1, cols, kept, name) == threshold).count_nonzero())
-        for r0, r1 in blocks
-    )
+
+    def tied(r0: int, r1: int) -> Tensor:
+        score, hits = _block_hits(grow, r0, r1, cols, kept, name)
+        return hits(score == threshold)
+
+    n_tied = sum(tied(r0, r1).numel() for r0, r1 in blocks)
     best_pos = torch.empty(0, dtype=torch.int64, device=kept.device)
     best_pri = torch.empty(0, device=kept.device)
     for r0, r1 in blocks:
-        local = (_block_scores(grow, r0, r1, cols, kept, name) == threshold).nonzero().squeeze(1)
+        local = tied(r0, r1)
         best_pos = torch.cat([best_pos, local + r0 * cols])
         if n_tied == need:
             continue
