@@ -206,3 +206,14 @@ def test_no_buffer_of_the_dense_shape_during_creation_steps_and_updates(
     # Bounded by the blocks of the grow scan (BLOCK_ELEMENTS floats), far below dense.
     assert largest <= 4 * sparse_storage.BLOCK_ELEMENTS * 1.1, (largest, op)
     assert largest < dense_bool_mask / 4, (largest, op)
+
+
+def test_grad_at_matches_the_dense_gradient_in_any_order_and_chunking():
+    layer = SparseLinear(50, 40, density=0.3, generator=torch.Generator().manual_seed(0))
+    layer.keep_grow_inputs(True)
+    for _ in range(2):  # accumulated over two backward calls
+        layer(torch.randn(8, 50)).square().sum().backward()
+    flat = torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:700]
+    dense = layer.grad_rows(0, 40).reshape(-1)[flat]
+    torch.testing.assert_close(layer.grad_at(flat), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.grad_at(flat, chunk=64), dense, rtol=1e-5, atol=1e-5)

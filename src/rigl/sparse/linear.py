@@ -253,11 +253,16 @@ class SparseLinear(nn.Module):
             grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
         return grad
 
-    def grad_at(self, flat: Tensor) -> Tensor:
+    def grad_at(self, flat: Tensor, chunk: int = 1 << 22) -> Tensor:
         """``dL/dW`` at the flat positions ``flat`` (any order, no repeats), accumulated over
-        the kept batches: an SDDMM over just those positions, O(len(flat)) memory."""
+        the kept batches: an SDDMM over just those positions, ``chunk`` positions at a time
+        (each chunk gets its own index: about 100 bytes per position while it is built)."""
         if not self._grow.xts:
             raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
+        flat = flat.reshape(-1)
+        return torch.cat([self._grad_at(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
+
+    def _grad_at(self, flat: Tensor) -> Tensor:
         index, order = SparseIndex.from_flat(flat, self.shape)
         zeros = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
         sorted_grad = zeros.clone()
