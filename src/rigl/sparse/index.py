@@ -58,11 +58,13 @@ class SparseIndex:
         if max(n_out, n_in) > _INT32_MAX:
             raise ValueError(f"shape {shape} is too large for int32 indices")
         flat = flat.reshape(-1).to(torch.int64)
-        flat_sorted, order = torch.sort(flat)
+        if flat.numel():
+            low, high = torch.aminmax(flat)
+            if low < 0 or high >= n_out * n_in:
+                raise ValueError(f"indices out of range for shape {shape}")
+        flat_sorted, order = _sort(flat, n_out * n_in)
         if flat_sorted.numel() > 1 and bool((flat_sorted[1:] == flat_sorted[:-1]).any()):
             raise ValueError("indices contain duplicate positions")
-        if flat_sorted.numel() and (flat_sorted[0] < 0 or flat_sorted[-1] >= n_out * n_in):
-            raise ValueError(f"indices out of range for shape {shape}")
         rows = torch.div(flat_sorted, n_in, rounding_mode="floor")
         cols = flat_sorted - rows * n_in
         return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz), order
@@ -83,10 +85,12 @@ class SparseIndex:
         cuts = torch.searchsorted(row_ptr.to(torch.int64), goals)
         bounds = torch.unique(torch.cat([torch.tensor([0, n_out]), cuts.clamp(0, n_out)]))
         n_blocks = bounds.numel() - 1
-        block = torch.bucketize(rows, bounds[1:-1], right=True)
-        # Blocked-CSC order: by (block, col, row); the CSR positions are row-major already.
+        block_of_row = torch.bucketize(torch.arange(n_out), bounds[1:-1], right=True)
+        block = block_of_row[rows]
+        # Blocked-CSC order: by (block, col, row); the CSR positions are row-major already,
+        # so a stable sort by (block, col) keeps the rows in order.
         key = block * n_in + cols
-        csc_order = torch.argsort(key * n_out + rows)
+        csc_order = _sort(key, n_blocks * n_in, stable=True)[1]
         counts = torch.bincount(key, minlength=n_blocks * n_in).reshape(n_blocks, n_in)
         col_ptr = torch.zeros(n_blocks, n_in + 1, dtype=torch.int64)
         col_ptr[:, 1:] = counts.reshape(-1).cumsum(0).reshape(n_blocks, n_in)
@@ -119,6 +123,15 @@ class SparseIndex:
             "row_idx": self.row_idx,
             "perm": self.perm,
         }
+
+
+def _sort(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.sort`` of int64 ``keys`` in [0, bound): on int32 copies when they fit, which
+    sorts 2-3x faster (an update rebuilds the index of every changed layer)."""
+    if bound <= _INT32_MAX:
+        values, order = torch.sort(keys.to(torch.int32), stable=stable)
+        return values.to(torch.int64), order
+    return torch.sort(keys, stable=stable)
 
 
 def _ptr(sorted_keys: Tensor, n: int) -> Tensor:
