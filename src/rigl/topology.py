@@ -140,6 +140,8 @@ def random_indices(numel: int, n_active: int, generator: torch.Generator | None)
     (int64, in no particular order). Memory O(n_active) above :data:`PERMUTATION_MAX`."""
     if not 0 <= n_active <= numel:
         raise ValueError(f"cannot choose {n_active} of {numel} positions")
+    if n_active == 0:  # e.g. an empty layer about to get its indices: no O(numel) draw
+        return torch.zeros(0, dtype=torch.int64)
     if numel <= PERMUTATION_MAX:
         return torch.randperm(numel, generator=generator)[:n_active]
     if 2 * n_active > numel:  # dense: draw the positions left out (O(numel) bools <= 2 n_active)
