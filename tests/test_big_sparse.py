@@ -59,15 +59,16 @@ def test_random_indices_outside_avoid_the_excluded_positions():
         random_indices_outside(1000, 401, excluded.values, torch.Generator())
 
 
-def test_random_indices_outside_are_uniform_over_the_free_positions():
+@pytest.mark.parametrize("n", [10, 30])  # rejection draws; most of the free positions
+def test_random_indices_outside_are_uniform_over_the_free_positions(n):
     excluded = torch.arange(0, 60, 3)  # 20 of 60 excluded, 40 free
     hits = torch.zeros(60)
-    for seed in range(400):  # 400 draws of 10 of 40: each free position expected 100 times
-        hits[random_indices_outside(60, 10, excluded, torch.Generator().manual_seed(seed))] += 1
+    for seed in range(400):  # 400 draws of n of 40: each free position expected 10 n times
+        hits[random_indices_outside(60, n, excluded, torch.Generator().manual_seed(seed))] += 1
     assert float(hits[excluded].sum()) == 0
     free = torch.ones(60, dtype=torch.bool)
     free[excluded] = False
-    chi2 = float(((hits[free] - 100) ** 2 / 100).sum())
+    chi2 = float(((hits[free] - 10 * n) ** 2 / (10 * n * (1 - n / 40))).sum())
     assert chi2 < 85  # 39 degrees of freedom: p < 1e-5 beyond ~85
 
 

@@ -165,6 +165,20 @@ def random_indices_outside(
     free = numel - excluded.numel()
     if not 0 <= n <= free:
         raise ValueError(f"cannot choose {n} of the {free} free positions")
+    if 2 * n > free:  # most free positions: list them (O(numel) <= O(4 n)) and leave some out
+        is_free = torch.ones(numel, dtype=torch.bool)
+        is_free[excluded] = False
+        pool = is_free.nonzero().squeeze(1)
+    else:  # a few: rejection sampling, never more than about 2 n positions at once
+        pool = _free_draws(numel, n, excluded, generator)
+    keep = torch.ones(pool.numel(), dtype=torch.bool)
+    keep[_distinct_draws(pool.numel(), pool.numel() - n, generator)] = False
+    return pool[keep]
+
+
+def _free_draws(numel: int, n: int, excluded: Tensor, generator: torch.Generator | None) -> Tensor:
+    """At least ``n`` distinct positions not in ``excluded``, hit by uniform draws (sorted)."""
+    free = numel - excluded.numel()
     pool = torch.zeros(0, dtype=torch.int64)
     while pool.numel() < n:
         missing = n - pool.numel()
@@ -174,9 +188,7 @@ def random_indices_outside(
         if excluded.numel():
             slot = torch.searchsorted(excluded, pool).clamp_(max=excluded.numel() - 1)
             pool = pool[excluded[slot] != pool]
-    keep = torch.ones(pool.numel(), dtype=torch.bool)
-    keep[_distinct_draws(pool.numel(), pool.numel() - n, generator)] = False
-    return pool[keep]
+    return pool
 
 
 def _distinct_draws(numel: int, n: int, generator: torch.Generator | None) -> Tensor:

@@ -26,7 +26,8 @@ class RigL(SET):
     compressed (``backend="sparse"``) layer that grows ``k`` connections, the gradient is
     computed only at ``ceil(grow_candidates * k)`` positions drawn uniformly among those
     not kept, and the ``k`` largest grow. 1 is SET with zero-initialised growth; large
-    values approach exact RigL. Exact growth computes the full ``out x in`` gradient,
+    values approach exact RigL; where the candidates would be more than half of the
+    positions not kept, the layer grows exactly. Exact growth computes the full ``out x in`` gradient,
     one block of rows at a time: ``out * in * batch`` multiply-adds per layer and update.
     Masked layers hold the dense gradient anyway and always grow exactly.
     """
@@ -55,8 +56,9 @@ class RigL(SET):
             return super().plan_layer(index, weight, step, generator)
         n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
         n_candidates = math.ceil(self.grow_candidates * n_update)
-        if n_update == 0 or n_candidates >= weight.numel - weight.n_active + n_update:
-            return super().plan_layer(index, weight, step, generator)  # no saving: exact
+        free = weight.numel - weight.n_active + n_update
+        if n_update == 0 or 2 * n_candidates > free:
+            return super().plan_layer(index, weight, step, generator)  # little saving: exact
         return weight.rewire_sampled(
             n_update, lambda flat: weight.gradient_at(flat).abs(), n_candidates, generator
         )
