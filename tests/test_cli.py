@@ -122,6 +122,24 @@ def test_callbacks_and_named_recorders_see_every_step(tmp_path, data_root):
     assert (tmp_path / "run" / "dynamics.csv").exists() and result["total_steps"] == 20
 
 
+def test_sparse_backend_trains_like_the_masked_one(tmp_path, data_root):
+    """--backend sparse: SparseLinear layers, the same masks and the same final numbers."""
+    runs = {}
+    for backend in ("masked", "sparse"):
+        (tmp_path / backend).mkdir()
+        config = tiny_config(tmp_path / backend, data_root)
+        assert main(["train", "--config", str(config), "--quiet", "--backend", backend]) == 0
+        runs[backend] = tmp_path / backend / "run"
+    masked, sparse = final(runs["masked"]), final(runs["sparse"])
+    for key in ("test_accuracy", "params", "density", "inference_flops", "train_flops_ratio"):
+        assert sparse[key] == pytest.approx(masked[key], rel=1e-5), key
+    topology = [(runs[b] / "topology.csv").read_text() for b in ("masked", "sparse")]
+    assert topology[0] == topology[1]  # identical masks at every update
+    assert yaml.safe_load((runs["sparse"] / "config.yaml").read_text())["backend"] == "sparse"
+    state = torch.load(runs["sparse"] / "checkpoint.pt", weights_only=True)
+    assert any(key.endswith(".values") for key in state["model"])  # compressed layers
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -129,6 +147,8 @@ def test_callbacks_and_named_recorders_see_every_step(tmp_path, data_root):
         (["--epochs", "two"], "epochs='two' has the wrong type"),
         (["--data_root", "/no/such/folder"], "data_root='/no/such/folder': no such folder"),
         (["--method", "magic"], "method='magic' is unknown"),
+        (["--backend", "csr"], "backend='csr' is unknown"),
+        (["--backend", "sparse", "--method", "snfs"], "backend='sparse' with method='snfs'"),
     ],
 )
 def test_bad_flags_fail_before_training(tmp_path, data_root, capsys, args, message):

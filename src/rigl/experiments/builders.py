@@ -261,6 +261,7 @@ def make_sparsifier(
         seed=config.seed,
         first_layer_dense=config.first_layer_dense,
         last_layer_dense=config.last_layer_dense,
+        backend=config.backend,
         **options,
     )
 

@@ -44,6 +44,7 @@ SYNONYMS = {  # names an unknown key probably meant: the paper's symbols, common
 }
 DISTRIBUTIONS = ("uniform", "er", "erk")
 DECAYS = ("cosine", "linear", "constant")
+BACKENDS = ("masked", "sparse")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ExperimentConfig:
     drop_fraction: float = 0.3  # α
     decay: str = "cosine"  # f_decay
     method_options: dict[str, Any] = field(default_factory=dict)  # other rigl.create kwargs
+    backend: str = "masked"  # "sparse": Linear layers as compressed SparseLinear (static/set/rigl)
     # -- optimisation ----------------------------------------------------------------
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -115,8 +117,16 @@ class ExperimentConfig:
             ("lr_schedule", LR_SCHEDULES),
             ("width_rule", WIDTH_RULES),
             ("augment", AUGMENTS),
+            ("backend", BACKENDS),
         ):
             _choice(name, getattr(self, name), allowed)
+        if self.backend == "sparse" and not rigl.get_method(self.method).supports_sparse_backend:
+            raise ConfigError(
+                f"backend='sparse' with method={self.method!r}: the compressed backend runs "
+                "static, set and rigl (the others keep dense state); use backend: masked"
+            )
+        if "backend" in self.method_options:
+            raise ConfigError("method_options.backend: set the backend with the key 'backend'")
         from rigl.experiments.callbacks import list_recorders
 
         for name in self.recorders:

@@ -3,6 +3,7 @@ Small-Dense / Big-Sparse widths, all from ``rigl.flops`` with the paper's conven
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -47,11 +48,22 @@ def solve_width(config: ExperimentConfig, data: Any) -> float:
     )
 
 
+def _dense_equivalent(model: nn.Module) -> nn.Module:
+    """``model``, or with backend='sparse' a copy whose SparseLinear layers are nn.Linear
+    again (zeros at inactive weights): the counters know the dense layer types."""
+    from rigl.sparse import SparseLinear
+    from rigl.sparse.convert import to_dense
+
+    if not any(isinstance(m, SparseLinear) for m in model.modules()):
+        return model
+    return to_dense(copy.deepcopy(model))
+
+
 def final_numbers(run: Any) -> dict[str, Any]:
     """Test accuracy, active parameters and FLOPs relative to the dense model."""
     from rigl.flops import count_flops, train_flops_ratio
 
-    config, model = run.config, run.model
+    config, model = run.config, _dense_equivalent(run.model)
     densities = {s.name: s.density for s in run.sparsifier.summary()}
     example = run.data.test[:2][0].to(run.device)
     report = count_flops(model, example, densities)
