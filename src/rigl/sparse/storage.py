@@ -294,19 +294,22 @@ class _Candidates:
         if self.val.numel() > 3 * self.k:  # bounded memory: back to about k
             self.prune()
 
-    def prune(self) -> float:
-        """Hold only the entries >= the k-th largest value (returned; ``floor`` if < k held)."""
+    def kth(self) -> float:
+        """The k-th largest value held (``floor`` if fewer than k are held)."""
         n = self.val.numel()
-        if n < self.k:
-            return self.floor
-        kth = float(torch.kthvalue(self.val, n - self.k + 1).values)
+        return self.floor if n < self.k else float(torch.kthvalue(self.val, n - self.k + 1).values)
+
+    def prune(self) -> None:
+        """Hold only the entries >= the k-th largest value."""
+        if self.val.numel() < self.k:
+            return
+        kth = self.kth()
         keep = self.val >= kth
         if int(keep.count_nonzero()) > 2 * self.k:  # a mass of ties at kth: drop them
             keep = self.val > kth
             self.lost.append(kth)
         self.floor = kth
         self.val, self.pos = self.val[keep], self.pos[keep]
-        return kth
 
 
 def _blockwise_topk(
@@ -334,12 +337,12 @@ def _blockwise_topk(
             cut = _sampled_cut(score, k * score.numel() / free)
         cuts.append(cut)
         held.add(score, hits, cut, torch.inf, r0 * cols)
-    threshold = held.prune()
+    threshold = held.kth()
     for (r0, r1), cut in zip(blocks, cuts, strict=True):
         if cut > threshold:  # guessed too high: the entries in [threshold, cut) are missing
             score, hits = _block_hits(grow, r0, r1, cols, kept, name)
             held.add(score, hits, threshold, cut, r0 * cols)
-    threshold = held.prune()
+    threshold = held.kth()
     above = held.pos[held.val > threshold]
     need = k - above.numel()
     if threshold not in held.lost:
