@@ -229,10 +229,11 @@ def _blocks(rows: int, cols: int) -> list[tuple[int, int]]:
 
 def _block_hits(
     grow: RowScores, r0: int, r1: int, cols: int, kept: Tensor, name: str
-) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """Scores of rows [r0, r1), flat, and ``hits(cond)``: the block positions where the
-    bool ``cond`` holds, kept positions excluded (the scores themselves are not written:
-    ``grow`` may return a view of data it keeps)."""
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """Scores of rows [r0, r1), flat; the kept positions of the block (sorted, local); and
+    ``hits(cond)``: the block positions where the bool ``cond`` holds, kept positions
+    excluded (the scores themselves are not written: ``grow`` may return a view of data
+    it keeps)."""
     score = grow(r0, r1).reshape(-1)
     check_finite(score, name)
     lo, hi = torch.searchsorted(
@@ -244,24 +245,32 @@ def _block_hits(
         cond[kept_here] = False
         return cond.nonzero().squeeze(1)
 
-    return score, hits
+    return score, kept_here, hits
 
 
 # Before k candidates are held there is no exact cut yet; a block is then cut at a value
-# estimated from a strided sample so that about twice its share of k pass (the sampled
-# prefilter of rigl.topology, per block). Skipping below a guess is exact as long as the
-# final k-th value is not below it, which is checked at the end (else those blocks are
-# scanned again from the final k-th value).
+# estimated from a strided sample of its free (not kept) positions so that about
+# ``margin`` times its share of k pass (the sampled prefilter of rigl.topology, per
+# block). Skipping below a guess is exact as long as the final k-th value is not below
+# it: if fewer than k pass in all, the blocks are scanned again below their cuts with a
+# larger margin; if the final k-th value is below some cut, those blocks are scanned
+# again from it.
 _SAMPLE = 8192
 _SAMPLE_MIN = 1 << 16  # smaller blocks: no guess, every entry is a candidate
 
 
-def _sampled_cut(score: Tensor, share: float) -> float:
+def _sampled_cut(score: Tensor, kept_here: Tensor, share: float) -> float:
+    """A value about ``share`` free entries of ``score`` are at or above (-inf: none)."""
     n = score.numel()
-    if n < _SAMPLE_MIN or 8 * share > n:
+    n_free = n - kept_here.numel()
+    if n < _SAMPLE_MIN or 8 * share > n_free:
         return -torch.inf  # no saving
-    sample = score[:: max(1, n // _SAMPLE)]
-    rank = sample.numel() - int(2 * share * sample.numel() / n) - 16
+    pos = torch.arange(0, n, max(1, n // _SAMPLE), device=score.device)
+    if kept_here.numel():
+        at = torch.searchsorted(kept_here, pos).clamp_(max=kept_here.numel() - 1)
+        pos = pos[kept_here[at] != pos]
+    sample = score[pos]
+    rank = sample.numel() - int(share * sample.numel() / n_free) - 16
     return float(torch.kthvalue(sample, rank).values) if rank >= 1 else -torch.inf
 
 
@@ -318,9 +327,10 @@ def _blockwise_topk(
     """Flat positions of the ``k`` largest grow scores outside ``kept``, ties by priority.
 
     One pass holds, per block, the entries at or above a cut: the running k-th value once
-    k entries are held (exact), before that a sampled guess (:func:`_sampled_cut`). Blocks
-    whose guess exceeds the final k-th value ``v`` are scanned again for the entries in
-    [v, guess) (rare). Entries tied at ``v`` are then chosen by priority in flat order, as
+    k entries are held (exact), before that a sampled guess (:func:`_sampled_cut`). If
+    fewer than k entries passed, the blocks are scanned again below their cuts with lower
+    guesses; blocks whose cut exceeds the final k-th value ``v`` are scanned again for the
+    entries in [v, cut) (both rare). Entries tied at ``v`` are then chosen by priority in flat order, as
     on the masked backend; if some were dropped (a mass of ties), a counting pass and a
     drawing pass visit them again. Per block: one GEMM, one comparison, one gather.
     """
@@ -329,18 +339,28 @@ def _blockwise_topk(
     blocks = _blocks(rows, cols)
     free = rows * cols - kept.numel()
     held = _Candidates(k, kept.device)
-    cuts = []
-    for r0, r1 in blocks:
-        score, hits = _block_hits(grow, r0, r1, cols, kept, name)
-        cut = held.floor
-        if cut == -torch.inf:
-            cut = _sampled_cut(score, k * score.numel() / free)
-        cuts.append(cut)
-        held.add(score, hits, cut, torch.inf, r0 * cols)
+    done = [torch.inf] * len(blocks)  # block i holds every free entry >= done[i]
+    margin = 2.0
+    while True:
+        for i, (r0, r1) in enumerate(blocks):
+            if done[i] == -torch.inf:
+                continue
+            score, kept_here, hits = _block_hits(grow, r0, r1, cols, kept, name)
+            cut = held.floor
+            if cut == -torch.inf:
+                share = k * (score.numel() - kept_here.numel()) / free
+                cut = _sampled_cut(score, kept_here, margin * share)
+            if cut < done[i]:
+                held.add(score, hits, cut, done[i], r0 * cols)
+                done[i] = cut
+        seen_k = held.val.numel() >= k or held.floor > -torch.inf  # a prune saw k
+        if seen_k or all(d == -torch.inf for d in done):
+            break
+        margin *= 8  # fewer than k passed the guesses: lower them
     threshold = held.kth()
-    for (r0, r1), cut in zip(blocks, cuts, strict=True):
+    for (r0, r1), cut in zip(blocks, done, strict=True):
         if cut > threshold:  # guessed too high: the entries in [threshold, cut) are missing
-            score, hits = _block_hits(grow, r0, r1, cols, kept, name)
+            score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
             held.add(score, hits, threshold, cut, r0 * cols)
     threshold = held.kth()
     above = held.pos[held.val > threshold]
@@ -369,7 +389,7 @@ def _tied_by_priority(
     exist, else the best by priority, drawn per block in flat order (bounded memory)."""
 
     def tied(r0: int, r1: int) -> Tensor:
-        score, hits = _block_hits(grow, r0, r1, cols, kept, name)
+        score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
         return hits(score == threshold)
 
     n_tied = sum(tied(r0, r1).numel() for r0, r1 in blocks)
