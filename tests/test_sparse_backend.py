@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rigl
-from rigl.sparse import SparseLinear
+from rigl.sparse import SparseLinear, kernels
 from rigl.sparse import storage as sparse_storage
 from rigl.sparse.convert import to_dense
 from rigl.storage import NonFiniteScore
@@ -149,17 +149,25 @@ def test_blockwise_topk_with_sampled_cuts_equals_one_topk(monkeypatch, kind, k):
         assert len(calls) == 4  # one pass over the four blocks
 
 
-def test_old_slots_of_a_plan_equal_a_search_of_every_position():
+@pytest.mark.parametrize("use", ["torch", "cpp"])
+def test_merged_plan_equals_a_sort_and_a_search_of_every_position(use):
+    if use == "cpp" and kernels.extension() is None:
+        pytest.skip("C++ kernels did not build")
     g = torch.Generator().manual_seed(0)
     old = torch.sort(torch.randperm(5000, generator=g)[:800]).values
     keep = torch.rand(800, generator=g) > 0.3
     dropped = old[~keep]
     fresh = torch.tensor([i for i in range(5000) if i not in set(old.tolist())])
     grown = torch.cat([dropped[::3], fresh[torch.randperm(fresh.numel(), generator=g)[:100]]])
-    new = torch.cat([old[keep], grown[torch.randperm(grown.numel(), generator=g)]])
-    expected = sparse_storage._old_slots(old, new)
-    assert torch.equal(sparse_storage._old_slots_of_plan(old, keep, new), expected)
-    assert int((expected >= 0).sum()) == int(keep.sum()) + dropped[::3].numel()
+    grown = grown[torch.randperm(grown.numel(), generator=g)]
+    merged, slot = sparse_storage._merge_plan(old, keep, grown, 5000, use)
+    expected = torch.sort(torch.cat([old[keep], grown])).values
+    assert torch.equal(merged, expected)
+    assert torch.equal(slot, sparse_storage._old_slots(old, expected))
+    assert int((slot >= 0).sum()) == int(keep.sum()) + dropped[::3].numel()
+    if use == "cpp":
+        with pytest.raises(RuntimeError, match="overlap"):  # a grown position that was kept
+            sparse_storage._merge_plan(old, keep, old[keep][:1], 5000, use)
 
 
 def test_non_finite_grow_scores_are_reported():

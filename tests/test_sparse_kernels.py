@@ -96,9 +96,11 @@ def test_index_rejects_duplicates_and_out_of_range():
         SparseIndex.from_flat(torch.tensor([4]), (2, 2))
 
 
-def test_index_orders_are_consistent():
+@pytest.mark.parametrize("use", BACKENDS)
+def test_index_orders_are_consistent(use):
     mask = random_pattern((13, 17), 0.3)
-    index = index_of(mask)
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    index = SparseIndex.from_flat(flat, (13, 17), 37, use=use)[0]
     rows, cols = mask.nonzero().unbind(1)
     assert torch.equal(index.rows(), rows)
     assert torch.equal(index.col_idx.long(), cols)
@@ -114,6 +116,22 @@ def test_index_orders_are_consistent():
             seg = slice(int(col_ptr[b, i]), int(col_ptr[b, i + 1]))
             assert bool((cols[perm[seg]] == i).all()) and bool((block[seg] == b).all())
     assert all(t.dtype == torch.int32 for t in index.tensors().values())
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
+@pytest.mark.parametrize(
+    ("shape", "density", "block_nnz"),
+    [((2, 2), 1.0, 1), ((50, 3000), 0.01, 16), ((300, 200), 0.2, 1000), ((64, 64), 0.0, 8)],
+)
+def test_compiled_and_torch_indices_are_equal(shape, density, block_nnz):
+    mask = random_pattern(shape, density, seed=3, empty_rows=(0,), empty_cols=(1,))
+    flat = mask.reshape(-1).nonzero().squeeze(1)
+    flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1))]
+    a, order_a = SparseIndex.from_flat(flat, shape, block_nnz, use="cpp")
+    b, order_b = SparseIndex.from_flat(flat, shape, block_nnz, use="torch")
+    assert torch.equal(order_a, order_b)
+    for name, tensor in a.tensors().items():
+        assert torch.equal(tensor, b.tensors()[name]), name
 
 
 def test_env_var_forces_torch_fallback():

@@ -47,12 +47,19 @@ class SparseIndex:
 
     @staticmethod
     def from_flat(
-        flat: Tensor, shape: tuple[int, int], block_nnz: int = BLOCK_NNZ
-    ) -> tuple[SparseIndex, Tensor]:
+        flat: Tensor,
+        shape: tuple[int, int],
+        block_nnz: int = BLOCK_NNZ,
+        *,
+        presorted: bool = False,
+        use: str | None = None,
+    ) -> tuple[SparseIndex, Tensor | None]:
         """Index of the positions ``flat = row * in + col`` (any order, no duplicates).
 
         Returns the index and ``order``: ``flat[order]`` is row-major sorted, so values
-        given in the order of ``flat`` are stored as ``values[order]``.
+        given in the order of ``flat`` are stored as ``values[order]`` (``order`` is None
+        when ``presorted`` says ``flat`` is sorted already). ``use`` picks the CSC builder
+        as in :mod:`rigl.sparse.kernels` (None: compiled when available).
         """
         n_out, n_in = shape
         if max(n_out, n_in) > _INT32_MAX:
@@ -62,18 +69,29 @@ class SparseIndex:
             low, high = torch.aminmax(flat)
             if low < 0 or high >= n_out * n_in:
                 raise ValueError(f"indices out of range for shape {shape}")
-        flat_sorted, order = _sort(flat, n_out * n_in)
-        if flat_sorted.numel() > 1 and bool((flat_sorted[1:] == flat_sorted[:-1]).any()):
-            raise ValueError("indices contain duplicate positions")
+        flat_sorted, order = (flat, None) if presorted else _sort(flat, n_out * n_in)
+        if flat_sorted.numel() > 1 and bool((flat_sorted[1:] <= flat_sorted[:-1]).any()):
+            raise ValueError(
+                "indices contain duplicate positions"
+                if order is not None
+                else "presorted indices are not strictly increasing"
+            )
         rows = torch.div(flat_sorted, n_in, rounding_mode="floor")
         cols = flat_sorted - rows * n_in
-        return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz), order
+        return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz, use=use), order
 
     @staticmethod
     def from_sorted_coo(
-        rows: Tensor, cols: Tensor, shape: tuple[int, int], block_nnz: int = BLOCK_NNZ
+        rows: Tensor,
+        cols: Tensor,
+        shape: tuple[int, int],
+        block_nnz: int = BLOCK_NNZ,
+        *,
+        use: str | None = None,
     ) -> SparseIndex:
         """Index of row-major sorted, unique coordinates."""
+        from rigl.sparse import kernels  # kernels imports this module
+
         n_out, n_in = shape
         nnz = rows.numel()
         if nnz > _INT32_MAX:
@@ -84,25 +102,21 @@ class SparseIndex:
         goals = torch.arange(1, n_blocks, dtype=torch.int64) * nnz // n_blocks
         cuts = torch.searchsorted(row_ptr.to(torch.int64), goals)
         bounds = torch.unique(torch.cat([torch.tensor([0, n_out]), cuts.clamp(0, n_out)]))
-        n_blocks = bounds.numel() - 1
-        block_of_row = torch.bucketize(torch.arange(n_out), bounds[1:-1], right=True)
-        block = block_of_row[rows]
-        # Blocked-CSC order: by (block, col, row); the CSR positions are row-major already,
-        # so a stable sort by (block, col) keeps the rows in order.
-        key = block * n_in + cols
-        csc_order = _sort(key, n_blocks * n_in, stable=True)[1]
-        counts = torch.bincount(key, minlength=n_blocks * n_in).reshape(n_blocks, n_in)
-        col_ptr = torch.zeros(n_blocks, n_in + 1, dtype=torch.int64)
-        col_ptr[:, 1:] = counts.reshape(-1).cumsum(0).reshape(n_blocks, n_in)
-        col_ptr[1:, 0] = col_ptr[:-1, -1]
+        col_idx = cols.to(torch.int32)
+        block_rows = bounds.to(torch.int32)
+        ext = kernels._pick(use)
+        if ext is not None:
+            col_ptr, row_idx, perm = ext.csc_index(row_ptr, col_idx, block_rows, n_in)
+        else:
+            col_ptr, row_idx, perm = _blocked_csc(rows, cols, bounds, n_out, n_in)
         return SparseIndex(
             shape=(n_out, n_in),
             row_ptr=row_ptr,
-            col_idx=cols.to(torch.int32),
-            block_rows=bounds.to(torch.int32),
-            col_ptr=col_ptr.reshape(-1).to(torch.int32),
-            row_idx=rows[csc_order].to(torch.int32),
-            perm=csc_order.to(torch.int32),
+            col_idx=col_idx,
+            block_rows=block_rows,
+            col_ptr=col_ptr,
+            row_idx=row_idx,
+            perm=perm,
         )
 
     def rows(self) -> Tensor:
@@ -123,6 +137,26 @@ class SparseIndex:
             "row_idx": self.row_idx,
             "perm": self.perm,
         }
+
+
+def _blocked_csc(
+    rows: Tensor, cols: Tensor, bounds: Tensor, n_out: int, n_in: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(col_ptr, row_idx, perm)`` of the row blocks ``bounds`` in stock torch: a stable
+    sort of the (row-major) positions by (block, col) keeps the rows of a column in order."""
+    n_blocks = bounds.numel() - 1
+    block_of_row = torch.bucketize(torch.arange(n_out), bounds[1:-1], right=True)
+    key = block_of_row[rows] * n_in + cols
+    csc_order = _sort(key, n_blocks * n_in, stable=True)[1]
+    counts = torch.bincount(key, minlength=n_blocks * n_in).reshape(n_blocks, n_in)
+    col_ptr = torch.zeros(n_blocks, n_in + 1, dtype=torch.int64)
+    col_ptr[:, 1:] = counts.reshape(-1).cumsum(0).reshape(n_blocks, n_in)
+    col_ptr[1:, 0] = col_ptr[:-1, -1]
+    return (
+        col_ptr.reshape(-1).to(torch.int32),
+        rows[csc_order].to(torch.int32),
+        csc_order.to(torch.int32),
+    )
 
 
 def _sort(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, Tensor]:

@@ -165,9 +165,16 @@ class SparseLinear(nn.Module):
             new_indices = new_indices[0].to(torch.int64) * self.in_features + new_indices[1]
         return self._set_index(new_indices, new_values.detach())
 
-    def _set_index(self, flat: Tensor, values: Tensor) -> Tensor:
-        index, order = SparseIndex.from_flat(flat, (self.out_features, self.in_features))
-        stored = values.to(self.values.dtype)[order]
+    def set_sorted_topology(self, flat: Tensor, values: Tensor) -> None:
+        """:meth:`set_topology` for positions already sorted row-major (no sort needed)."""
+        self._set_index(flat, values.detach(), presorted=True)
+
+    def _set_index(self, flat: Tensor, values: Tensor, presorted: bool = False) -> Tensor | None:
+        index, order = SparseIndex.from_flat(
+            flat, (self.out_features, self.in_features), presorted=presorted, use=self.kernels
+        )
+        stored = values.to(self.values.dtype)
+        stored = stored if order is None else stored[order]
         if stored.numel() == self.values.numel():
             self.values.data.copy_(stored)
         else:

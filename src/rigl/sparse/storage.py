@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from rigl.config import ConfigError
+from rigl.sparse import kernels
+from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
 from rigl.storage import RewireStats, RowScores, check_finite
 from rigl.topology import TieBreak, _priority, random_indices_outside, topk_indices
@@ -140,7 +142,7 @@ class SparseWeight:
 
     def _planned(self, kept: Tensor, grown: Tensor) -> Tensor:
         """``kept`` then ``grown``, remembered with the drop mask: :meth:`set_topology` then
-        knows the old slot of every kept weight and searches only the grown ones."""
+        merges the two sorted runs and knows the old slot of every kept weight."""
         new_flat = torch.cat([kept, grown])
         self._plan = (new_flat, self._keep)
         return new_flat
@@ -154,9 +156,12 @@ class SparseWeight:
         old_flat = self.layer.active_indices()
         plan, self._plan = self._plan, None
         if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
-            slot = _old_slots_of_plan(old_flat, plan[1], new_flat)
+            n_kept = int(plan[1].count_nonzero())
+            grown = new_flat[n_kept:]
+            merged, slot = _merge_plan(old_flat, plan[1], grown, self.numel, self.layer.kernels)
         else:
-            slot = _old_slots(old_flat, new_flat)
+            merged = _sort(new_flat.reshape(-1).to(torch.int64), self.numel)[0]
+            slot = _old_slots(old_flat, merged)
         survived = slot >= 0
         slot = slot.clamp(min=0)
         values = self.param.detach()
@@ -165,9 +170,9 @@ class SparseWeight:
         new_states = [
             torch.where(survived, s[slot], torch.zeros((), dtype=s.dtype)) for s in states
         ]
-        order = self.layer.set_topology(new_flat, new_values)
+        self.layer.set_sorted_topology(merged, new_values)
         for state, new in zip(states, new_states, strict=True):
-            state.copy_(new[order])
+            state.copy_(new)
         n_grown = int((~survived).count_nonzero())
         return RewireStats(self.name, self.n_active, n_grown, n_grown)
 
@@ -208,18 +213,19 @@ def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:
     return torch.where(old_flat[slot] == new_flat, slot, -1)
 
 
-def _old_slots_of_plan(old_flat: Tensor, keep: Tensor, new_flat: Tensor) -> Tensor:
-    """:func:`_old_slots` of ``new_flat = cat(old_flat[keep], grown)``: the kept slots are
-    known; a grown position can only be old if it was just dropped, so the grown ones are
-    looked up, sorted, among the dropped only (k searches in k, not nnz in nnz)."""
+def _merge_plan(
+    old_flat: Tensor, keep: Tensor, grown: Tensor, numel: int, use: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The new active set, sorted: ``old_flat[keep]`` merged with ``grown``; and each
+    entry's slot in the sorted ``old_flat`` (kept, or dropped and grown again), else -1.
+    ``use`` picks the compiled merge or stock torch as in :mod:`rigl.sparse.kernels`."""
+    grown = _sort(grown.to(torch.int64), numel)[0]
+    ext = kernels._pick(use)
+    if ext is not None and old_flat.device.type == "cpu":
+        return tuple(ext.merge_plan(old_flat.contiguous(), keep.contiguous(), grown))
     kept_slot = keep.nonzero().squeeze(1)
-    dropped_slot = (~keep).nonzero().squeeze(1)
-    grown_sorted, order = torch.sort(new_flat[kept_slot.numel() :])
-    grown_slot = _old_slots(old_flat[dropped_slot], grown_sorted)
-    grown_slot = torch.where(grown_slot >= 0, dropped_slot[grown_slot.clamp(min=0)], -1)
-    unsorted = torch.empty_like(grown_slot)
-    unsorted[order] = grown_slot
-    return torch.cat([kept_slot, unsorted])
+    merged, order = torch.sort(torch.cat([old_flat[kept_slot], grown]))
+    return merged, torch.cat([kept_slot, _old_slots(old_flat, grown)])[order]
 
 
 def _blocks(rows: int, cols: int) -> list[tuple[int, int]]:
@@ -358,11 +364,13 @@ def _blockwise_topk(
             break
         margin *= 8  # fewer than k passed the guesses: lower them
     threshold = held.kth()
-    for (r0, r1), cut in zip(blocks, done, strict=True):
-        if cut > threshold:  # guessed too high: the entries in [threshold, cut) are missing
-            score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
-            held.add(score, hits, threshold, cut, r0 * cols)
-    threshold = held.kth()
+    low = [(i, cut) for i, cut in enumerate(done) if cut > threshold]
+    for i, cut in low:  # guessed too high: the entries in [threshold, cut) are missing
+        r0, r1 = blocks[i]
+        score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
+        held.add(score, hits, threshold, cut, r0 * cols)
+    if low:
+        threshold = held.kth()
     above = held.pos[held.val > threshold]
     need = k - above.numel()
     if threshold not in held.lost:

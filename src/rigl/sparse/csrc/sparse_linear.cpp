@@ -513,8 +513,91 @@ torch::Tensor transpose(const torch::Tensor& src) {
   return dst;
 }
 
+// Blocked CSC of a CSR pattern (rebuilt at every topology update): one counting sort per
+// row block, blocks in parallel. Within a (block, column) the rows stay ascending, as in
+// a stable sort of the CSR positions by (block, column).
+std::vector<torch::Tensor> csc_index(const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
+                                     const torch::Tensor& block_rows, int64_t n_in) {
+  check_index(row_ptr, "row_ptr");
+  check_index(col_idx, "col_idx");
+  check_index(block_rows, "block_rows");
+  const int64_t n_blocks = block_rows.numel() - 1, nnz = col_idx.numel();
+  TORCH_CHECK(n_blocks >= 1 && n_in >= 0, "bad block_rows or n_in");
+  auto opts = row_ptr.options();
+  auto col_ptr = torch::empty({n_blocks * (n_in + 1)}, opts);
+  auto row_idx = torch::empty({nnz}, opts);
+  auto perm = torch::empty({nnz}, opts);
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const int32_t* br = block_rows.data_ptr<int32_t>();
+  int32_t* cp = col_ptr.data_ptr<int32_t>();
+  int32_t* ri = row_idx.data_ptr<int32_t>();
+  int32_t* pm = perm.data_ptr<int32_t>();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads(nnz + n_blocks * n_in))
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    int32_t* ptr = cp + b * (n_in + 1);
+    const int64_t r0 = br[b], r1 = br[b + 1];
+    std::fill(ptr, ptr + n_in + 1, 0);
+    for (int64_t k = rp[r0]; k < rp[r1]; ++k) ++ptr[ci[k] + 1];
+    ptr[0] = rp[r0];
+    for (int64_t j = 0; j < n_in; ++j) ptr[j + 1] += ptr[j];
+    std::vector<int32_t> next(ptr, ptr + n_in);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+        const int32_t pos = next[ci[k]]++;
+        ri[pos] = static_cast<int32_t>(r);
+        pm[pos] = static_cast<int32_t>(k);
+      }
+    }
+  }
+  return {col_ptr, row_idx, perm};
+}
+
+// The active set after a topology update, sorted: the kept old positions (old_flat sorted,
+// keep[i] says whether old_flat[i] stays) merged with the grown ones (sorted, none kept).
+// slot[o] is the old position of merged[o] (kept, or dropped and grown again), else -1.
+std::vector<torch::Tensor> merge_plan(const torch::Tensor& old_flat, const torch::Tensor& keep,
+                                      const torch::Tensor& grown) {
+  TORCH_CHECK(old_flat.scalar_type() == torch::kInt64 && grown.scalar_type() == torch::kInt64,
+              "old_flat and grown must be int64");
+  TORCH_CHECK(keep.scalar_type() == torch::kBool && keep.numel() == old_flat.numel(),
+              "keep must be a bool tensor the size of old_flat");
+  TORCH_CHECK(old_flat.is_contiguous() && keep.is_contiguous() && grown.is_contiguous(),
+              "merge_plan needs contiguous tensors");
+  const int64_t n = old_flat.numel(), m = grown.numel();
+  const int64_t* a = old_flat.data_ptr<int64_t>();
+  const int64_t* g = grown.data_ptr<int64_t>();
+  const bool* kp = keep.data_ptr<bool>();
+  int64_t n_keep = 0;
+  for (int64_t i = 0; i < n; ++i) n_keep += kp[i];
+  auto merged = torch::empty({n_keep + m}, old_flat.options());
+  auto slot = torch::empty({n_keep + m}, old_flat.options());
+  int64_t* out = merged.data_ptr<int64_t>();
+  int64_t* sl = slot.data_ptr<int64_t>();
+  int64_t i = 0, j = 0, o = 0;
+  while (i < n || j < m) {
+    if (j < m && (i >= n || g[j] < a[i])) {
+      out[o] = g[j++];
+      sl[o++] = -1;
+    } else if (j < m && g[j] == a[i]) {  // dropped and grown again: the old slot
+      out[o] = g[j++];
+      sl[o++] = i++;
+    } else {
+      if (kp[i]) {
+        out[o] = a[i];
+        sl[o++] = i;
+      }
+      ++i;
+    }
+  }
+  TORCH_CHECK(o == n_keep + m, "grown positions overlap kept ones");
+  return {merged, slot};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose", &transpose, "contiguous transpose (tiled, OpenMP)");
+  m.def("merge_plan", &merge_plan, "kept and grown positions merged, with their old slots");
+  m.def("csc_index", &csc_index, "blocked CSC (col_ptr, row_idx, perm) of a CSR pattern");
   m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)");
   m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over blocked CSC W");
 }
