@@ -1,5 +1,8 @@
 """Everything a training run is built from a config: data, model, optimizer, LR
-schedule, sparsifier, callbacks, and the numbers of ``final.json`` (params, FLOPs)."""
+schedule, sparsifier, callbacks, and the numbers of ``final.json`` (params, FLOPs).
+
+Under ``torchrun`` every rank builds the same run (same seed, same model, same masks);
+only the main process gets the callbacks, since they write the run folder's files."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rigl
+from rigl import distributed
 from rigl.config import ConfigError
+from rigl.distributed import DistEnv
 from rigl.experiments import measures
 from rigl.experiments.callbacks import MetricsLog, TensorBoardLog, make_recorders
 from rigl.experiments.config import ExperimentConfig
@@ -69,8 +74,10 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     width: float
-    callbacks: list[Any] = field(default_factory=list)
-    augment: Callable[[Tensor], Tensor] | None = None
+    callbacks: list[Any] = field(default_factory=list)  # empty on ranks other than 0
+    augment: Callable[..., Tensor] | None = None
+    env: DistEnv = field(default_factory=DistEnv)  # this process's place in a torchrun job
+    train_model: nn.Module | None = None  # `model` wrapped in DDP when distributed
     epoch: int = 0
     batch: int = 0  # batches of `epoch` already trained on
     stats: EpochStats = field(default_factory=EpochStats)
@@ -142,11 +149,23 @@ class Run:
         }
 
 
-def build(config: ExperimentConfig, out: Path, extra_callbacks: Sequence[Any] = ()) -> Run:
+def build(
+    config: ExperimentConfig,
+    out: Path,
+    extra_callbacks: Sequence[Any] = (),
+    *,
+    env: DistEnv | None = None,
+    data: Any = None,
+) -> Run:
+    """The run of ``config``; ``data``: the dataset if already loaded. With a distributed
+    ``env`` the device is the rank's (``cuda:LOCAL_RANK`` or the CPU) and only the main
+    process gets callbacks (``extra_callbacks`` included)."""
     from rigl.experiments.data import load_dataset
 
-    device = make_device(config.device)
-    data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
+    env = env or DistEnv()
+    device = env.device if env.enabled else make_device(config.device)
+    if data is None:
+        data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total = config.total_steps(steps_per_epoch)
     width = measures.solve_width(config, data)
@@ -155,26 +174,62 @@ def build(config: ExperimentConfig, out: Path, extra_callbacks: Sequence[Any] = 
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
     sparsifier = make_sparsifier(config, model, optimizer, total)
-    callbacks: list[Any] = [MetricsLog(out / "metrics.csv", config.log_every)]
-    callbacks += make_recorders(config.recorders, out, config, data.input_shape)
-    board = TensorBoardLog.create(out / "tb") if config.tensorboard else None
-    callbacks += [board] if board is not None else []
-    callbacks += list(extra_callbacks)
+    callbacks: list[Any] = []
+    if env.is_main:
+        callbacks.append(MetricsLog(out / "metrics.csv", config.log_every))
+        callbacks += make_recorders(config.recorders, out, config, data.input_shape)
+        board = TensorBoardLog.create(out / "tb") if config.tensorboard else None
+        callbacks += [board] if board is not None else []
+        callbacks += list(extra_callbacks)
     return Run(
         config, out, data, model, optimizer, scheduler, sparsifier, device,
-        steps_per_epoch, total, width, callbacks, make_augment(config.augment),
+        steps_per_epoch, total, width, callbacks, make_augment(config.augment), env,
     )  # fmt: skip
 
 
-def crop_flip(x: Tensor, pad: int = 4) -> Tensor:
+def distribute(run: Run) -> None:
+    """Wrap the model in DDP (a no-op in one process), check that every rank starts from
+    rank 0's sparse model, and add the optional consistency check. Call it after loading
+    a checkpoint: DDP keeps the parameter objects it was given."""
+    model, env = run.model, run.env
+    if not env.enabled:
+        run.train_model = model
+        return
+    run.train_model = distributed.wrap_model(model, env, **_buffer_sync(model))
+    distributed.sync_sparsifier(run.sparsifier)
+    every = run.config.check_consistency_every
+    if every:
+        distributed.add_consistency_check(run.sparsifier, every=every)
+
+
+def _buffer_sync(model: nn.Module) -> dict[str, bool]:
+    """DDP keyword turning off its buffer broadcast before every forward when the model
+    has no floating-point buffers (BatchNorm statistics need it; the integer index
+    buffers of the sparse backend, equal on every rank, would only cost bandwidth)."""
+    if any(b.is_floating_point() for b in model.buffers()):
+        return {}
+    import inspect
+
+    known = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+    return {name: False}
+
+
+def crop_flip(x: Tensor, pad: int = 4, *, offset: int = 0, total: int | None = None) -> Tensor:
     """Standard CIFAR augmentation: a random crop of the zero-padded image, flipped
     horizontally with probability 1/2. Draws come from torch's global CPU generator,
-    whose state is saved in checkpoints."""
+    whose state is saved in checkpoints.
+
+    ``x`` may be rows ``offset .. offset + B - 1`` of a global batch of ``total`` rows (a
+    data-parallel rank's shard): the draws are made for the whole batch and sliced, so the
+    ranks together crop as one process would, and the generators stay in step."""
     batch, channels, height, width = x.shape  # (B, C, H, W)
+    total = batch if total is None else total
+    rows_of_x = slice(offset, offset + batch)
     padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
-    top = torch.randint(0, 2 * pad + 1, (batch, 1))
-    left = torch.randint(0, 2 * pad + 1, (batch, 1))
-    flip = torch.rand(batch, 1) < 0.5
+    top = torch.randint(0, 2 * pad + 1, (total, 1))[rows_of_x]
+    left = torch.randint(0, 2 * pad + 1, (total, 1))[rows_of_x]
+    flip = (torch.rand(total, 1) < 0.5)[rows_of_x]
     rows = top + torch.arange(height)  # (B, H)
     cols = left + torch.arange(width)  # (B, W)
     cols = torch.where(flip, cols.flip(1), cols)
@@ -184,7 +239,7 @@ def crop_flip(x: Tensor, pad: int = 4) -> Tensor:
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def make_augment(name: str) -> Callable[[Tensor], Tensor] | None:
+def make_augment(name: str) -> Callable[..., Tensor] | None:
     return crop_flip if name == "crop_flip" else None
 
 

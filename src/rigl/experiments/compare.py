@@ -5,6 +5,11 @@ torch thread; a run whose ``final.json`` exists is not trained again, and one wi
 checkpoint is resumed, so an interrupted sweep continues where it stopped. The results
 are ``results.json`` (one record per run), ``results.md`` (mean ± std over seeds, rows =
 methods, columns = sparsities, as in the paper) and the plots of :mod:`plots`.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m rigl.cli compare ...``) there is no
+process pool: every rank trains the runs one after another, each data-parallel over all
+ranks (``--jobs`` is ignored), and rank 0 writes every file. A run that fails stops the
+sweep (the ranks could not go on in step); run the command again to continue it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rigl import distributed
 from rigl.config import ConfigError
+from rigl.distributed import DistEnv
 from rigl.experiments import results, sweep
 from rigl.experiments.config import ExperimentConfig, from_dict
 from rigl.experiments.runio import provenance, read_json, write_json
@@ -71,16 +78,33 @@ def finished(config: ExperimentConfig) -> dict[str, Any] | None:
     return read_json(out / "final.json")
 
 
-def run_sweep(plan: Sweep, out: Path, jobs: int, quiet: bool) -> list[dict[str, Any]]:
-    """Train every run not yet finished; returns one record per run (in plan order)."""
+def run_sweep(
+    plan: Sweep, out: Path, jobs: int, quiet: bool, env: DistEnv | None = None
+) -> list[dict[str, Any]]:
+    """Train every run not yet finished; returns one record per run (in plan order).
+    With a distributed ``env``, every rank trains the runs in turn (no process pool)."""
+    from rigl.experiments.train import main_first
+
+    env = env or DistEnv()
     configs = {spec: spec.config(plan.base, out) for spec in plan.runs}
-    finals = {spec: finished(config) for spec, config in configs.items()}
+    found = main_first(env, lambda: [finished(configs[spec]) for spec in plan.runs])
+    finals = dict(zip(plan.runs, found, strict=True))
     todo = [s for s in plan.runs if finals[s] is None]
     todo.sort(key=lambda s: -s.multiplier)  # longest first: better packing of the workers
+    quiet = quiet or not env.is_main
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    say(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, {jobs} jobs")
+    how = f"{env.world_size} data-parallel processes" if env.enabled else f"{jobs} jobs"
+    say(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, {how}")
     failures = []
-    if todo:
+    if todo and env.enabled:
+        from rigl.experiments.train import train
+
+        for done, spec in enumerate(todo, start=1):
+            final = train(configs[spec], resume=True, quiet=True)  # every rank, in step
+            finals[spec] = final
+            acc, wall = final["test_accuracy"], final["wall_time_s"]
+            say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+    elif todo:
         _warm_data([configs[s] for s in todo])
         items = [(i, configs[s].to_dict()) for i, s in enumerate(todo)]
         previous = _on_sigterm(_interrupt)
@@ -135,24 +159,31 @@ def record(spec: RunSpec, final: dict[str, Any], out: Path, plan: Sweep) -> dict
 def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] | None = None):
     """Run the sweep and write results.json, results.md and the plots; returns the table."""
     from rigl.experiments import plots
+    from rigl.experiments.builders import make_device
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_device(plan.base.device)  # a clear error before CUDA is touched
+    env = distributed.init_from_env(device=plan.base.device)  # no-op in a single process
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    records = run_sweep(plan, out, jobs, quiet)
+    records = run_sweep(plan, out, jobs, quiet, env)
     wall = time.perf_counter() - start
     rows = results.summarise(records, plan.sparsities)
-    meta = {
-        **provenance(argv),
-        "wall_time_s": wall,
-        "cpu_time_s": sum(r["cpu_time_s"] or 0.0 for r in records),
-        "jobs": jobs,
-        "base": plan.base.to_dict(),
-        "sweep": plan.settings,
-    }
-    write_json(out / "results.json", {"meta": meta, "records": records, "summary": rows})
     table = results.markdown(rows, plan.sparsities)
-    results.write_markdown(out / "results.md", table, plan, meta, records)
-    plots.plot_all(records, rows, plan.sparsities, out)
+    if env.is_main:  # only rank 0 writes
+        meta = {
+            **provenance(argv),
+            "wall_time_s": wall,
+            "cpu_time_s": sum(r["cpu_time_s"] or 0.0 for r in records),
+            "jobs": 1 if env.enabled else jobs,
+            "world_size": env.world_size,  # > 1: each run data-parallel under torchrun
+            "base": plan.base.to_dict(),
+            "sweep": plan.settings,
+        }
+        write_json(out / "results.json", {"meta": meta, "records": records, "summary": rows})
+        results.write_markdown(out / "results.md", table, plan, meta, records)
+        plots.plot_all(records, rows, plan.sparsities, out)
+    distributed.barrier()
     return table
 
 
@@ -174,7 +205,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--distributions", type=_names, help="e.g. erk,uniform")
     parser.add_argument("--seeds", type=int, help="number of seeds (0 .. N-1)")
     parser.add_argument("--multipliers", type=_numbers, help="training lengths, e.g. 1,2,5")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel runs")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="parallel runs (ignored under torchrun: the runs take turns on every rank)",
+    )
     parser.add_argument("--out", default="results/compare", help="output folder")
     parser.add_argument("--quiet", action="store_true")
     add_config_flags(
@@ -210,5 +246,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs={args.jobs} must be >= 1")
     plan = plan_from_args(args)
     table = compare(plan, Path(args.out), jobs=args.jobs, quiet=args.quiet, argv=args.argv)
-    print(table)
+    if distributed.is_main_process():
+        print(table)
     return 0

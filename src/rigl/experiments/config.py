@@ -92,6 +92,7 @@ class ExperimentConfig:
     eval_every: int = 1  # epochs between test-set evaluations (and the last epoch)
     log_every: int = 10  # steps between rows of per-step metrics
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    check_consistency_every: int = 0  # torchrun: compare masks across ranks every N updates
     recorders: list[str] = field(default_factory=lambda: ["topology"])
     tensorboard: bool = True  # when torch.utils.tensorboard imports
     out: str = "runs/default"
@@ -140,6 +141,7 @@ class ExperimentConfig:
             _positive(name, getattr(self, name))
         for name in ("weight_decay", "checkpoint_every", "warmup_steps", "seed"):
             _range(name, getattr(self, name), 0.0, float("inf"))
+        _range("check_consistency_every", self.check_consistency_every, 0.0, float("inf"))
         if self.steps is not None:
             _positive("steps", self.steps)
         _step_or_fraction("end_step", self.end_step)

@@ -8,15 +8,25 @@ Determinism: the data order of epoch ``e`` is a permutation drawn from a generat
 seeded by ``(seed, e)``, so a run resumed mid-epoch recomputes the same permutation and
 skips the batches it had consumed. With the model, optimizer, LR scheduler, sparsifier
 and torch RNG states in the checkpoint, a resumed run ends with bit-identical weights.
+
+Data parallel (``torchrun --nproc-per-node N -m rigl.cli train ...``): ``batch_size`` is
+the global batch. Every rank draws the same global batches and trains on its contiguous
+shard of each (:func:`rigl.distributed.shard`); DDP averages the gradients, so the
+topology updates see the global batch's gradient and the run matches a one-process run
+up to float rounding. Logged losses and accuracies are summed over the ranks (the test
+set is split between them), so they are the global batch's and the full test set's.
+Only rank 0 writes the run folder; every rank reads the checkpoint when resuming (with
+several machines, ``out`` must be on a shared file system).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rigl import distributed
 from rigl.config import ConfigError
+from rigl.distributed import DistEnv
 from rigl.experiments import builders, measures
 from rigl.experiments.builders import Run
 from rigl.experiments.config import ExperimentConfig, load_config
@@ -46,12 +58,20 @@ def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
 
 
 def iterate_batches(
-    dataset: Any, order: Tensor, batch_size: int, start: int, stop: int
+    dataset: Any,
+    order: Tensor,
+    batch_size: int,
+    start: int,
+    stop: int,
+    env: DistEnv | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches ``start .. stop-1`` of ``dataset`` in ``order``."""
+    """Batches ``start .. stop-1`` of ``dataset`` in ``order``; with a distributed ``env``,
+    this rank's shard of each (the global batches are the same on every rank)."""
     tensors = getattr(dataset, "tensors", None)
     for b in range(start, stop):
         index = order[b * batch_size : (b + 1) * batch_size]
+        if env is not None and env.enabled:
+            index = distributed.shard(index, env)
         if tensors is not None:
             yield tensors[0][index], tensors[1][index]
         else:
@@ -69,24 +89,40 @@ def loss_and_correct(logits: Tensor, target: Tensor) -> tuple[Tensor, int, int]:
     return loss, correct, target.numel()
 
 
+def sum_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
+    """Element-wise sums over the ranks (one all-reduce; the values themselves in one process)."""
+    if not env.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def train_one_epoch(run: Run, progress: Any = None) -> None:
     """Train on the rest of ``run.epoch`` (from batch ``run.batch``) or until the budget."""
-    config, data = run.config, run.data
+    config, data, env = run.config, run.data, run.env
     order = epoch_order(config.seed, run.epoch, len(data.train))
     stop = run.batches_in_epoch(run.epoch)
+    model = run.train_model or run.model  # DDP when distributed
     run.model.train()
-    for x, y in iterate_batches(data.train, order, config.batch_size, run.batch, stop):
+    batches = iterate_batches(data.train, order, config.batch_size, run.batch, stop, env)
+    for x, y in batches:
+        size = len(order[run.batch * config.batch_size : (run.batch + 1) * config.batch_size])
         x, y = x.to(run.device), y.to(run.device)
         if run.augment is not None:
-            x = run.augment(x)
+            x = run.augment(x, **_shard_position(size, env))
         lr = run.optimizer.param_groups[0]["lr"]
         run.optimizer.zero_grad(set_to_none=True)
-        loss, correct, count = loss_and_correct(run.model(x), y)
-        loss.backward()
+        loss, correct, count = loss_and_correct(model(x), y)
+        share = len(y) * env.world_size / size  # 1 unless the shards are unequal
+        (loss * share if share != 1 else loss).backward()  # DDP: mean over ranks = global mean
         run.sparsifier.step()  # replaces optimizer.step(); may update the topology
         run.scheduler.step()
         run.batch += 1
         loss_value = loss.item()
+        if env.enabled:  # the global batch's numbers, as one process would log them
+            loss_sum, correct, count = sum_over_ranks([loss_value * count, correct, count], env)
+            loss_value, correct, count = loss_sum / count, round(correct), round(count)
         run.stats.add(loss_value, correct, count)
         step_metrics = {"kind": "step", "loss": loss_value, "lr": lr, **run.progress_metrics()}
         run.notify(step_metrics)
@@ -98,16 +134,33 @@ def train_one_epoch(run: Run, progress: Any = None) -> None:
             save_checkpoint(run)
 
 
+def _shard_position(size: int, env: DistEnv) -> dict[str, int]:
+    """Where this rank's shard sits in a global batch of ``size`` (for the augmentation)."""
+    if not env.enabled:
+        return {}
+    rows = distributed.shard(torch.arange(size), env)
+    return {"offset": int(rows[0]), "total": size}
+
+
 @torch.no_grad()
 def evaluate(run: Run, dataset: Any) -> tuple[float, float]:
-    """(mean loss, accuracy) of the model on ``dataset``."""
+    """(mean loss, accuracy) of the model on ``dataset``; distributed, each rank
+    evaluates its part of ``dataset`` with rank 0's buffers (BatchNorm statistics: the
+    checkpoint's) and the sums are all-reduced."""
+    env = run.env
     run.model.eval()
     order = torch.arange(len(dataset))
-    n_batches = math.ceil(len(dataset) / EVAL_BATCH)
+    if env.enabled:
+        for buffer in run.model.buffers():
+            if buffer.is_floating_point():  # BatchNorm statistics differ by rank
+                torch.distributed.broadcast(buffer, src=0)
+        order = torch.tensor_split(order, env.world_size)[env.rank]
+    n_batches = math.ceil(len(order) / EVAL_BATCH)
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in iterate_batches(dataset, order, EVAL_BATCH, 0, n_batches):
         loss, c, n = loss_and_correct(run.model(x.to(run.device)), y.to(run.device))
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + c, count + n
+    loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], env)
     run.model.train()
     return loss_sum / count, correct / count
 
@@ -127,7 +180,11 @@ def end_epoch(run: Run) -> dict[str, Any]:
 
 # -- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(run: Run) -> None:
-    """Everything needed to continue bit-identically, written atomically."""
+    """Everything needed to continue bit-identically, written atomically (by rank 0:
+    every rank holds the same state)."""
+    cpu_time = cpu_time_of_all_ranks(run)
+    if not run.env.is_main:
+        return
     state = {
         "config": run.config.to_dict(),
         "model": run.model.state_dict(),
@@ -143,9 +200,15 @@ def save_checkpoint(run: Run) -> None:
         "last_eval": run.last_eval,
         "callbacks": [getattr(cb, "state_dict", dict)() for cb in run.callbacks],
         "elapsed_s": run.elapsed(),
-        "cpu_time_s": run.cpu_time(),
+        "cpu_time_s": cpu_time,
     }
     atomic_torch_save(run.out / CHECKPOINT, state)
+
+
+def cpu_time_of_all_ranks(run: Run) -> float:
+    """CPU seconds of the run's processes: earlier ones (resume) plus every rank's own."""
+    own = run.cpu_time() - run.cpu_before
+    return run.cpu_before + sum_over_ranks([own], run.env)[0]
 
 
 def load_checkpoint(run: Run) -> None:
@@ -173,7 +236,9 @@ def prepare_out(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> P
     if resume and saved.exists():
         before = load_config(saved).to_dict()
         changed = sorted(
-            k for k, v in config.to_dict().items() if before[k] != v and k not in ("out", "device")
+            k
+            for k, v in config.to_dict().items()
+            if before[k] != v and k not in ("out", "device", "check_consistency_every")
         )
         if changed:
             raise ConfigError(
@@ -195,6 +260,76 @@ def prepare_out(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> P
     return out
 
 
+def check_data_parallel(config: ExperimentConfig, env: DistEnv, n_train: int | None = None) -> None:
+    """What a torchrun job needs: a global batch (and a last, partial one in an epoch) that
+    splits over the ranks, and grow scores that see the all-reduced gradient."""
+    if not env.enabled:
+        return
+    if config.backend == "sparse" and config.method == "rigl":
+        raise same_on_every_rank(
+            ConfigError(
+                "backend='sparse' with method='rigl' under torchrun: the compressed layers "
+                "compute RigL's grow scores from this rank's batch only (DDP all-reduces "
+                "the gradient of the active weights, not these), so the ranks would grow "
+                "different weights; use backend: masked for data-parallel RigL"
+            )
+        )
+    n = env.world_size
+    if config.batch_size % n:
+        fixed = (config.batch_size // n + 1) * n
+        raise same_on_every_rank(
+            ConfigError(
+                f"batch_size={config.batch_size} is the global batch and must be divisible "
+                f"by the world size ({n} processes): set batch_size to a multiple of {n} "
+                f"(e.g. --batch_size {fixed}) or launch a number of processes that divides it"
+            )
+        )
+    rest = n_train % config.batch_size if n_train is not None else 0
+    if 0 < rest < n:
+        raise same_on_every_rank(
+            ConfigError(
+                f"batch_size={config.batch_size}: the last batch of each epoch has {rest} "
+                f"of the {n_train} training examples, fewer than the world size ({n} "
+                "processes); choose a batch_size that leaves no such batch"
+            )
+        )
+
+
+def same_on_every_rank(exc: BaseException) -> BaseException:
+    """Mark ``exc`` as raised alike on every rank (the CLI reports it from rank 0 only)."""
+    exc.rigl_every_rank = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (to be sent to the other ranks), else its message."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def main_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main process while the others wait; then its result, or its
+    exception, on every rank (an error found by rank 0 is raised everywhere, not a hang)."""
+    if not env.enabled:
+        return fn()
+    box: list[Any] = [(None, None)]
+    if env.is_main:
+        try:
+            box = [(fn(), None)]
+        except Exception as exc:
+            same_on_every_rank(exc)
+            torch.distributed.broadcast_object_list([(None, _portable(exc))], src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise same_on_every_rank(error)
+    return result
+
+
 def train(
     config: ExperimentConfig,
     *,
@@ -204,21 +339,46 @@ def train(
     callbacks: Sequence[Any] = (),
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the training described by ``config``; returns ``final.json``."""
-    out = prepare_out(config, resume=resume, overwrite=overwrite)
-    if (out / FINAL).exists():
-        return read_json(out / FINAL)
-    fresh = not (out / CHECKPOINT).exists()
-    run = builders.build(config, out, extra_callbacks=callbacks)
+    """Run (or continue) the training described by ``config``; returns ``final.json``.
+
+    Under ``torchrun`` every rank calls it (it joins the process group); ``callbacks``
+    run on rank 0 only, which writes every file, and every rank returns ``final.json``."""
+    builders.make_device(config.device)  # a clear error before CUDA is touched
+    env = distributed.init_from_env(device=config.device)  # no-op in a single process
+    check_data_parallel(config, env)
+    loaded: dict[str, Any] = {}
+
+    def prepare() -> tuple[dict[str, Any] | None, bool]:  # rank 0; the others wait
+        if env.enabled:  # load (and cache) the data before the other ranks read it
+            from rigl.experiments.data import load_dataset
+
+            data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
+            check_data_parallel(config, env, len(data.train))
+            loaded["data"] = data
+        out = prepare_out(config, resume=resume, overwrite=overwrite)
+        if (out / FINAL).exists():
+            return read_json(out / FINAL), False
+        return None, not (out / CHECKPOINT).exists()
+
+    done, fresh = main_first(env, prepare)
+    if done is not None:
+        return done
+    out = Path(config.out)
+    run = builders.build(config, out, extra_callbacks=callbacks, env=env, data=loaded.get("data"))
     if fresh:
-        config.save(out / "config.yaml")
-        write_json(out / "run.json", {**provenance(argv), **run.describe()})
+        if env.is_main:
+            config.save(out / "config.yaml")
+            info = {**provenance(argv), **run.describe(), "world_size": env.world_size}
+            write_json(out / "run.json", info)
     else:
-        load_checkpoint(run)
-        info = read_json(out / "run.json")
-        info.setdefault("resumed", []).append({"command": provenance(argv)["command"]})
-        write_json(out / "run.json", info)
-    progress = builders.progress_bar(run, quiet)
+        load_checkpoint(run)  # every rank reads the checkpoint rank 0 checked
+        if env.is_main:
+            info = read_json(out / "run.json")
+            resumed = {"command": provenance(argv)["command"], "world_size": env.world_size}
+            info.setdefault("resumed", []).append(resumed)
+            write_json(out / "run.json", info)
+    builders.distribute(run)  # DDP, after the checkpoint is loaded
+    progress = builders.progress_bar(run, quiet or not env.is_main)
     try:
         while run.epoch < run.epochs:
             train_one_epoch(run, progress)
@@ -230,21 +390,25 @@ def train(
 
 
 def finish(run: Run, quiet: bool) -> dict[str, Any]:
+    env = run.env
     save_checkpoint(run)
     run.close_callbacks()
+    cpu_time = cpu_time_of_all_ranks(run)
     final = {
         **run.describe(),
         **measures.final_numbers(run),
         "wall_time_s": run.elapsed(),
-        "cpu_time_s": run.cpu_time(),
+        "cpu_time_s": cpu_time,
     }
-    write_json(run.out / FINAL, final)  # written last: its presence marks a finished run
-    if not quiet:
-        print(
-            f"{run.config.method} sparsity {run.config.sparsity:g}: test accuracy "
-            f"{final['test_accuracy']:.4f}, {final['wall_time_s']:.1f} s -> {run.out}",
-            file=sys.stderr,
-        )
+    if env.is_main:
+        write_json(run.out / FINAL, final)  # written last: its presence marks a finished run
+        if not quiet:
+            print(
+                f"{run.config.method} sparsity {run.config.sparsity:g}: test accuracy "
+                f"{final['test_accuracy']:.4f}, {final['wall_time_s']:.1f} s -> {run.out}",
+                file=sys.stderr,
+            )
+    distributed.barrier()  # the files exist before any rank goes on
     return final
 
 
