@@ -262,18 +262,9 @@ def prepare_out(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> P
 
 def check_data_parallel(config: ExperimentConfig, env: DistEnv, n_train: int | None = None) -> None:
     """What a torchrun job needs: a global batch (and a last, partial one in an epoch) that
-    splits over the ranks, and grow scores that see the all-reduced gradient."""
+    splits over the ranks."""
     if not env.enabled:
         return
-    if config.backend == "sparse" and config.method == "rigl":
-        raise same_on_every_rank(
-            ConfigError(
-                "backend='sparse' with method='rigl' under torchrun: the compressed layers "
-                "compute RigL's grow scores from this rank's batch only (DDP all-reduces "
-                "the gradient of the active weights, not these), so the ranks would grow "
-                "different weights; use backend: masked for data-parallel RigL"
-            )
-        )
     n = env.world_size
     if config.batch_size % n:
         fixed = (config.batch_size // n + 1) * n

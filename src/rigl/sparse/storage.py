@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from rigl.config import ConfigError
@@ -95,12 +96,13 @@ class SparseWeight:
 
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the dense gradient ``dy^T x``, accumulated over the update step's
-        backward calls."""
-        return self.layer.grad_rows(r0, r1)
+        backward calls (averaged over the data-parallel ranks, like DDP's ``.grad``)."""
+        return _mean_over_ranks(self.layer.grad_rows(r0, r1))
 
     def gradient_at(self, flat: Tensor) -> Tensor:
-        """The dense gradient at the flat positions ``flat`` only (an SDDMM)."""
-        return self.layer.grad_at(flat)
+        """The dense gradient at the flat positions ``flat`` only (an SDDMM; averaged over
+        the data-parallel ranks)."""
+        return _mean_over_ranks(self.layer.grad_at(flat))
 
     # -- topology ----------------------------------------------------------------------
     def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
@@ -196,6 +198,18 @@ class SparseWeight:
             self.layer.set_topology(state, torch.zeros(state.numel(), dtype=self.param.dtype))
         else:
             self.layer.set_topology(state, self.param.detach().clone())
+
+
+def _mean_over_ranks(grad: Tensor) -> Tensor:
+    """``grad`` averaged over the ranks of the default process group (a no-op in one
+    process). DDP all-reduces the gradient of the active values only; the grow scores come
+    from each rank's own batch, so they are all-reduced here, block by block, and every
+    rank then selects the same connections (every rank scans the same blocks in the same
+    order, since the reduced scores are identical)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grad)
+        grad /= dist.get_world_size()
+    return grad
 
 
 def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> list[Tensor]:
