@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU build of torch (pinned for installs on CPU machines; the package accepts any torch >= 2.1)
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup main test test-all lint format bench clean
+.PHONY: setup main test test-all lint format bench bench-big clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ format: setup
 bench: setup  ## benchmarks; results are written under benchmarks/results/
 	$(BIN)/python benchmarks/bench_topology_update.py
 	$(BIN)/python benchmarks/bench_sparse_kernels.py
+	$(BIN)/python benchmarks/bench_sparse_update.py
+	$(BIN)/python benchmarks/bench_mnist5k_backends.py
+
+bench-big: setup  ## networks whose dense form does not fit in memory (about an hour)
+	$(BIN)/python benchmarks/big_sparse.py --config configs/big_sparse.yaml
+	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/bench_equal_params.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -246,3 +246,16 @@ def test_flops_json(capsys):
     assert main(["flops", "--model", "lenet300_100", "--sparsity", "0.9", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert isinstance(report, dict) and report
+
+
+def test_csv_log_uses_one_line_ending_across_truncation(tmp_path):
+    from rigl.experiments.runio import CsvLog, read_csv
+
+    log = CsvLog(tmp_path / "m.csv", ["step", "loss"])
+    for step in range(3):
+        log.append({"step": step, "loss": 0.5})
+    log.truncate(2)  # what a resume does
+    log.append({"step": 2, "loss": "a,b"})  # a quoted cell
+    data = (tmp_path / "m.csv").read_bytes()
+    assert b"\r" not in data and data.count(b"\n") == 4
+    assert [r["step"] for r in read_csv(tmp_path / "m.csv")] == ["0", "1", "2"]

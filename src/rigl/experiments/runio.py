@@ -123,7 +123,7 @@ class CsvLog:
         if unknown:
             raise KeyError(f"{self.path.name} has no columns {sorted(unknown)}")
         buffer = io.StringIO()
-        csv.writer(buffer).writerow([_cell(row.get(c)) for c in self.columns])
+        csv.writer(buffer, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
         with self.path.open("a", encoding="utf-8", newline="") as handle:
             handle.write(buffer.getvalue())
         self.rows += 1
