@@ -40,6 +40,7 @@ class SparseWeight:
         self.name = name
         self.layer = layer
         self._keep: Tensor | None = None  # which active weights the last drop kept
+        self._active: tuple[object, Tensor] | None = None  # (index, its flat positions)
         self._plan: tuple[Tensor, Tensor] | None = None  # (planned flat indices, _keep)
 
     # -- shape and counts --------------------------------------------------------------
@@ -136,11 +137,19 @@ class SparseWeight:
     def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> Tensor:
         """Sorted flat indices of the active weights left after dropping the ``n_update``
         of smallest magnitude."""
-        active = self.layer.active_indices()
+        active = self._active_indices()
         keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
         keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
         self._keep = keep
         return active[keep]
+
+    def _active_indices(self) -> Tensor:
+        """The layer's active flat positions, computed once per index (drop and install
+        both need them in an update)."""
+        index = self.layer._index
+        if self._active is None or self._active[0] is not index:
+            self._active = (index, self.layer.active_indices())
+        return self._active[1]
 
     def _planned(self, kept: Tensor, grown: Tensor) -> Tensor:
         """``kept`` then ``grown``, remembered with the drop mask: :meth:`set_topology` then
@@ -155,8 +164,8 @@ class SparseWeight:
     ) -> RewireStats:
         """Install the active set ``new_flat``: positions that stay keep value and optimizer
         state; new ones start at zero with zero state."""
-        old_flat = self.layer.active_indices()
-        plan, self._plan = self._plan, None
+        old_flat = self._active_indices()
+        plan, self._plan, self._active = self._plan, None, None
         if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
             n_kept = int(plan[1].count_nonzero())
             grown = new_flat[n_kept:]
@@ -360,7 +369,7 @@ def _blockwise_topk(
     free = rows * cols - kept.numel()
     held = _Candidates(k, kept.device)
     done = [torch.inf] * len(blocks)  # block i holds every free entry >= done[i]
-    margin = 2.0
+    margin = 1.5
     while True:
         for i, (r0, r1) in enumerate(blocks):
             if done[i] == -torch.inf:
