@@ -13,6 +13,7 @@ from torch import nn
 
 import rigl
 from conftest import MODELS, batch, make_optimizer
+from rigl.sparse.storage import SparseWeight
 
 DST = {"static", "set", "snfs", "rigl"}
 STEPS, INTERVAL = 24, 4
@@ -91,6 +92,80 @@ def test_invariants(method, distribution, model_name, optimizer_name):
         )
     if method in DST:
         assert [w.n_active for w in sparsifier.weights] == sparsifier.target_counts
+
+
+def _entries(weight, optimizer) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Active flat positions (sorted), their values and their weight-shaped optimizer
+    state, on either backend."""
+    states = [
+        v
+        for v in optimizer.state.get(weight.param, {}).values()
+        if torch.is_tensor(v) and v.shape == weight.param.shape
+    ]
+    if isinstance(weight, SparseWeight):
+        return (
+            weight.layer.active_indices(),
+            weight.param.detach().clone(),
+            [s.clone() for s in states],
+        )
+    pos = weight.mask.reshape(-1).nonzero().squeeze(1)
+    flat = weight.param.detach().reshape(-1)
+    return pos, flat[pos].clone(), [s.reshape(-1)[pos].clone() for s in states]
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+@pytest.mark.parametrize("method", ["static", "set", "rigl"])
+def test_invariants_on_the_compressed_backend(method, distribution, model_name, optimizer_name):
+    """The battery with backend='sparse': Linear layers compressed, the rest masked."""
+    torch.manual_seed(0)
+    model = MODELS[model_name]()
+    optimizer = make_optimizer(optimizer_name, model)
+    sparsifier = rigl.create(
+        method,
+        model,
+        optimizer,
+        sparsity=0.8,
+        distribution=distribution,
+        total_steps=STEPS,
+        update_interval=INTERVAL,
+        end_step=0.75,
+        drop_fraction=0.5,
+        seed=3,
+        backend="sparse",
+    )
+    assert any(isinstance(w, SparseWeight) for w in sparsifier.weights)
+    updates_seen = 0
+    for t in range(STEPS):
+        before = {w.name: _entries(w, optimizer) for w in sparsifier.weights}
+        x, y = batch(t)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sparsifier.step()
+        for weight, n in zip(sparsifier.weights, sparsifier.target_counts, strict=True):
+            pos, values, states = _entries(weight, optimizer)
+            assert pos.numel() == weight.n_active == n, (weight.name, t)
+            assert bool((pos[1:] > pos[:-1]).all())
+            if isinstance(weight, SparseWeight):  # nothing of the dense shape is kept
+                assert weight.param.numel() == n
+                for value in optimizer.state.get(weight.param, {}).values():
+                    assert not torch.is_tensor(value) or value.numel() in (1, n)
+            else:
+                assert bool((weight.param[~weight.mask] == 0).all()), weight.name
+            old_pos, old_values, _ = before[weight.name]
+            grown = ~torch.isin(pos, old_pos)
+            if grown.any():
+                updates_seen += 1
+                for state in states:  # grown weights start with zero optimizer state
+                    assert bool((state[grown] == 0).all()), (weight.name, t)
+                if sparsifier.skip_optimizer_step_on_update:
+                    assert bool((values[grown] == 0).all())
+                    kept = torch.isin(old_pos, pos)
+                    assert torch.equal(values[~grown], old_values[kept])
+    if method in {"set", "rigl"}:
+        assert updates_seen > 0
+    assert [w.n_active for w in sparsifier.weights] == sparsifier.target_counts
 
 
 @settings(max_examples=40, deadline=None)
