@@ -235,17 +235,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
     parser.add_argument("--child-sparselab", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.clock == "thread":
-        if args.threads != 1:
-            parser.error("--clock thread measures one thread: use --threads 1")
-        global CLOCK
-        CLOCK = time.thread_time
+    from stamp import threads_and_clock, write_result
+
+    global CLOCK
+    CLOCK = threads_and_clock(parser, args)
     if args.child_sparselab:
         print(json.dumps(run_timings(["dense", "sparselab"], args.repeats, args.densities)))
         return
-
-    from stamp import write_result
 
     methods = ["dense", "cpp", "torch", "sparseprop"]
     skipped = {m: why for m in [*methods, "sparselab"] if (why := available(m))}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,17 @@ import torch
 import rigl
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def threads_and_clock(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Callable:
+    """Apply ``--threads``; the clock ``--clock`` asks for: ``wall`` (perf_counter) or
+    ``thread`` (CPU time of this thread: robust on a shared machine, with one thread)."""
+    torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if args.threads != 1:
+            parser.error("--clock thread measures one thread: use --threads 1")
+        return time.thread_time
+    return time.perf_counter
 
 
 def _cpu_model() -> str:

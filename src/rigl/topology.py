@@ -55,7 +55,7 @@ def _exact_topk(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
 
 
 # A full top-k over N entries costs O(N log k); when k << N a threshold estimated from a
-# strided sample, one comparison pass and a top-k over the few survivors is several times
+# random sample, one comparison pass and a top-k over the few survivors is several times
 # cheaper. It stays exact: if at least k entries reach the threshold t, the k-th largest
 # value is >= t, so every top-k entry (and every entry tied with the k-th) survives.
 _PREFILTER_MIN = 65_536
@@ -63,10 +63,21 @@ _PREFILTER_RATIO = 16
 _SAMPLE = 8_192
 
 
+def sample_positions(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``min(n, 8192)`` sorted positions in [0, n) for estimating a quantile of ``n``
+    scores, drawn from a fixed-seed generator (so reproducible and independent of every
+    tie-break stream). Not strided: a stride that shares a factor with the row length
+    samples a few columns only, and the grow scores of a layer vary by column."""
+    if n <= _SAMPLE:
+        return torch.arange(n, device=device)
+    generator = torch.Generator().manual_seed(n)
+    return torch.sort(torch.randint(0, n, (_SAMPLE,), generator=generator)).values.to(device)
+
+
 def _prefilter(score: Tensor, k: int) -> Tensor | None:
     """Indices of entries at or above a sampled threshold, or None if fewer than k survive."""
     n = score.numel()
-    sample = score[:: max(1, n // _SAMPLE)]
+    sample = score[sample_positions(n, score.device)]
     # aim for ~2x the needed survivors (plus a margin for sampling noise)
     rank = max(1, sample.numel() - int(2 * k * sample.numel() / n) - 16)
     threshold = torch.kthvalue(sample, rank).values

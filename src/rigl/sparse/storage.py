@@ -26,7 +26,13 @@ from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
 from rigl.storage import RewireStats, RowScores, check_finite
-from rigl.topology import TieBreak, _priority, random_indices_outside, topk_indices
+from rigl.topology import (
+    TieBreak,
+    _priority,
+    random_indices_outside,
+    sample_positions,
+    topk_indices,
+)
 
 # Grow scores per block (16 MB of float32): for a wide layer (65536 inputs) that is 64
 # rows, enough for the gradient GEMM of a block to run near full speed.
@@ -278,13 +284,12 @@ def _block_hits(
 
 
 # Before k candidates are held there is no exact cut yet; a block is then cut at a value
-# estimated from a strided sample of its free (not kept) positions so that about
+# estimated from a random sample of its free (not kept) positions so that about
 # ``margin`` times its share of k pass (the sampled prefilter of rigl.topology, per
 # block). Skipping below a guess is exact as long as the final k-th value is not below
 # it: if fewer than k pass in all, the blocks are scanned again below their cuts with a
 # larger margin; if the final k-th value is below some cut, those blocks are scanned
 # again from it.
-_SAMPLE = 8192
 _SAMPLE_MIN = 1 << 16  # smaller blocks: no guess, every entry is a candidate
 
 
@@ -294,7 +299,7 @@ def _sampled_cut(score: Tensor, kept_here: Tensor, share: float) -> float:
     n_free = n - kept_here.numel()
     if n < _SAMPLE_MIN or 8 * share > n_free:
         return -torch.inf  # no saving
-    pos = torch.arange(0, n, max(1, n // _SAMPLE), device=score.device)
+    pos = sample_positions(n, score.device)
     if kept_here.numel():
         at = torch.searchsorted(kept_here, pos).clamp_(max=kept_here.numel() - 1)
         pos = pos[kept_here[at] != pos]
