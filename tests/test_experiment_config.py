@@ -172,3 +172,14 @@ def test_summary_table_mean_and_std_over_seeds():
     assert lines[0] == "| Method | 90% | train FLOPs 90% | test FLOPs 90% |"
     assert lines[2] == "| Dense | 91.0 ± 1.4 | 0.50x | 0.25x |"
     assert lines[3] == "| RigL | 82.0 ± 2.8 | 0.50x | 0.25x |"
+
+
+def test_presets_ship_inside_the_package():
+    """src/rigl/configs links to the repository's configs/, so a wheel (non-editable
+    install) carries the presets (pyproject package-data ``configs/*.yaml``)."""
+    import rigl
+    from rigl.experiments.sweep import find_preset
+
+    shipped = Path(rigl.__file__).resolve().parent / "configs"
+    assert (shipped / "main.yaml").is_file() and (shipped / "mnist5k.yaml").is_file()
+    assert find_preset("main").name == "main.yaml"
