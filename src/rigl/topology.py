@@ -8,6 +8,8 @@ of the scores and the seed only, identical on every data-parallel worker.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -68,10 +70,15 @@ def sample_positions(n: int, device: torch.device | str = "cpu") -> Tensor:
     scores, drawn from a fixed-seed generator (so reproducible and independent of every
     tie-break stream). Not strided: a stride that shares a factor with the row length
     samples a few columns only, and the grow scores of a layer vary by column."""
+    return _sample_positions(n).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(n: int) -> Tensor:  # cached: the same n recurs at every update
     if n <= _SAMPLE:
-        return torch.arange(n, device=device)
+        return torch.arange(n)
     generator = torch.Generator().manual_seed(n)
-    return torch.sort(torch.randint(0, n, (_SAMPLE,), generator=generator)).values.to(device)
+    return torch.sort(torch.randint(0, n, (_SAMPLE,), generator=generator)).values
 
 
 def _prefilter(score: Tensor, k: int) -> Tensor | None:
