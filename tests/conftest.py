@@ -84,3 +84,30 @@ def train_steps(model, optimizer, sparsifier, steps, start=0, on_step=None):
 def mlp() -> TinyMLP:
     torch.manual_seed(0)
     return TinyMLP()
+
+
+def tiny_run_config(folder, data_root, **changes):
+    """A `rigl train` config file of a few dozen steps: 240 MNIST-1D training examples, a
+    32-32 MLP, RigL at 80%, batch 24, 3 epochs; ``changes`` override any key."""
+    import yaml
+
+    config = {
+        "dataset": "mnist1d",
+        "dataset_options": {"num_samples": 300},
+        "data_root": str(data_root),
+        "model": "mlp",
+        "model_options": {"hidden_sizes": [32, 32]},
+        "method": "rigl",
+        "sparsity": 0.8,
+        "update_interval": 4,
+        "batch_size": 24,
+        "epochs": 3,
+        "log_every": 5,
+        "checkpoint_every": 7,
+        "out": str(folder / "run"),
+        **changes,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_run_config
 from rigl.cli import main
 from rigl.experiments.data import load_dataset
 from rigl.experiments.runio import read_csv
@@ -29,27 +30,7 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def tiny_config(folder: Path, data_root: Path, **changes) -> Path:
-    """A config of a few dozen steps: 240 training examples, a 32-32 MLP, batch 24."""
-    config = {
-        "dataset": "mnist1d",
-        "dataset_options": {"num_samples": 300},
-        "data_root": str(data_root),
-        "model": "mlp",
-        "model_options": {"hidden_sizes": [32, 32]},
-        "method": "rigl",
-        "sparsity": 0.8,
-        "update_interval": 4,
-        "batch_size": 24,
-        "epochs": 3,
-        "log_every": 5,
-        "checkpoint_every": 7,
-        "out": str(folder / "run"),
-        **changes,
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+tiny_config = tiny_run_config
 
 
 def final(run: Path) -> dict:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from conftest import tiny_run_config
 from rigl import distributed
 from rigl.cli import build_parser, main
 from rigl.config import ConfigError
@@ -48,28 +48,7 @@ def one_thread():
 
 def tiny_config(folder: Path, data_root: Path, **changes) -> Path:
     """30 steps of RigL (5 topology updates) on 240 MNIST-1D examples, global batch 24."""
-    config = {
-        "dataset": "mnist1d",
-        "dataset_options": {"num_samples": 300},
-        "data_root": str(data_root),
-        "model": "mlp",
-        "model_options": {"hidden_sizes": [32, 32]},
-        "method": "rigl",
-        "sparsity": 0.8,
-        "update_interval": 4,
-        "batch_size": 24,
-        "epochs": 3,
-        "lr": 0.3,
-        "log_every": 5,
-        "checkpoint_every": 7,
-        "tensorboard": False,
-        "out": str(folder / "run"),
-        **changes,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    return tiny_run_config(folder, data_root, lr=0.3, tensorboard=False, **changes)
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -37,11 +37,8 @@ def _expected_active(sparsifier, step: int) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "adamw"])
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-@pytest.mark.parametrize("distribution", ["uniform", "erk"])
-@pytest.mark.parametrize("method", rigl.list_methods())
-def test_invariants(method, distribution, model_name, optimizer_name):
+def _battery_run(method, distribution, model_name, optimizer_name, **options):
+    """(model, optimizer, sparsifier) of one battery case."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     optimizer = make_optimizer(optimizer_name, model)
@@ -56,7 +53,17 @@ def test_invariants(method, distribution, model_name, optimizer_name):
         end_step=0.75,
         drop_fraction=0.5,
         seed=3,
+        **options,
     )
+    return model, optimizer, sparsifier
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+@pytest.mark.parametrize("method", rigl.list_methods())
+def test_invariants(method, distribution, model_name, optimizer_name):
+    model, optimizer, sparsifier = _battery_run(method, distribution, model_name, optimizer_name)
     # depthwise convs, biases and norm parameters are never sparsified
     assert all(name.endswith("weight") or "weight_" in name for name in sparsifier.masks)
     assert "depthwise.weight" not in sparsifier.masks and "bn.weight" not in sparsifier.masks
@@ -119,21 +126,8 @@ def _entries(weight, optimizer) -> tuple[torch.Tensor, torch.Tensor, list[torch.
 @pytest.mark.parametrize("method", ["static", "set", "rigl"])
 def test_invariants_on_the_compressed_backend(method, distribution, model_name, optimizer_name):
     """The battery with backend='sparse': Linear layers compressed, the rest masked."""
-    torch.manual_seed(0)
-    model = MODELS[model_name]()
-    optimizer = make_optimizer(optimizer_name, model)
-    sparsifier = rigl.create(
-        method,
-        model,
-        optimizer,
-        sparsity=0.8,
-        distribution=distribution,
-        total_steps=STEPS,
-        update_interval=INTERVAL,
-        end_step=0.75,
-        drop_fraction=0.5,
-        seed=3,
-        backend="sparse",
+    model, optimizer, sparsifier = _battery_run(
+        method, distribution, model_name, optimizer_name, backend="sparse"
     )
     assert any(isinstance(w, SparseWeight) for w in sparsifier.weights)
     updates_seen = 0
