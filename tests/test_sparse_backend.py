@@ -63,11 +63,11 @@ def _dense_weights(sp):
 @pytest.mark.parametrize("block_elements", [1 << 20, 1000])  # one block, and many small ones
 def test_same_masks_and_weights_on_both_backends(method, block_elements, monkeypatch):
     monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", block_elements)
-    _, _, masked = _run("masked", method)
-    model, _, sparse = _run("sparse", method)
+    _, _, masked = _run("masked", method, steps=300)
+    model, _, sparse = _run("sparse", method, steps=300)
     assert all(isinstance(model[i], SparseLinear) for i in (0, 2, 4))
     if method != "static":
-        assert sparse.update_count == masked.update_count > 5
+        assert sparse.update_count == masked.update_count > 15
     for k in masked.masks:
         assert torch.equal(masked.masks[k], sparse.masks[k]), k
     for a, b in zip(_dense_weights(masked), _dense_weights(sparse), strict=True):
