@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 # CPU build of torch (pinned for installs on CPU machines; the package accepts any torch >= 2.1)
 TORCH  ?= torch==2.13.0
 
+# the runs drawn by `make main`'s report (Static vs RigL, SET, and RigL uniform vs ERK at 90%)
+MAIN_REPORT_RUNS := static-erk-s0.9-1x-seed0 set-erk-s0.9-1x-seed0 rigl-erk-s0.9-1x-seed0 \
+	rigl-uniform-s0.9-1x-seed0
+
 .PHONY: setup main test test-all lint format bench bench-big clean
 
 setup: $(STAMP)
@@ -19,6 +23,7 @@ $(STAMP): pyproject.toml
 
 main: setup  ## the default experiment: MNIST-1D comparison table and plots under results/main
 	$(BIN)/rigl compare --preset main --out results/main
+	$(BIN)/rigl report $(addprefix results/main/runs/,$(MAIN_REPORT_RUNS)) --out results/main/report
 
 test: setup  ## the default test suite (slow tests excluded)
 	$(BIN)/python -m pytest
