@@ -111,3 +111,13 @@ def tiny_run_config(folder, data_root, **changes):
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def assert_sparsity_invariants(sparsifier) -> None:
+    """Exact active counts; inactive weights and their weight-shaped optimizer state zero."""
+    for weight, n_active in zip(sparsifier.weights, sparsifier.target_counts, strict=True):
+        assert int(weight.mask.sum()) == weight.n_active == n_active, weight.name
+        assert bool((weight.param[~weight.mask] == 0).all()), weight.name
+        for value in sparsifier.optimizer.state[weight.param].values():
+            if torch.is_tensor(value) and value.shape == weight.param.shape:
+                assert bool((value[~weight.mask] == 0).all()), weight.name

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import rigl
-from conftest import TinyCNN, TinyMLP, batch
+from conftest import TinyCNN, TinyMLP, assert_sparsity_invariants, batch
 
 STEPS, INTERVAL = 12, 2
 
@@ -19,15 +19,6 @@ def _sparsifier(model: nn.Module, method: str = "rigl", **kwargs) -> rigl.Sparsi
     options = dict(sparsity=0.8, distribution="uniform", total_steps=STEPS, seed=1)
     options.update(update_interval=INTERVAL, drop_fraction=0.5, **kwargs)
     return rigl.create(method, model, optimizer, **options)
-
-
-def _assert_invariants(sparsifier: rigl.Sparsifier) -> None:
-    for weight, n_active in zip(sparsifier.weights, sparsifier.target_counts, strict=True):
-        assert int(weight.mask.sum()) == weight.n_active == n_active, weight.name
-        assert bool((weight.param[~weight.mask] == 0).all()), weight.name
-        for value in sparsifier.optimizer.state[weight.param].values():
-            if torch.is_tensor(value) and value.shape == weight.param.shape:
-                assert bool((value[~weight.mask] == 0).all()), weight.name
 
 
 def _snapshot(sparsifier: rigl.Sparsifier) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -54,7 +45,7 @@ def test_bf16_autocast_keeps_invariants(model_class):
         assert all(w.param.grad.dtype == torch.float32 for w in sparsifier.weights)
         sparsifier.step()
         assert torch.isfinite(loss)
-        _assert_invariants(sparsifier)
+        assert_sparsity_invariants(sparsifier)
     assert sparsifier.update_count == 4 and sparsifier.skipped_updates == 0
 
 
@@ -68,7 +59,7 @@ def test_bf16_parameters_keep_invariants():
         sparsifier.optimizer.zero_grad()
         nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
         sparsifier.step()
-        _assert_invariants(sparsifier)
+        assert_sparsity_invariants(sparsifier)
     assert sparsifier.update_count == 4
 
 
@@ -107,14 +98,14 @@ def test_grad_scaler_inf_on_update_step_skips_and_does_not_count(method):
         assert torch.equal(weight.mask, mask) and torch.equal(weight.param, value), name
     for name, ema in extra.items():
         assert torch.equal(sparsifier.ema[name], ema)
-    _assert_invariants(sparsifier)
+    assert_sparsity_invariants(sparsifier)
     # the next finite step runs the update that was due
     sparsifier.optimizer.zero_grad()
     _scaled_backward(model, scaler, 3)
     sparsifier.step(scaler=scaler)
     assert (sparsifier.step_count, sparsifier.update_count) == (INTERVAL + 1, 1)
     assert any(s.n_grown > 0 for s in sparsifier.last_update)
-    _assert_invariants(sparsifier)
+    assert_sparsity_invariants(sparsifier)
 
 
 def test_grad_scaler_matches_unscaled_training_and_allows_clipping():
@@ -162,7 +153,7 @@ def test_compiled_model_trains_and_masks_hold(backend):
         loss.backward()
         sparsifier.step()
         losses.append(loss.item())
-        _assert_invariants(sparsifier)
+        assert_sparsity_invariants(sparsifier)
     assert sparsifier.update_count == 4
     x, _ = batch(99)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 import rigl
-from conftest import TinyMLP, batch
+from conftest import TinyMLP, assert_sparsity_invariants, batch
 
 STEPS, BATCH = 24, 8
 OPTIONS = dict(sparsity=0.8, distribution="uniform", update_interval=4, drop_fraction=0.5, seed=2)
@@ -37,15 +37,6 @@ def _plain_loop(method: str = "rigl") -> rigl.Sparsifier:
         nn.functional.cross_entropy(model(xb), yb).backward()
         sparsifier.step()
     return sparsifier
-
-
-def _assert_invariants(sparsifier: rigl.Sparsifier) -> None:
-    for weight, n_active in zip(sparsifier.weights, sparsifier.target_counts, strict=True):
-        assert int(weight.mask.sum()) == weight.n_active == n_active, weight.name
-        assert bool((weight.param[~weight.mask] == 0).all()), weight.name
-        for value in sparsifier.optimizer.state[weight.param].values():
-            if torch.is_tensor(value) and value.shape == weight.param.shape:
-                assert bool((value[~weight.mask] == 0).all()), weight.name
 
 
 def _assert_same_run(a: rigl.Sparsifier, b: rigl.Sparsifier) -> None:
@@ -109,7 +100,7 @@ def test_lightning_callback_reproduces_the_plain_loop(pl):
     assert list(callback.sparsifier.masks) == ["net.fc1.weight", "net.fc2.weight", "net.out.weight"]
     assert callback.sparsifier.total_steps == STEPS
     _assert_same_run(callback.sparsifier, _plain_loop())
-    _assert_invariants(callback.sparsifier)
+    assert_sparsity_invariants(callback.sparsifier)
 
 
 @pytest.mark.parametrize("method", ["set", "snfs"])
@@ -135,7 +126,7 @@ def test_lightning_bf16_and_accumulation_keep_invariants(pl):
     )
     assert callback.sparsifier.step_count == STEPS // 2
     assert callback.sparsifier.update_count == 2  # steps 4 and 8 (T_end = 0.75 * 12)
-    _assert_invariants(callback.sparsifier)
+    assert_sparsity_invariants(callback.sparsifier)
 
 
 def test_lightning_fp16_scaler_inf_skips_the_update(pl):
@@ -153,7 +144,7 @@ def test_lightning_fp16_scaler_inf_skips_the_update(pl):
     assert sparsifier.step_count == STEPS - 1
     assert sparsifier.update_count == 4 and sparsifier.skipped_updates == 0
     assert scaler.get_scale() < 2.0**8
-    _assert_invariants(sparsifier)
+    assert_sparsity_invariants(sparsifier)
 
 
 def test_lightning_checkpoint_resume_restores_masks(pl, tmp_path):
@@ -182,7 +173,7 @@ def test_lightning_checkpoint_resume_restores_masks(pl, tmp_path):
         assert torch.equal(probe.weights[name], value), name
     # (Lightning does not resume its batch order exactly, so the runs are not compared)
     assert resumed.sparsifier.step_count == STEPS and resumed.sparsifier.update_count == 4
-    _assert_invariants(resumed.sparsifier)
+    assert_sparsity_invariants(resumed.sparsifier)
 
 
 # -- Hugging Face transformers -------------------------------------------------------------------
@@ -256,7 +247,7 @@ def test_hf_callback_reproduces_the_plain_loop(hf, tmp_path):
     _hf_train(hf, tmp_path, callback)
     assert callback.sparsifier.total_steps == STEPS
     _assert_same_run(callback.sparsifier, _plain_loop())
-    _assert_invariants(callback.sparsifier)
+    assert_sparsity_invariants(callback.sparsifier)
 
 
 def test_hf_checkpoints_hold_the_masks_and_resume_exactly(hf, tmp_path):
@@ -277,7 +268,7 @@ def test_hf_bf16_keeps_invariants(hf, tmp_path):
     callback = RigLTrainerCallback("snfs", **OPTIONS)
     _hf_train(hf, tmp_path, callback, bf16=True, gradient_accumulation_steps=2)
     assert callback.sparsifier.update_count > 0
-    _assert_invariants(callback.sparsifier)
+    assert_sparsity_invariants(callback.sparsifier)
 
 
 def test_callbacks_reject_bad_arguments():
