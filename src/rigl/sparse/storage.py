@@ -45,9 +45,8 @@ class SparseWeight:
     def __init__(self, name: str, layer: SparseLinear) -> None:
         self.name = name
         self.layer = layer
-        self._keep: Tensor | None = None  # which active weights the last drop kept
         self._active: tuple[object, Tensor] | None = None  # (index, its flat positions)
-        self._plan: tuple[Tensor, Tensor] | None = None  # (planned flat indices, _keep)
+        self._plan: tuple[Tensor, Tensor] | None = None  # (planned flat indices, drop mask)
 
     # -- shape and counts --------------------------------------------------------------
     @property
@@ -115,9 +114,9 @@ class SparseWeight:
     def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
         """New active flat indices: drop the ``n_update`` smallest, grow the best ``grow``."""
         n_update = min(int(n_update), self.n_active)
-        kept = self._kept_after_drop(n_update, tie_break)
+        kept, keep = self._kept_after_drop(n_update, tie_break)
         grown = _blockwise_topk(grow, self.rows, self.cols, kept, n_update, tie_break, self.name)
-        return self._planned(kept, grown)
+        return self._planned(kept, keep, grown)
 
     def rewire_sampled(
         self,
@@ -130,7 +129,7 @@ class SparseWeight:
         ``n_candidates`` positions drawn uniformly from those not kept (the just-dropped
         included): O(n_candidates) scores instead of a scan of every position."""
         n_update = min(int(n_update), self.n_active)
-        kept = self._kept_after_drop(n_update, generator)
+        kept, keep = self._kept_after_drop(n_update, generator)
         free = self.numel - kept.numel()
         candidates = random_indices_outside(
             self.numel, min(max(n_candidates, n_update), free), kept.cpu(), generator
@@ -138,16 +137,15 @@ class SparseWeight:
         score = scores_at(candidates)
         check_finite(score, self.name)
         grown = candidates[topk_indices(score, n_update, generator)]
-        return self._planned(kept, grown)
+        return self._planned(kept, keep, grown)
 
-    def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> Tensor:
+    def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> tuple[Tensor, Tensor]:
         """Sorted flat indices of the active weights left after dropping the ``n_update``
-        of smallest magnitude."""
+        of smallest magnitude, and the drop mask over the active weights (True: kept)."""
         active = self._active_indices()
         keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
         keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
-        self._keep = keep
-        return active[keep]
+        return active[keep], keep
 
     def _active_indices(self) -> Tensor:
         """The layer's active flat positions, computed once per index (drop and install
@@ -157,11 +155,11 @@ class SparseWeight:
             self._active = (index, self.layer.active_indices())
         return self._active[1]
 
-    def _planned(self, kept: Tensor, grown: Tensor) -> Tensor:
+    def _planned(self, kept: Tensor, keep: Tensor, grown: Tensor) -> Tensor:
         """``kept`` then ``grown``, remembered with the drop mask: :meth:`set_topology` then
         merges the two sorted runs and knows the old slot of every kept weight."""
         new_flat = torch.cat([kept, grown])
-        self._plan = (new_flat, self._keep)
+        self._plan = (new_flat, keep)
         return new_flat
 
     @torch.no_grad()
