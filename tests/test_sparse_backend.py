@@ -268,3 +268,87 @@ def test_backend_errors():
     for method in ("gmp", "snip", "snfs", "dense"):
         with pytest.raises(rigl.ConfigError, match=f"does not support method '{method}'"):
             rigl.create(method, model, opt, total_steps=1000, backend="sparse")
+
+
+# -- loading a topology into a model that is training (issue 12, items 7 and 9) -------------
+def _other_sparsity(backend: str, sparsity: float = 0.95) -> rigl.Sparsifier:
+    torch.manual_seed(1)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return rigl.create(
+        "rigl", model, opt, sparsity=sparsity, total_steps=100, update_interval=10, backend=backend
+    )
+
+
+def _continue(model, opt, sp, steps=12, start=40):
+    g = torch.Generator().manual_seed(start)
+    for _t in range(steps):
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 4, (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sp.step()
+
+
+def test_loading_another_sparsity_moves_the_optimizer_state_as_the_masked_backend_does():
+    """The compressed layers resize their optimizer state (positions that stay active keep
+    theirs, new ones start at zero): the same training as on the masked backend."""
+    other = _other_sparsity("masked").state_dict()  # bool masks: loadable on both backends
+    runs = {}
+    for backend in ("masked", "sparse"):
+        model, opt, sp = _run(backend, optimizer="adam", steps=100, stop_at=40)
+        sp.load_state_dict(other)
+        for weight in sp.weights:
+            for value in opt.state[weight.param].values():
+                assert value.dim() == 0 or value.shape == weight.param.shape
+        _continue(model, opt, sp)
+        runs[backend] = (sp.masks, _dense_weights(sp))
+    for k in runs["masked"][0]:
+        assert torch.equal(runs["masked"][0][k], runs["sparse"][0][k]), k
+    for a, b in zip(runs["masked"][1], runs["sparse"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_state_loaded_at_the_same_sparsity_keeps_weights_and_state_in_place():
+    model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
+    values = [w.param.detach().clone() for w in sp.weights]
+    states = [{k: v.clone() for k, v in opt.state[w.param].items()} for w in sp.weights]
+    sp.load_state_dict(sp.state_dict())
+    for w, v, s in zip(sp.weights, values, states, strict=True):
+        assert torch.equal(w.param, v)
+        assert all(torch.equal(opt.state[w.param][k], s[k]) for k in s)
+
+
+def test_a_model_state_dict_of_another_sparsity_without_its_optimizer_state_is_refused():
+    model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
+    other = _other_sparsity("sparse")
+    model.load_state_dict(other.model.state_dict())  # resizes the layers; opt keeps its state
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(rigl.ConfigError, match=r"optimizer state of 0\.weight .*load the optimizer"):
+        _continue(model, opt, sp, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())  # a fresh state
+    _continue(model, opt, sp, steps=2)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (lambda t: torch.cat([t[:-1], torch.tensor([48 * 64])]), "outside"),
+        (lambda t: torch.cat([torch.tensor([-1]), t[1:]]), "outside"),
+        (lambda t: torch.cat([t[:-1], t[:1]]), "duplicate"),
+        (lambda t: t.float(), "dtype"),
+        (lambda t: t.reshape(1, -1), "1-D"),
+    ],
+    ids=["too_large", "negative", "duplicate", "float", "2d"],
+)
+def test_corrupt_indices_in_a_sparsifier_state_are_refused_before_anything_changes(bad, match):
+    model, opt, sp = _run("sparse", steps=100, stop_at=20)
+    state = sp.state_dict()
+    layers = list(state["masks"])
+    state["masks"] = {**state["masks"], layers[0]: bad(state["masks"][layers[0]])}
+    state["masks"][layers[1]] = state["masks"][layers[1]][:-5]  # valid, but another count
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rigl.ConfigError, match=f"{layers[0]}.*{match}"):
+        sp.load_state_dict(state)
+    for k, v in model.state_dict().items():  # no layer was touched, not even the valid one
+        assert torch.equal(v, before[k]), k

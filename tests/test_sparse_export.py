@@ -120,3 +120,55 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
         load_sparse(path, wider)
     with pytest.raises(rigl.ConfigError, match="different model: missing 0.bias; missing 0.weight"):
         load_sparse(path, nn.Sequential(nn.Linear(12, 4)))
+
+
+def test_loading_another_sparsity_into_a_training_model_resizes_its_optimizer_state(tmp_path):
+    model, sp = _trained("sparse")
+    path = save_sparse(model, tmp_path / "m.safetensors", sp)
+    torch.manual_seed(3)
+    model2 = TinyMLP()
+    opt2 = make_optimizer("adam", model2)
+    sp2 = rigl.create(
+        "rigl", model2, opt2, sparsity=0.5, total_steps=40, update_interval=4, backend="sparse"
+    )
+    train_steps(model2, opt2, sp2, 3)  # Adam state sized for density 0.5
+    load_sparse(path, model2, sp2)
+    for k in sp.masks:
+        assert torch.equal(sp.masks[k], sp2.masks[k]), k
+    for weight in sp2.weights:
+        for value in opt2.state[weight.param].values():
+            assert value.dim() == 0 or value.shape == weight.param.shape
+    x, _ = batch(99)
+    torch.testing.assert_close(model2(x), model(x), rtol=1e-5, atol=1e-6)
+    train_steps(model2, opt2, sp2, 3, start=3)
+
+
+def _rewrite(path, out, change):
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    change(tensors)
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda t: t.__setitem__("fc1.weight.col_idx", t["fc1.weight.col_idx"].float()), "dtype"),
+        (lambda t: t["fc1.weight.col_idx"].__setitem__(0, 12), "outside"),
+        (lambda t: t["fc1.weight.col_idx"].__setitem__(1, t["fc1.weight.col_idx"][0]), "duplicate"),
+        (lambda t: t["fc2.weight.row_ptr"].__setitem__(3, 10_000), "row_ptr"),
+    ],
+    ids=["float", "out_of_range", "duplicate", "row_ptr"],
+)
+def test_corrupt_indices_in_a_file_are_refused_before_anything_changes(tmp_path, change, match):
+    model, sp = _trained("sparse")
+    path = save_sparse(model, tmp_path / "m.safetensors", sp)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", change)
+    model2, sp2 = _fresh("sparse")
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    with pytest.raises(rigl.ConfigError, match=f"bad.safetensors: .*{match}"):
+        load_sparse(bad, model2, sp2)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -147,3 +147,130 @@ def test_transpose(use, shape):
     a = torch.randn(shape)
     torch.testing.assert_close(kernels.transpose(a, use=use), a.t().contiguous(), rtol=0, atol=0)
     assert kernels.transpose(a, use=use).is_contiguous()
+
+
+# -- operands the compiled kernels must not trust (issue 12, items 5, 6, 8) -----------------
+@pytest.mark.parametrize("use", BACKENDS)
+def test_empty_batch_gives_zero_weight_gradient(use):
+    index = index_of(random_pattern((33, 20), 0.5))
+    values = torch.randn(index.nnz)
+    for _ in range(3):
+        junk = torch.full((index.nnz,), float("nan"))  # garbage for an unwritten output
+        del junk
+        yt = kernels.forward(values, index, torch.randn(20, 0), None, use=use)
+        dxt, dw = kernels.backward(values, index, torch.randn(20, 0), torch.randn(33, 0), use=use)
+        assert yt.shape == (33, 0) and dxt.shape == (20, 0)
+        assert torch.equal(dw, torch.zeros_like(values))
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+def test_operands_are_checked_before_the_kernels(use):
+    index = index_of(random_pattern((8, 16), 0.5))
+    values, xt = torch.randn(index.nnz), torch.randn(16, 4)
+    bad = {
+        "xt has 15 rows": lambda: kernels.forward(values, index, torch.randn(15, 4), None, use=use),
+        "dyt has 9 rows": lambda: kernels.backward(values, index, xt, torch.randn(9, 4), use=use),
+        "batch": lambda: kernels.backward(values, index, xt, torch.randn(8, 5), use=use),
+        "values has": lambda: kernels.forward(values[:-1], index, xt, None, use=use),
+        "dtype": lambda: kernels.forward(values, index, xt.double(), None, use=use),
+        "integer": lambda: kernels.forward(values.long(), index, xt.long(), None, use=use),
+        "bias": lambda: kernels.forward(values, index, xt, torch.randn(7), use=use),
+        "device": lambda: kernels.forward(values, index, xt.to("meta"), None, use=use),
+    }
+    for match, call in bad.items():
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            call()
+    # a non-contiguous xt is made contiguous, not misread
+    xt_strided = torch.randn(4, 16).t()
+    torch.testing.assert_close(
+        kernels.forward(values, index, xt_strided, None, use=use),
+        kernels.forward(values, index, xt_strided.contiguous(), None, use=use),
+    )
+    dense = torch.zeros(8, 16)
+    dense.view(-1)[index.flat()] = values
+    dyt_strided = torch.randn(4, 8).t()
+    dxt, _ = kernels.backward(values, index, xt_strided, dyt_strided, use=use)
+    torch.testing.assert_close(dxt, dense.t() @ dyt_strided)
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_products_accumulate_in_float32(use, dtype):
+    mask = random_pattern((40, 300), 0.5)
+    index = index_of(mask, block_nnz=1000)
+    gen = torch.Generator().manual_seed(1)
+    dense = (torch.randn(40, 300, generator=gen) * mask).to(dtype)
+    xt, dyt = torch.randn(300, 70, generator=gen).to(dtype), torch.randn(40, 70, generator=gen)
+    dyt = dyt.to(dtype)
+    yt = kernels.forward(dense[mask], index, xt, None, use=use)
+    dxt, dw = kernels.backward(dense[mask], index, xt, dyt, use=use)
+    assert yt.dtype == dxt.dtype == dw.dtype == dtype
+    # Products of bf16/fp16 values are exact in float32 and the sums are accumulated
+    # there: what is left is the one final rounding to the low-precision dtype.
+    exact = dense.double() @ xt.double()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(yt.double(), exact, rtol=eps, atol=1e-5)
+    torch.testing.assert_close(dxt.double(), dense.double().t() @ dyt.double(), rtol=eps, atol=1e-5)
+    dw_exact = (dyt.double() @ xt.double().t())[mask]
+    torch.testing.assert_close(dw.double(), dw_exact, rtol=eps, atol=1e-5)
+    a = torch.randn(33, 70).to(dtype)
+    assert torch.equal(kernels.transpose(a, use=use), a.t().contiguous())
+
+
+# -- building the kernels (issue 12, item 17) ---------------------------------------------------
+def test_cache_key_follows_source_flags_and_cpu(tmp_path, monkeypatch):
+    key = kernels._cache_key()
+    assert key == kernels._cache_key()
+    copy = tmp_path / "sparse_linear.cpp"
+    copy.write_bytes(kernels._SOURCE.read_bytes())
+    monkeypatch.setattr(kernels, "_SOURCE", copy)
+    assert kernels._cache_key() == key  # the content counts, not the install's path
+    copy.write_bytes(copy.read_bytes() + b"\n// edited\n")
+    edited = kernels._cache_key()
+    assert edited != key
+    monkeypatch.setattr(kernels, "_CFLAGS", [*kernels._CFLAGS, "-DRIGL_CHUNK_FWD=32"])
+    assert kernels._cache_key() not in (key, edited)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "fpu sse avx512f")
+    assert len({key, edited, kernels._cache_key()}) == 3
+
+
+def _fresh_extension(monkeypatch, tmp_path, load):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("RIGL_SPARSE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(cpp_extension, "load", load)
+
+
+def test_a_first_build_says_so_once_and_names_the_cache(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        calls.append((name, build_directory))
+        return "module"
+
+    _fresh_extension(monkeypatch, tmp_path, fake_load)
+    assert kernels.extension() == "module"
+    assert kernels.extension() == "module"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "compiling" in err and "once" in err and "few minutes" in err
+    (name, folder), = calls
+    assert name == f"rigl_sparse_linear_{kernels._cache_key()}"
+    assert folder == str(tmp_path / name) and folder in err
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
+def test_a_built_extension_is_loaded_without_the_build_tools(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    folder = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: pytest.fail("rebuilt"))
+    ext = kernels.extension()
+    assert ext is not None and hasattr(ext, "forward")
+    assert capsys.readouterr().err == ""
+    assert os.path.dirname(ext.__file__).startswith(os.path.realpath(folder))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import rigl
 from rigl.sparse import SparseLinear, kernels
 from rigl.sparse import storage as sparse_storage
 
@@ -144,3 +145,220 @@ def test_grad_rows_and_grow_candidates_match_dense_gradient(monkeypatch):
     sparse.keep_grow_inputs(False)
     with pytest.raises(RuntimeError, match="keep_grow_inputs"):
         sparse.grad_rows(0, 1)
+
+
+# -- inputs the kernels must not trust (issue 12, items 5, 6, 8) ------------------------------
+def _dirty_heap(n: int) -> None:
+    """Leave NaN-filled blocks of ``n`` floats in the allocator, so that memory a kernel
+    forgets to write shows up as garbage instead of happening to be zero."""
+    for _ in range(4):
+        junk = torch.full((n,), float("nan"))
+        del junk
+
+
+@pytest.mark.parametrize("use", KERNELS)
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (0, 3, 64)])
+def test_empty_batch_gives_zero_gradients(use, shape):
+    """A mixture-of-experts expert that receives no token."""
+    layer = SparseLinear(64, 64, density=0.5, generator=torch.Generator().manual_seed(0))
+    layer.kernels = use
+    x = torch.randn(shape, requires_grad=True)
+    for _ in range(3):
+        _dirty_heap(layer.n_active)
+        layer.zero_grad()
+        y = layer(x)
+        assert y.shape == (*x.shape[:-1], 64)
+        y.sum().backward()
+        assert torch.equal(layer.values.grad, torch.zeros_like(layer.values))
+        assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+        assert x.grad.shape == x.shape
+
+
+def _linear_error(layer: nn.Linear, x: torch.Tensor) -> str:
+    with pytest.raises(RuntimeError) as err:
+        layer(x)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("use", KERNELS)
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.randn(4, 15),  # too narrow: garbage from the compiled kernels before
+        torch.randn(4, 17),  # too wide: the last feature was silently ignored
+        torch.randn(2, 3, 15),
+        torch.randn(15),
+        torch.tensor(1.0),
+        torch.randn(4, 16, dtype=torch.float64),
+        torch.randint(0, 3, (4, 16)),
+        torch.randn(4, 16, dtype=torch.bfloat16),
+    ],
+    ids=["narrow", "wide", "3d", "1d", "0d", "float64", "int64", "bf16"],
+)
+def test_bad_inputs_get_the_error_of_nn_linear(use, x, monkeypatch):
+    dense, mask = dense_and_mask(16, 8, 0.5)
+    sparse = SparseLinear.from_dense(dense, mask)
+    sparse.kernels = use
+    for name in ("forward", "backward", "transpose"):  # refused before any kernel runs
+        monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("a kernel ran"))
+    with pytest.raises(RuntimeError) as err:
+        sparse(x)
+    assert str(err.value) == _linear_error(dense, x)
+
+
+def test_input_on_another_device_is_refused():
+    sparse = SparseLinear(16, 8, density=0.5)
+    with pytest.raises(RuntimeError, match="same device.*meta"):
+        sparse(torch.empty(4, 16, device="meta"))
+
+
+@pytest.mark.parametrize("use", KERNELS)
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        lambda: torch.randn(16),
+        lambda: torch.randn(2, 3, 16),
+        lambda: torch.randn(2, 3, 4, 16),
+        lambda: torch.randn(16, 5).t(),  # non-contiguous (a transposed view)
+        lambda: torch.randn(6, 32)[:, ::2],  # non-contiguous (strided columns)
+        lambda: torch.randn(3, 16, 4).transpose(1, 2),  # 3-D, non-contiguous
+    ],
+    ids=["1d", "3d", "4d", "transposed", "strided", "3d-transposed"],
+)
+def test_leading_dims_and_layouts_work_as_for_nn_linear(use, make_x):
+    dense, mask = dense_and_mask(16, 8, 0.5)
+    sparse = SparseLinear.from_dense(dense, mask)
+    sparse.kernels = use
+    x = make_x()
+    x_dense, x_sparse = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_dense, y_sparse = dense(x_dense), sparse(x_sparse)
+    assert y_sparse.shape == y_dense.shape
+    torch.testing.assert_close(y_sparse, y_dense, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y_dense)
+    y_dense.backward(dy)
+    y_sparse.backward(dy)
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
+
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("use", KERNELS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION.values(), ids=LOW_PRECISION.keys())
+def test_low_precision_weights_and_inputs_match_nn_linear(use, dtype):
+    dense, mask = dense_and_mask(48, 40, 0.3)
+    dense = dense.to(dtype)
+    sparse = SparseLinear.from_dense(dense, mask)
+    sparse.kernels = use
+    assert sparse.values.dtype == dtype
+    x = torch.randn(70, 48, dtype=dtype)  # two batch chunks and a tail
+    x_dense, x_sparse = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_dense, y_sparse = dense(x_dense), sparse(x_sparse)
+    assert y_sparse.dtype == dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2}  # a few units of bf16 rounding (fp32 accumulation)
+    torch.testing.assert_close(y_sparse, y_dense, **tol)
+    dy = torch.randn_like(y_dense)
+    y_dense.backward(dy)
+    y_sparse.backward(dy)
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad, **tol)
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], **tol)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **tol)
+
+
+class _ConvHead(nn.Module):
+    """A conv feeding a linear head: under autocast the head gets a bf16 input."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 8, 8) -> (B, 10)
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("use", KERNELS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION.values(), ids=LOW_PRECISION.keys())
+def test_autocast_computes_like_nn_linear(use, dtype):
+    dense_head, mask = dense_and_mask(4 * 6 * 6, 10, 0.3)
+    torch.manual_seed(1)
+    net_dense = _ConvHead(dense_head)
+    sparse_head = SparseLinear.from_dense(dense_head, mask)
+    sparse_head.kernels = use
+    net_sparse = _ConvHead(sparse_head)
+    net_sparse.conv.load_state_dict(net_dense.conv.state_dict())
+    x = torch.randn(5, 3, 8, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        y_dense, y_sparse = net_dense(x), net_sparse(x)
+        y_plain = sparse_head(torch.randn(5, 4 * 6 * 6))  # a float32 input is cast too
+    assert y_sparse.dtype == y_dense.dtype == y_plain.dtype == dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y_sparse, y_dense, **tol)
+    y_dense.float().square().sum().backward()
+    y_sparse.float().square().sum().backward()
+    assert sparse_head.values.grad.dtype == torch.float32  # the parameters stay float32
+    grad = dense_head.weight.grad[mask]
+    torch.testing.assert_close(sparse_head.values.grad, grad, **tol)
+    torch.testing.assert_close(net_sparse.conv.weight.grad, net_dense.conv.weight.grad, **tol)
+    with torch.autocast("cpu", dtype=dtype):  # float64 is left alone, as by nn.Linear
+        assert sparse_head.double()(torch.randn(2, 4 * 6 * 6, dtype=torch.float64)).dtype == (
+            torch.float64
+        )
+
+
+# -- corrupt indices in a loaded state dict (issue 12, item 7) --------------------------------
+def _corrupt(state: dict, key: str, how: str) -> dict:
+    state = {k: v.clone() for k, v in state.items()}
+    t = state[key]
+    if how == "out_of_range":
+        t[len(t) // 2] = 10_000
+    elif how == "negative":
+        t[1] = -3
+    elif how == "not_monotone":
+        t[2], t[3] = t[3] + 1, t[2]
+    elif how == "wrong_length":
+        t = t[:-1]
+    elif how == "float":
+        t = t.float()
+    elif how == "duplicate":  # two equal columns in one row
+        t[1] = t[0]
+    state[key] = t
+    return state
+
+
+@pytest.mark.parametrize(
+    ("key", "how"),
+    [
+        ("col_idx", "out_of_range"),
+        ("col_idx", "negative"),
+        ("col_idx", "wrong_length"),
+        ("col_idx", "float"),
+        ("col_idx", "duplicate"),
+        ("row_ptr", "out_of_range"),
+        ("row_ptr", "not_monotone"),
+        ("row_ptr", "wrong_length"),
+        ("row_ptr", "float"),
+    ],
+)
+def test_corrupt_indices_in_a_state_dict_are_refused(key, how):
+    src = SparseLinear(16, 8, density=0.6, generator=torch.Generator().manual_seed(0))
+    dst = SparseLinear(16, 8, density=0.3, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(rigl.ConfigError, match=f"'{key}'"):
+        dst.load_state_dict(_corrupt(src.state_dict(), key, how))
+    for k, v in dst.state_dict().items():  # nothing was modified
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_csc_index_in_a_state_dict_is_rebuilt_not_trusted():
+    src = SparseLinear(16, 8, density=0.6, generator=torch.Generator().manual_seed(0))
+    state = src.state_dict()
+    state["perm"] = torch.full_like(state["perm"], 1 << 30)  # would be read out of bounds
+    state["row_idx"] = torch.full_like(state["row_idx"], -7)
+    state["col_ptr"] = torch.zeros_like(state["col_ptr"])
+    dst = SparseLinear(16, 8, density=0.3)
+    dst.load_state_dict(state)
+    for name, tensor in src.index.tensors().items():
+        assert torch.equal(dst.index.tensors()[name], tensor), name
+        assert torch.equal(getattr(dst, name), tensor), name
