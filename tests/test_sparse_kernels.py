@@ -173,7 +173,7 @@ def test_operands_are_checked_before_the_kernels(use):
         "batch": lambda: kernels.backward(values, index, xt, torch.randn(8, 5), use=use),
         "values has": lambda: kernels.forward(values[:-1], index, xt, None, use=use),
         "dtype": lambda: kernels.forward(values, index, xt.double(), None, use=use),
-        "integer": lambda: kernels.forward(values.long(), index, xt.long(), None, use=use),
+        "supported": lambda: kernels.forward(values.long(), index, xt.long(), None, use=use),
         "bias": lambda: kernels.forward(values, index, xt, torch.randn(7), use=use),
         "device": lambda: kernels.forward(values, index, xt.to("meta"), None, use=use),
     }

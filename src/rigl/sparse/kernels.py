@@ -7,17 +7,27 @@ Activations are feature-major ("transposed"): ``xt`` is ``(in, B)``, ``yt`` is
 - :func:`backward`: ``dxt = W^T @ dyt`` and ``dW = (dyt @ xt^T)`` at the active entries only
   (SDDMM), fused in one pass over the CSC index.
 
+Every operand is checked against the index first (:func:`check_operands`): the compiled
+kernels trust shapes, dtypes and devices. float32 and float64 are computed as stored;
+bfloat16 and float16 operands are computed in float32 (their products are exact there, the
+sums are accumulated there) and the results rounded once to the operands' dtype.
+
 The compiled kernels are built on first use with ``torch.utils.cpp_extension.load``
-(g++ with OpenMP, cached under the torch extensions directory). If the build fails, a
-warning is issued once and the torch fallback (``torch.sparse`` CSR products) is used.
-``RIGL_SPARSE_KERNELS=torch`` forces the fallback, ``=cpp`` makes a build failure an error.
+(g++ with OpenMP), once per source, flags, CPU, torch and Python (:func:`_cache_key`), into
+the torch extensions directory (``TORCH_EXTENSIONS_DIR``); a line on stderr says so while
+it compiles. If the build fails, a warning is issued once and the torch fallback
+(``torch.sparse`` CSR products) is used. ``RIGL_SPARSE_KERNELS=torch`` forces the
+fallback, ``=cpp`` makes a build failure an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import itertools
 import os
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -28,31 +38,77 @@ from torch import Tensor
 from rigl.sparse.index import SparseIndex
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear.cpp"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+_LDFLAGS = ["-fopenmp"]
 _ENV = "RIGL_SPARSE_KERNELS"
 _ext: ModuleType | None = None
 _tried = False
 
+# The dtype each supported dtype is computed in.
+_COMPUTE_DTYPE = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
 
-def _machine_tag() -> str:
-    """Short hash of the CPU flags: -march=native builds must not be shared across CPUs."""
+
+# -- building ------------------------------------------------------------------------------
+def _cpu_flags() -> str:
     try:
-        flags = next(
-            (ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
-            "",
-        )
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+        return ""
+    return next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+
+
+def _cache_key() -> str:
+    """Hash of everything the compiled module depends on: the source's content (not its
+    path, so two identical installs share one build and two different ones never overwrite
+    each other's), the compile flags, the CPU flags (-march=native code must not run on
+    another CPU type), and the torch and Python versions it links against."""
+    digest = hashlib.sha256()
+    for part in (
+        _SOURCE.read_bytes(),
+        " ".join(_CFLAGS + _LDFLAGS).encode(),
+        _cpu_flags().encode(),
+        torch.__version__.encode(),
+        sys.implementation.cache_tag.encode(),
+    ):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
 
 
 def _build() -> ModuleType:
+    """The compiled module: loaded from the cache if this key was built before, else built
+    (minutes) with a line on stderr saying so."""
     from torch.utils import cpp_extension
 
+    name = f"rigl_sparse_linear_{_cache_key()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = Path(root) / name
+    library = folder / f"{name}{cpp_extension.LIB_EXT}"
+    # A finished build is imported as is: no ninja run, so nothing can trigger a rebuild.
+    # While another process builds it, torch's lock file is there: load() waits for it.
+    if library.is_file() and not (folder / "lock").exists():
+        spec = importlib.util.spec_from_file_location(name, library)
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    print(
+        "rigl.sparse: compiling the C++ sparse kernels; this happens once (for this source, "
+        f"CPU and torch) and can take a few minutes; cache: {folder}",
+        file=sys.stderr,
+        flush=True,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
-        name=f"rigl_sparse_linear_{_machine_tag()}",
+        name=name,
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
-        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        extra_cflags=_CFLAGS,
+        extra_ldflags=_LDFLAGS,
         verbose=False,
     )
 
@@ -87,17 +143,68 @@ def backend() -> str:
     return "cpp" if extension() is not None else "torch"
 
 
+# -- operands ------------------------------------------------------------------------------
+def check_operands(
+    values: Tensor,
+    index: SparseIndex,
+    xt: Tensor,
+    dyt: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> None:
+    """ValueError naming the operand unless every one fits the index ``(out, in)``: ``values``
+    (nnz,) of a supported dtype, ``xt`` (in, B), ``dyt`` (out, B), ``bias`` (out,), all of
+    one dtype and on one device. The products call it before any kernel runs."""
+    n_out, n_in = index.shape
+    if values.dtype not in _COMPUTE_DTYPE:
+        raise ValueError(
+            f"values has dtype {values.dtype}; supported: float32, float64, bfloat16, float16"
+        )
+    if values.dim() != 1 or values.numel() != index.nnz:
+        raise ValueError(f"values has shape {tuple(values.shape)}, the index {index.nnz} entries")
+    named = {"xt": (xt, n_in, "columns (in)"), "dyt": (dyt, n_out, "rows (out)")}
+    for name, (t, rows, what) in named.items():
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[0] != rows:
+            raise ValueError(
+                f"{name} has {t.shape[0] if t.dim() else 0} rows (shape {tuple(t.shape)}), "
+                f"the weight has {rows} {what}"
+            )
+    if dyt is not None and dyt.shape[1] != xt.shape[1]:
+        raise ValueError(f"xt and dyt differ in batch size ({xt.shape[1]} and {dyt.shape[1]})")
+    if bias is not None and (bias.dim() != 1 or bias.numel() != n_out):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, the weight has {n_out} rows")
+    for name, t in {"xt": xt, "dyt": dyt, "bias": bias}.items():
+        if t is None:
+            continue
+        if t.dtype != values.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, values {values.dtype}")
+        if t.device != values.device:
+            raise ValueError(f"{name} is on device {t.device}, values on {values.device}")
+    if index.row_ptr.device != values.device:
+        raise ValueError(f"the index is on device {index.row_ptr.device}, values on {values.device}")
+
+
+def _computed(t: Tensor | None) -> Tensor | None:
+    """``t`` contiguous, in its compute dtype (a no-op for contiguous float32/float64)."""
+    return None if t is None else t.to(_COMPUTE_DTYPE[t.dtype]).contiguous()
+
+
 def forward(
     values: Tensor, index: SparseIndex, xt: Tensor, bias: Tensor | None, *, use: str | None = None
 ) -> Tensor:
-    """``yt (out, B) = W @ xt + bias``; ``xt`` is ``(in, B)`` contiguous."""
-    ext = _pick(use)
+    """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)``."""
+    check_operands(values, index, xt, bias=bias)
+    dtype = values.dtype
+    values, xt, bias = _computed(values), _computed(xt), _computed(bias)
+    ext = _pick(use, values.device)
     if ext is not None:
-        return ext.forward(values, index.row_ptr, index.col_idx, xt, bias)
-    yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), xt)
+        return ext.forward(values, index.row_ptr, index.col_idx, xt, bias).to(dtype)
+    with _no_autocast(values.device):
+        yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), xt)
     if bias is not None:
         yt += bias[:, None]
-    return yt
+    return yt.to(dtype)
 
 
 def backward(
@@ -111,7 +218,10 @@ def backward(
     use: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted."""
-    ext = _pick(use)
+    check_operands(values, index, xt, dyt)
+    dtype = values.dtype
+    values, xt, dyt = _computed(values), _computed(xt), _computed(dyt)
+    ext = _pick(use, values.device)
     if ext is not None:
         dxt, dw = ext.backward(
             values,
@@ -124,11 +234,19 @@ def backward(
             want_dx,
             want_dw,
         )
-        return (dxt if want_dx else None), (dw if want_dw else None)
+    else:
+        with _no_autocast(values.device):
+            dxt, dw = _backward_torch(values, index, xt, dyt, want_dx, want_dw)
+    return (dxt.to(dtype) if want_dx else None), (dw.to(dtype) if want_dw else None)
+
+
+def _backward_torch(
+    values: Tensor, index: SparseIndex, xt: Tensor, dyt: Tensor, want_dx: bool, want_dw: bool
+) -> tuple[Tensor | None, Tensor | None]:
     dxt = dw = None
     n_in = index.shape[1]
     if want_dx:  # one CSR of W_b^T per row block b
-        dxt = torch.zeros(n_in, dyt.shape[1], dtype=dyt.dtype)
+        dxt = torch.zeros(n_in, dyt.shape[1], dtype=dyt.dtype, device=dyt.device)
         col_ptr = index.col_ptr.reshape(index.n_blocks, n_in + 1)
         bounds = index.block_rows.tolist()
         for b, (r0, r1) in enumerate(itertools.pairwise(bounds)):
@@ -148,8 +266,8 @@ def transpose(a: Tensor, *, use: str | None = None) -> Tensor:
     at = a.t()
     if at.is_contiguous():
         return at
-    ext = _pick(use)
-    if ext is not None and a.is_contiguous():
+    ext = _pick(use, a.device)
+    if ext is not None and a.is_contiguous() and a.dtype in _COMPUTE_DTYPE:
         return ext.transpose(a)
     return at.contiguous()
 
@@ -160,14 +278,29 @@ def _csr(ptr: Tensor, idx: Tensor, values: Tensor, shape: tuple[int, int]) -> Te
         return torch.sparse_csr_tensor(ptr, idx, values, shape, check_invariants=False)
 
 
-def _pick(use: str | None) -> ModuleType | None:
+def _no_autocast(device: torch.device) -> torch.autocast | contextlib.nullcontext:
+    """The fallback's products run in the dtype they are given (under autocast, ``torch.mm``
+    would cast its operands down again)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        enabled = False
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _pick(use: str | None, device: torch.device | None = None) -> ModuleType | None:
+    """The compiled module for ``use`` (None: when available), or None for the fallback.
+    The compiled kernels run on the CPU only: other devices take the fallback."""
+    on_cpu = device is None or device.type == "cpu"
     if use is None:
-        return extension()
+        return extension() if on_cpu else None
     if use == "torch":
         return None
     if use == "cpp":
         ext = extension()
         if ext is None:
             raise RuntimeError("the compiled rigl.sparse kernels are not available")
+        if not on_cpu:
+            raise RuntimeError(f"the compiled rigl.sparse kernels run on the CPU, not {device}")
         return ext
     raise ValueError(f"use={use!r}; allowed: None, 'cpp', 'torch'")

@@ -38,11 +38,66 @@ class _GrowInputs:
         self.xts, self.dyts = [], []
 
 
+def check_input(x: Tensor, values: Tensor, shape: tuple[int, int]) -> None:
+    """Raise the error ``nn.Linear`` raises for an input ``x`` (``..., in``) it cannot take:
+    the compiled kernels would read past a narrow input, ignore a wide one's last features,
+    or reinterpret another dtype's bytes."""
+    n_out, n_in = shape
+    if x.dim() == 0:
+        raise RuntimeError("both arguments to linear need to be at least 1D, but they are 0D and 2D")
+    if x.shape[-1] != n_in:
+        rows = math.prod(x.shape[:-1])
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({rows}x{x.shape[-1]} and {n_in}x{n_out})"
+        )
+    if x.dtype != values.dtype:
+        raise RuntimeError(
+            "mat1 and mat2 must have the same dtype, but got "
+            f"{_scalar_name(x.dtype)} and {_scalar_name(values.dtype)}"
+        )
+    if x.device != values.device:
+        raise RuntimeError(
+            "Expected all tensors to be on the same device, but found at least two devices, "
+            f"{x.device} and {values.device}!"
+        )
+
+
+def _scalar_name(dtype: torch.dtype) -> str:
+    """torch's own name of a dtype, as in its error messages ("Float", "BFloat16", "Long")."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
+def _autocast(x: Tensor, values: Tensor, bias: Tensor | None) -> tuple:
+    """The casts autocast makes for ``nn.Linear``: in an autocast region of ``x``'s device,
+    floating operands other than float64 are computed in the autocast dtype. The casts are
+    differentiable, so float32 parameters get float32 gradients."""
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        enabled = False
+    if not enabled:
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        eligible = t is not None and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(values), cast(bias)
+
+
+def _apply(x, values, bias, index, grow, use) -> Tensor:
+    x, values, bias = _autocast(x, values, bias)
+    return SparseLinearFunction.apply(x, values, bias, index, grow, use)
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W`` given by ``values`` on a :class:`SparseIndex`."""
 
     @staticmethod
     def forward(ctx, x, values, bias, index, grow, use):  # type: ignore[override]
+        check_input(x, values, index.shape)
         lead = x.shape[:-1]
         xt = kernels.transpose(x.reshape(-1, x.shape[-1]), use=use)  # (in, B)
         yt = kernels.forward(values, index, xt, bias, use=use)  # (out, B)
@@ -80,7 +135,7 @@ def sparse_linear(
     use: str | None = None,
 ) -> Tensor:
     """Functional form: ``use`` = None (best available), ``"cpp"`` or ``"torch"``."""
-    return SparseLinearFunction.apply(x, values, bias, index, None, use)
+    return _apply(x, values, bias, index, None, use)
 
 
 class SparseLinear(nn.Module):
@@ -255,7 +310,9 @@ class SparseLinear(nn.Module):
             raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
         pieces = zip(self._grow.xts, self._grow.dyts, strict=True)  # (in, B_i), (out, B_i)
         xt, dyt = next(pieces)
-        grad = dyt[row_start:row_end] @ xt.t()
+        # In the dtype of the kept inputs (bf16 under autocast), summed in that of values:
+        # the same products and sums as autograd makes for .grad of a dense weight.
+        grad = (dyt[row_start:row_end] @ xt.t()).to(self.values.dtype)
         for xt, dyt in pieces:
             grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
         return grad
@@ -271,9 +328,9 @@ class SparseLinear(nn.Module):
 
     def _grad_at(self, flat: Tensor) -> Tensor:
         index, order = SparseIndex.from_flat(flat, self.shape)
-        zeros = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
-        sorted_grad = zeros.clone()
+        sorted_grad = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
         for xt, dyt in zip(self._grow.xts, self._grow.dyts, strict=True):
+            zeros = torch.zeros(index.nnz, dtype=xt.dtype, device=xt.device)  # as kept
             _, dw = kernels.backward(zeros, index, xt, dyt, False, True, use=self.kernels)
             sorted_grad += dw
         grad = torch.empty_like(sorted_grad)
@@ -282,9 +339,7 @@ class SparseLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        return SparseLinearFunction.apply(
-            x, self.values, self.bias, self._index, self._grow, self.kernels
-        )
+        return _apply(x, self.values, self.bias, self._index, self._grow, self.kernels)
 
     def extra_repr(self) -> str:
         return (

@@ -431,14 +431,24 @@ void transpose_impl(const T* src, T* dst, int64_t rows, int64_t cols) {
   }
 }
 
+// The Python side (rigl/sparse/kernels.py) checks every operand against the index before
+// calling in; these checks are the last line: what a wrong tensor would make the kernels read
+// or write out of bounds (index contents are validated when an index is built or loaded).
 void check_index(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kInt32, name, " must be int32");
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
 }
 
 void check_act(const torch::Tensor& t, const torch::Tensor& values, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(t.scalar_type() == values.scalar_type(), name, " dtype differs from values");
+}
+
+void check_values(const torch::Tensor& values, int64_t nnz) {
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && values.device().is_cpu(),
+              "values must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(values.numel() == nnz, "values has ", values.numel(), " entries, the index ", nnz);
 }
 
 }  // namespace
@@ -450,13 +460,14 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
   check_index(row_ptr, "row_ptr");
   check_index(col_idx, "col_idx");
   check_act(xt, values, "xt");
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  check_values(values, col_idx.numel());
   const int64_t n_out = row_ptr.numel() - 1, batch = xt.size(1);
   auto yt = torch::empty({n_out, batch}, xt.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_forward", [&] {
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
-      TORCH_CHECK(bias->is_contiguous() && bias->numel() == n_out, "bad bias");
+      TORCH_CHECK(bias->is_contiguous() && bias->numel() == n_out && bias->device().is_cpu(),
+                  "bias must be a contiguous CPU tensor of n_out entries");
       b = bias->data_ptr<scalar_t>();
     }
     forward_impl<scalar_t>(values.data_ptr<scalar_t>(), row_ptr.data_ptr<int32_t>(),
@@ -477,13 +488,18 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   check_index(perm, "perm");
   check_act(xt, values, "xt");
   check_act(dyt, values, "dyt");
+  check_values(values, row_idx.numel());
+  TORCH_CHECK(perm.numel() == row_idx.numel(), "perm and row_idx differ in length");
   TORCH_CHECK(xt.size(1) == dyt.size(1), "xt and dyt differ in batch size");
   TORCH_CHECK(n_blocks >= 1 && col_ptr.numel() % n_blocks == 0, "bad blocked col_ptr");
   const int64_t n_in = col_ptr.numel() / n_blocks - 1, batch = xt.size(1), nnz = values.numel();
+  TORCH_CHECK(xt.size(0) == n_in, "xt has ", xt.size(0), " rows, the index ", n_in, " columns");
   torch::Tensor dxt, dw;
   if (want_dx) dxt = torch::empty({n_in, batch}, xt.options());
-  if (want_dw) dw = torch::empty({nnz}, values.options());
-  if (!want_dx && !want_dw) return {dxt, dw};
+  // An empty batch runs no chunk, so nothing would write dW: it is a sum of nothing, zero.
+  if (want_dw) dw = batch == 0 ? torch::zeros({nnz}, values.options())
+                                : torch::empty({nnz}, values.options());
+  if ((!want_dx && !want_dw) || batch == 0) return {dxt, dw};
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_backward", [&] {
     auto run = [&](auto impl) {
       impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), n_blocks,
@@ -506,7 +522,9 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
 torch::Tensor transpose(const torch::Tensor& src) {
   TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "src must be a contiguous 2-D tensor");
   auto dst = torch::empty({src.size(1), src.size(0)}, src.options());
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rigl_sparse_transpose", [&] {
+  // A plain copy: the 16-bit floating types too (the products compute them in float32).
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
+                                  "rigl_sparse_transpose", [&] {
     transpose_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), src.size(0),
                              src.size(1));
   });
