@@ -309,7 +309,7 @@ def test_loading_another_sparsity_moves_the_optimizer_state_as_the_masked_backen
 
 
 def test_state_loaded_at_the_same_sparsity_keeps_weights_and_state_in_place():
-    model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
+    _model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
     values = [w.param.detach().clone() for w in sp.weights]
     states = [{k: v.clone() for k, v in opt.state[w.param].items()} for w in sp.weights]
     sp.load_state_dict(sp.state_dict())
@@ -323,7 +323,9 @@ def test_a_model_state_dict_of_another_sparsity_without_its_optimizer_state_is_r
     other = _other_sparsity("sparse")
     model.load_state_dict(other.model.state_dict())  # resizes the layers; opt keeps its state
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(rigl.ConfigError, match=r"optimizer state of 0\.weight .*load the optimizer"):
+    with pytest.raises(
+        rigl.ConfigError, match=r"optimizer state of 0\.weight .*load the optimizer"
+    ):
         _continue(model, opt, sp, steps=1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     opt.load_state_dict(torch.optim.Adam(model.parameters()).state_dict())  # a fresh state
@@ -342,7 +344,7 @@ def test_a_model_state_dict_of_another_sparsity_without_its_optimizer_state_is_r
     ids=["too_large", "negative", "duplicate", "float", "2d"],
 )
 def test_corrupt_indices_in_a_sparsifier_state_are_refused_before_anything_changes(bad, match):
-    model, opt, sp = _run("sparse", steps=100, stop_at=20)
+    model, _opt, sp = _run("sparse", steps=100, stop_at=20)
     state = sp.state_dict()
     layers = list(state["masks"])
     state["masks"] = {**state["masks"], layers[0]: bad(state["masks"][layers[0]])}

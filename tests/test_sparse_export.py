@@ -172,3 +172,16 @@ def test_corrupt_indices_in_a_file_are_refused_before_anything_changes(tmp_path,
         load_sparse(bad, model2, sp2)
     for k, v in model2.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_dense_weight_in_the_file_loads_into_a_sparse_linear(tmp_path):
+    """A layer saved dense (excluded, or a model without a sparsifier) and compressed in the
+    model receives every weight (it was silently left as it was)."""
+    torch.manual_seed(0)
+    dense = TinyMLP()
+    path = save_sparse(dense, tmp_path / "dense.safetensors")
+    model, sp = _fresh("sparse")
+    load_sparse(path, model, sp)
+    assert all(w.density == 1.0 for w in sp.weights)
+    x, _ = batch(1)
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)

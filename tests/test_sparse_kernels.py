@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rigl.sparse import kernels
+from rigl.sparse.function import sparse_linear
 from rigl.sparse.index import SparseIndex
-from rigl.sparse.linear import sparse_linear
 
 BACKENDS = [
     "torch",
@@ -257,7 +257,7 @@ def test_a_first_build_says_so_once_and_names_the_cache(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "compiling" in err and "once" in err and "few minutes" in err
-    (name, folder), = calls
+    ((name, folder),) = calls
     assert name == f"rigl_sparse_linear_{kernels._cache_key()}"
     assert folder == str(tmp_path / name) and folder in err
 

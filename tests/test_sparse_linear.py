@@ -316,7 +316,7 @@ def _corrupt(state: dict, key: str, how: str) -> dict:
     elif how == "negative":
         t[1] = -3
     elif how == "not_monotone":
-        t[2], t[3] = t[3] + 1, t[2]
+        t[2] = t[3] + 1  # row 2 would have -1 entries
     elif how == "wrong_length":
         t = t[:-1]
     elif how == "float":

@@ -275,6 +275,7 @@ class Sparsifier:
 
     def pre_optimizer_step(self) -> bool:
         """Everything before the optimizer step; returns whether to take it."""
+        self._check_optimizer_state()
         step = self.step_count
         self.observe_gradients()
         self._pending_update = self.should_update(step)
@@ -371,8 +372,9 @@ class Sparsifier:
                 f"state dict was saved by method {state.get('method')!r}, this sparsifier is {self.name!r}"
             )
         check_model_names(self.targets, state["masks"])
-        for weight in self.weights:
-            weight.load_topology(state["masks"][weight.name])
+        masks = [w.check_topology(state["masks"][w.name]) for w in self.weights]  # all first
+        for weight, mask in zip(self.weights, masks, strict=True):
+            weight.load_topology(mask, self.optimizer)  # compressed: the optimizer state too
         self.step_count = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.update_count = int(state.get("update_count", 0))
@@ -389,6 +391,27 @@ class Sparsifier:
                 f"parameters {missing} are sparsified but not in the optimizer; create the "
                 "sparsifier with the optimizer that trains this model"
             )
+
+    def _check_optimizer_state(self) -> None:
+        """A compressed layer's active count can change outside the sparsifier (its
+        ``model.load_state_dict`` or ``load_sparse`` without the sparsifier): its optimizer
+        state is then of the old size, which the optimizer would fail on. (A 1-D state of a
+        1-D parameter has its shape in every torch optimizer; masked weights are >= 2-D.)"""
+        if self.optimizer is None:
+            return
+        for weight in self.weights:
+            param = weight.param
+            for key, value in self.optimizer.state.get(param, {}).items():
+                if param.dim() == value.dim() == 1 and value.shape != param.shape:
+                    raise ConfigError(
+                        f"the optimizer state of {weight.name} ({key!r}: {value.numel()} "
+                        f"entries) does not match its {param.numel()} active weights: the "
+                        "topology was replaced (model.load_state_dict, or load_sparse without "
+                        "the sparsifier) but not the optimizer state. Also load the optimizer "
+                        "state saved with the model, or load the topology through "
+                        "sparsifier.load_state_dict() / load_sparse(path, model, sparsifier), "
+                        "which move the optimizer state along"
+                    )
 
     def __repr__(self) -> str:
         return (

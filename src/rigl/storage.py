@@ -169,12 +169,21 @@ class MaskedWeight:
         """What a checkpoint stores: the bool mask."""
         return self.mask.detach().cpu().clone()
 
-    def load_topology(self, mask: Tensor) -> None:
+    def check_topology(self, mask: Tensor) -> Tensor:
+        """The mask of a checkpoint, or a ConfigError if it does not fit this weight."""
         if tuple(mask.shape) != self.shape:
             raise ConfigError(
                 f"state dict mask {self.name} has shape {tuple(mask.shape)}, "
                 f"the model's weight has {self.shape}: it belongs to a different model"
             )
+        return mask
+
+    def load_topology(self, mask: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install a checkpoint's mask. The optimizer state is dense, like the weight, so it
+        keeps its shape whatever the active count (``optimizer`` is for the compressed
+        storage, whose state tensors have one entry per active weight)."""
+        del optimizer
+        mask = self.check_topology(mask)
         self.mask = mask.to(device=self.param.device, dtype=torch.bool).clone()
         self._n_active = int(self.mask.count_nonzero())
         self.apply_mask()

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from rigl._version import __version__
 from rigl.config import ConfigError
+from rigl.sparse.index import check_csr
 from rigl.sparse.linear import SparseLinear
 
 if TYPE_CHECKING:
@@ -177,20 +178,27 @@ def read_sparse(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[st
 
 
 def _check_csr(path: Path, name: str, entry: dict[str, Tensor]) -> None:
-    shape = entry["shape"].tolist()
-    rows = shape[0] if shape else 0
-    cols = math.prod(shape) // rows if rows else 0
-    row_ptr, col_idx, nnz = entry["row_ptr"], entry["col_idx"], entry["values"].numel()
-    ok = (
-        row_ptr.numel() == rows + 1
-        and col_idx.numel() == nnz
-        and int(row_ptr[0]) == 0
-        and int(row_ptr[-1]) == nnz
-        and bool((row_ptr[1:] >= row_ptr[:-1]).all())
-        and (nnz == 0 or (int(col_idx.min()) >= 0 and int(col_idx.max()) < cols))
+    """Shape, values and CSR of one sparse weight of a file, or a ConfigError naming both."""
+    shape = entry["shape"]
+    if shape.dtype != torch.int64 or shape.dim() != 1 or shape.numel() < 2 or (shape < 0).any():
+        raise ConfigError(f"{path}: tensor '{name}.shape' is not a weight shape ({shape.tolist()})")
+    rows = int(shape[0])
+    cols = math.prod(shape.tolist()) // rows if rows else 0
+    values = entry["values"]
+    if values.dim() != 1 or not values.is_floating_point():
+        raise ConfigError(
+            f"{path}: tensor '{name}.values' has dtype {values.dtype} and shape "
+            f"{tuple(values.shape)}; expected 1-D floating point"
+        )
+    where = f"{path}: tensor "
+    check_csr(
+        entry["row_ptr"],
+        entry["col_idx"],
+        values.numel(),
+        (rows, cols),
+        where=where,
+        prefix=f"{name}.",
     )
-    if not ok:
-        raise ConfigError(f"{path}: the CSR indices of {name} are inconsistent with shape {shape}")
 
 
 def _flat_indices(entry: dict[str, Tensor]) -> Tensor:
@@ -210,17 +218,28 @@ def load_sparse(
     ``SparseLinear`` layers take the saved topology and values (their active count follows
     the file). Any other parameter receives the densified weight (zeros at inactive
     positions); given a ``sparsifier`` of the model, its masks are set to the saved
-    topology. Raises :class:`rigl.ConfigError` naming the file if it is not a rigl sparse
-    checkpoint or belongs to a different model.
+    topology, and the optimizer state of a compressed layer follows it (positions that stay
+    active keep theirs, new ones start at zero; without the sparsifier, load the optimizer
+    state saved with the file too when the active count changes). Raises
+    :class:`rigl.ConfigError` naming the file if it is not a rigl sparse checkpoint, belongs
+    to a different model, or holds corrupt indices; nothing is changed then.
     """
     path = Path(path)
     entries, others, metadata = read_sparse(path)
     sparse = _sparse_modules(model)
     _check_same_model(path, model, sparse, entries, others)
-    masked = {w.name: w for w in getattr(sparsifier, "weights", []) if w.name not in sparse}
+    for name in sparse.keys() & others.keys():  # saved dense: every position is active
+        weight = others.pop(name)
+        entries[name] = _csr_of_mask(weight, torch.ones_like(weight, dtype=torch.bool))
+    weights = {w.name: w for w in getattr(sparsifier, "weights", [])}
+    optimizer = getattr(sparsifier, "optimizer", None)
     with torch.no_grad():
         for name, entry in entries.items():
-            flat = _flat_indices(entry)
+            flat = _flat_indices(entry)  # checked by read_sparse: sorted, in range, unique
+            if name in sparse and name in weights:  # the optimizer state follows the topology
+                weights[name].load_topology(flat, optimizer)
+                sparse[name].values.copy_(entry["values"])
+                continue
             if name in sparse:
                 sparse[name].set_topology(flat, entry["values"])
                 continue
@@ -228,10 +247,10 @@ def load_sparse(
             dense = torch.zeros(param.numel(), dtype=param.dtype)
             dense[flat] = entry["values"].to(param.dtype)
             param.copy_(dense.reshape(param.shape))
-            if name in masked:
+            if name in weights:
                 mask = torch.zeros(param.numel(), dtype=torch.bool)
                 mask[flat] = True
-                masked[name].load_topology(mask.reshape(param.shape))
+                weights[name].load_topology(mask.reshape(param.shape), optimizer)
     model.load_state_dict(others, strict=False)  # the sparse entries are in place already
     return metadata
 

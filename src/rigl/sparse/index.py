@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rigl.config import ConfigError
+
 _INT32_MAX = 2**31 - 1
 BLOCK_NNZ = 65536  # non-zeros per row block of the CSC (values + dW window ~ 512 KB)
 
@@ -137,6 +139,68 @@ class SparseIndex:
             "row_idx": self.row_idx,
             "perm": self.perm,
         }
+
+
+def check_csr(
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    nnz: int,
+    shape: tuple[int, int],
+    *,
+    where: str = "",
+    prefix: str = "",
+) -> Tensor:
+    """The flat positions ``row * in + col`` (int64, sorted) of a CSR pattern read from a
+    checkpoint, or a :class:`~rigl.ConfigError` naming the tensor (``{where}'{prefix}row_ptr'``)
+    and what is wrong with it: the kernels index memory with these tensors, so a corrupt one
+    would make them read or write out of bounds. Vectorised, O(nnz + out).
+
+    Valid: int32/int64, 1-D; ``row_ptr`` (out + 1) non-decreasing from 0 to ``nnz``;
+    ``col_idx`` (nnz) in ``[0, in)``, strictly increasing within each row.
+    """
+    n_out, n_in = shape
+
+    def fail(part: str, problem: str) -> ConfigError:
+        return ConfigError(
+            f"{where}'{prefix}{part}' {problem}: the checkpoint is corrupt or not of this "
+            f"layer (weight of shape {shape})"
+        )
+
+    for part, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise fail(part, f"has dtype {t.dtype}; indices are int32")
+        if t.dim() != 1:
+            raise fail(part, f"has shape {tuple(t.shape)}; it must be 1-D")
+    if row_ptr.numel() != n_out + 1:
+        raise fail("row_ptr", f"has {row_ptr.numel()} entries, expected {n_out + 1} (rows + 1)")
+    if col_idx.numel() != nnz:
+        raise fail("col_idx", f"has {col_idx.numel()} entries, the values {nnz}")
+    if nnz > _INT32_MAX:
+        raise fail("col_idx", "has more than 2**31 - 1 entries")
+    row_ptr = row_ptr.to(torch.int64)
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        raise fail(
+            "row_ptr", f"runs from {int(row_ptr[0])} to {int(row_ptr[-1])}, expected 0 to {nnz}"
+        )
+    counts = row_ptr[1:] - row_ptr[:-1]
+    if bool((counts < 0).any()):
+        row = int((counts < 0).nonzero()[0])
+        raise fail("row_ptr", f"decreases after row {row}: it must be non-decreasing")
+    cols = col_idx.to(torch.int64)
+    if nnz:
+        low, high = torch.aminmax(cols)
+        if low < 0 or high >= n_in:
+            bad = int(low) if low < 0 else int(high)
+            raise fail("col_idx", f"holds column {bad}, outside [0, {n_in})")
+    flat = torch.repeat_interleave(torch.arange(n_out), counts) * n_in + cols
+    if nnz > 1 and bool((flat[1:] <= flat[:-1]).any()):
+        at = int((flat[1:] <= flat[:-1]).nonzero()[0]) + 1
+        raise fail(
+            "col_idx",
+            f"is not strictly increasing within row {int(flat[at]) // max(n_in, 1)} "
+            f"(position {at}: a duplicate or unsorted column)",
+        )
+    return flat
 
 
 def _blocked_csc(

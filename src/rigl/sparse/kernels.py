@@ -182,7 +182,9 @@ def check_operands(
         if t.device != values.device:
             raise ValueError(f"{name} is on device {t.device}, values on {values.device}")
     if index.row_ptr.device != values.device:
-        raise ValueError(f"the index is on device {index.row_ptr.device}, values on {values.device}")
+        raise ValueError(
+            f"the index is on device {index.row_ptr.device}, values on {values.device}"
+        )
 
 
 def _computed(t: Tensor | None) -> Tensor | None:

@@ -182,12 +182,16 @@ class SparseWeight:
         values = self.param.detach()
         new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
         states = _weight_states(optimizer, self.param)
-        new_states = [
-            torch.where(survived, s[slot], torch.zeros((), dtype=s.dtype)) for s in states
-        ]
+        new_states = {
+            key: torch.where(survived, s[slot], torch.zeros((), dtype=s.dtype))
+            for key, s in states.items()
+        }
         self.layer.set_sorted_topology(merged, new_values)
-        for state, new in zip(states, new_states, strict=True):
-            state.copy_(new)
+        for key, new in new_states.items():
+            if states[key].shape == new.shape:
+                states[key].copy_(new)
+            else:  # the active count changed (a loaded topology): the state is resized
+                optimizer.state[self.param][key] = new
         n_grown = int((~survived).count_nonzero())
         return RewireStats(self.name, self.n_active, n_grown, n_grown)
 
@@ -196,21 +200,38 @@ class SparseWeight:
         """What a checkpoint stores: the sorted flat indices of the active weights (int64)."""
         return self.layer.active_indices().detach().cpu().clone()
 
-    def load_topology(self, state: Tensor) -> None:
-        """Accept indices (from this backend) or a bool mask (from the masked backend)."""
+    def check_topology(self, state: Tensor) -> Tensor:
+        """The sorted flat indices of a checkpoint's topology, or a ConfigError naming this
+        weight: int indices (from this backend) or a bool mask (from the masked backend)."""
+        where = f"state dict masks[{self.name!r}]"
         if state.dtype == torch.bool:
             if tuple(state.shape) != self.shape:
                 raise ConfigError(
-                    f"state dict mask {self.name} has shape {tuple(state.shape)}, "
-                    f"the model's weight has {self.shape}: it belongs to a different model"
+                    f"{where} has shape {tuple(state.shape)}, the model's weight has "
+                    f"{self.shape}: it belongs to a different model"
                 )
-            state = state.reshape(-1).nonzero().squeeze(1)
-        if state.numel() and int(state.max()) >= self.numel:
-            raise ConfigError(f"state dict indices of {self.name} exceed its shape {self.shape}")
-        if state.numel() != self.n_active:
-            self.layer.set_topology(state, torch.zeros(state.numel(), dtype=self.param.dtype))
-        else:
-            self.layer.set_topology(state, self.param.detach().clone())
+            return state.reshape(-1).nonzero().squeeze(1)
+        if state.dtype not in (torch.int32, torch.int64) or state.dim() != 1:
+            raise ConfigError(
+                f"{where} has dtype {state.dtype} and shape {tuple(state.shape)}; expected "
+                "1-D int64 flat indices (or a bool mask)"
+            )
+        flat = torch.sort(state.to(torch.int64)).values
+        if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= self.numel):
+            bad = int(flat[0]) if int(flat[0]) < 0 else int(flat[-1])
+            raise ConfigError(
+                f"{where} holds index {bad}, outside [0, {self.numel}) of shape {self.shape}"
+            )
+        if bool((flat[1:] == flat[:-1]).any()):
+            raise ConfigError(f"{where} holds a duplicate index")
+        return flat
+
+    def load_topology(self, state: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install a checkpoint's topology (see :meth:`check_topology`) as an update would:
+        positions that stay active keep their value and optimizer state, new ones start at
+        zero, so the optimizer state follows a change of the active count (the masked
+        backend's state is dense and stays in place, with the same effect)."""
+        self.set_topology(self.check_topology(state).to(self.param.device), optimizer)
 
 
 def _mean_over_ranks(grad: Tensor) -> Tensor:
@@ -225,11 +246,12 @@ def _mean_over_ranks(grad: Tensor) -> Tensor:
     return grad
 
 
-def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> list[Tensor]:
+def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> dict[str, Tensor]:
+    """The optimizer's state tensors of ``param`` that have one entry per active weight."""
     if optimizer is None:
-        return []
+        return {}
     state = optimizer.state.get(param, {})
-    return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
+    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.shape == param.shape}
 
 
 def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:
