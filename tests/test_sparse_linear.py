@@ -362,3 +362,10 @@ def test_the_csc_index_in_a_state_dict_is_rebuilt_not_trusted():
     for name, tensor in src.index.tensors().items():
         assert torch.equal(dst.index.tensors()[name], tensor), name
         assert torch.equal(getattr(dst, name), tensor), name
+
+
+def test_set_topology_needs_one_value_per_position():
+    layer = SparseLinear(6, 4, density=0.5)
+    with pytest.raises(ValueError, match="3 positions but values of shape \\(2,\\)"):
+        layer.set_topology(torch.tensor([0, 5, 9]), torch.ones(2))
+    assert layer.n_active == 12  # unchanged

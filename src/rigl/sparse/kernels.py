@@ -45,6 +45,7 @@ _ext: ModuleType | None = None
 _tried = False
 
 # The dtype each supported dtype is computed in.
+_EXACT = (torch.float32, torch.float64)
 _COMPUTE_DTYPE = {
     torch.float32: torch.float32,
     torch.float64: torch.float64,
@@ -153,16 +154,18 @@ def check_operands(
 ) -> None:
     """ValueError naming the operand unless every one fits the index ``(out, in)``: ``values``
     (nnz,) of a supported dtype, ``xt`` (in, B), ``dyt`` (out, B), ``bias`` (out,), all of
-    one dtype and on one device. The products call it before any kernel runs."""
+    one dtype and on one device. The products call it before any kernel runs (a few
+    microseconds: plain attribute comparisons)."""
     n_out, n_in = index.shape
-    if values.dtype not in _COMPUTE_DTYPE:
+    dtype, device = values.dtype, values.device
+    if dtype not in _COMPUTE_DTYPE:
         raise ValueError(
-            f"values has dtype {values.dtype}; supported: float32, float64, bfloat16, float16"
+            f"values has dtype {dtype}; supported: float32, float64, bfloat16, float16"
         )
-    if values.dim() != 1 or values.numel() != index.nnz:
+    if values.shape != index.col_idx.shape:
         raise ValueError(f"values has shape {tuple(values.shape)}, the index {index.nnz} entries")
-    named = {"xt": (xt, n_in, "columns (in)"), "dyt": (dyt, n_out, "rows (out)")}
-    for name, (t, rows, what) in named.items():
+    operands = (("xt", xt, n_in, "columns (in)"), ("dyt", dyt, n_out, "rows (out)"))
+    for name, t, rows, what in operands:
         if t is None:
             continue
         if t.dim() != 2 or t.shape[0] != rows:
@@ -170,26 +173,25 @@ def check_operands(
                 f"{name} has {t.shape[0] if t.dim() else 0} rows (shape {tuple(t.shape)}), "
                 f"the weight has {rows} {what}"
             )
+        if t.dtype != dtype or t.device != device:
+            raise ValueError(
+                f"{name} has dtype {t.dtype} on device {t.device}, values {dtype} on {device}"
+            )
     if dyt is not None and dyt.shape[1] != xt.shape[1]:
         raise ValueError(f"xt and dyt differ in batch size ({xt.shape[1]} and {dyt.shape[1]})")
-    if bias is not None and (bias.dim() != 1 or bias.numel() != n_out):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, the weight has {n_out} rows")
-    for name, t in {"xt": xt, "dyt": dyt, "bias": bias}.items():
-        if t is None:
-            continue
-        if t.dtype != values.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, values {values.dtype}")
-        if t.device != values.device:
-            raise ValueError(f"{name} is on device {t.device}, values on {values.device}")
-    if index.row_ptr.device != values.device:
+    if bias is not None and (bias.shape != (n_out,) or bias.dtype != dtype):
         raise ValueError(
-            f"the index is on device {index.row_ptr.device}, values on {values.device}"
+            f"bias is {bias.dtype} of shape {tuple(bias.shape)}, expected {dtype} of ({n_out},)"
         )
+    if (bias is not None and bias.device != device) or index.row_ptr.device != device:
+        raise ValueError(f"bias or index on another device than values ({device})")
 
 
 def _computed(t: Tensor | None) -> Tensor | None:
     """``t`` contiguous, in its compute dtype (a no-op for contiguous float32/float64)."""
-    return None if t is None else t.to(_COMPUTE_DTYPE[t.dtype]).contiguous()
+    if t is None or (t.dtype in _EXACT and t.is_contiguous()):
+        return t
+    return t.to(_COMPUTE_DTYPE[t.dtype]).contiguous()
 
 
 def forward(

@@ -118,6 +118,11 @@ class SparseLinear(nn.Module):
         self._set_index(flat, values.detach(), presorted=True)
 
     def _set_index(self, flat: Tensor, values: Tensor, presorted: bool = False) -> Tensor | None:
+        if values.shape != (flat.numel(),):
+            raise ValueError(
+                f"{flat.numel()} positions but values of shape {tuple(values.shape)}: one "
+                "value per position is needed"
+            )
         index, order = SparseIndex.from_flat(
             flat, (self.out_features, self.in_features), presorted=presorted, use=self.kernels
         )
