@@ -402,7 +402,9 @@ class Sparsifier:
         for weight in self.weights:
             param = weight.param
             for key, value in self.optimizer.state.get(param, {}).items():
-                if param.dim() == value.dim() == 1 and value.shape != param.shape:
+                if not isinstance(value, Tensor) or value.dim() != 1 or param.dim() != 1:
+                    continue
+                if value.shape != param.shape:
                     raise ConfigError(
                         f"the optimizer state of {weight.name} ({key!r}: {value.numel()} "
                         f"entries) does not match its {param.numel()} active weights: the "
