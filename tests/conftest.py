@@ -121,3 +121,17 @@ def assert_sparsity_invariants(sparsifier) -> None:
         for value in sparsifier.optimizer.state[weight.param].values():
             if torch.is_tensor(value) and value.shape == weight.param.shape:
                 assert bool((value[~weight.mask] == 0).all()), weight.name
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def sparse_kernels(request, monkeypatch) -> str:
+    """Run a test on the compiled sparse kernels and on the torch fallback (as with
+    RIGL_SPARSE_KERNELS=torch, for this test only)."""
+    from rigl.sparse import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_tried", True)
+        monkeypatch.setattr(kernels, "_ext", None)
+    elif kernels.extension() is None:
+        pytest.skip("the C++ kernels did not build")
+    return request.param

@@ -289,7 +289,9 @@ def _continue(model, opt, sp, steps=12, start=40):
         sp.step()
 
 
-def test_loading_another_sparsity_moves_the_optimizer_state_as_the_masked_backend_does():
+def test_loading_another_sparsity_moves_the_optimizer_state_as_the_masked_backend_does(
+    sparse_kernels,
+):
     """The compressed layers resize their optimizer state (positions that stay active keep
     theirs, new ones start at zero): the same training as on the masked backend."""
     other = _other_sparsity("masked").state_dict()  # bool masks: loadable on both backends
@@ -308,7 +310,7 @@ def test_loading_another_sparsity_moves_the_optimizer_state_as_the_masked_backen
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_state_loaded_at_the_same_sparsity_keeps_weights_and_state_in_place():
+def test_state_loaded_at_the_same_sparsity_keeps_weights_and_state_in_place(sparse_kernels):
     _model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
     values = [w.param.detach().clone() for w in sp.weights]
     states = [{k: v.clone() for k, v in opt.state[w.param].items()} for w in sp.weights]
@@ -318,7 +320,9 @@ def test_state_loaded_at_the_same_sparsity_keeps_weights_and_state_in_place():
         assert all(torch.equal(opt.state[w.param][k], s[k]) for k in s)
 
 
-def test_a_model_state_dict_of_another_sparsity_without_its_optimizer_state_is_refused():
+def test_a_model_state_dict_of_another_sparsity_without_its_optimizer_state_is_refused(
+    sparse_kernels,
+):
     model, opt, sp = _run("sparse", optimizer="adam", steps=100, stop_at=30)
     other = _other_sparsity("sparse")
     model.load_state_dict(other.model.state_dict())  # resizes the layers; opt keeps its state

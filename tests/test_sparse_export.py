@@ -122,7 +122,9 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
         load_sparse(path, nn.Sequential(nn.Linear(12, 4)))
 
 
-def test_loading_another_sparsity_into_a_training_model_resizes_its_optimizer_state(tmp_path):
+def test_loading_another_sparsity_into_a_training_model_resizes_its_optimizer_state(
+    tmp_path, sparse_kernels
+):
     model, sp = _trained("sparse")
     path = save_sparse(model, tmp_path / "m.safetensors", sp)
     torch.manual_seed(3)

@@ -341,7 +341,7 @@ def _corrupt(state: dict, key: str, how: str) -> dict:
         ("row_ptr", "float"),
     ],
 )
-def test_corrupt_indices_in_a_state_dict_are_refused(key, how):
+def test_corrupt_indices_in_a_state_dict_are_refused(key, how, sparse_kernels):
     src = SparseLinear(16, 8, density=0.6, generator=torch.Generator().manual_seed(0))
     dst = SparseLinear(16, 8, density=0.3, generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in dst.state_dict().items()}
@@ -351,7 +351,7 @@ def test_corrupt_indices_in_a_state_dict_are_refused(key, how):
         assert torch.equal(v, before[k]), k
 
 
-def test_the_csc_index_in_a_state_dict_is_rebuilt_not_trusted():
+def test_the_csc_index_in_a_state_dict_is_rebuilt_not_trusted(sparse_kernels):
     src = SparseLinear(16, 8, density=0.6, generator=torch.Generator().manual_seed(0))
     state = src.state_dict()
     state["perm"] = torch.full_like(state["perm"], 1 << 30)  # would be read out of bounds
