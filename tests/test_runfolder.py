@@ -114,6 +114,19 @@ def test_overwrite_deletes_the_runs_files_and_nothing_else(tmp_path, data_root):
     assert json.loads((run / MARKER).read_text()) == marker
 
 
+@pytest.mark.parametrize("files", [["."], ["../elsewhere"], "config.yaml"])
+def test_a_damaged_marker_deletes_nothing(tmp_path, data_root, capsys, files):
+    """A marker naming the folder itself, its parent, or not a list: refused, not obeyed."""
+    config = tiny_run_config(tmp_path, data_root)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text(json.dumps({"files": files}))
+    (run / "notes.txt").write_text("mine\n")
+    assert main(["train", "--config", str(config), "--quiet", "--overwrite"]) == 2
+    assert f"{str(run / MARKER)!r} is damaged" in capsys.readouterr().err
+    assert (run / "notes.txt").read_text() == "mine\n" and (tmp_path / "config.yaml").exists()
+
+
 # -- 2. one process per run folder -----------------------------------------------------------
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, data_root):
     config = killed_run(tmp_path, data_root)

@@ -31,7 +31,14 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
     restart = "start the run again with --overwrite (its logs are rewritten)"
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # empty, truncated, not a torch file, unsafe pickle: all damage
+    except MemoryError:
+        raise  # the file may be fine: no advice to start again
+    except PermissionError as exc:
+        raise ConfigError(
+            f"--resume: {str(path)!r} cannot be read ({exc.strerror}); give this user read "
+            "permission and resume again"
+        ) from exc
+    except Exception as exc:  # empty, truncated (torch: OSError), not a torch file: damage
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"--resume: {str(path)!r} cannot be read ({reason}): it is damaged or not a "

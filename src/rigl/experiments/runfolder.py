@@ -122,12 +122,12 @@ def check_same_config(config: ExperimentConfig, saved: Path) -> None:
 
 
 def config_changes(before: dict[str, Any], config: ExperimentConfig) -> list[str]:
-    """Keys whose value in ``config`` differs from the mapping ``before`` (missing keys
-    count as changed), ignoring those a resume may change."""
+    """Keys whose value in ``config`` differs from the mapping ``before``, ignoring those a
+    resume may change (and keys ``before`` lacks: settings added since it was saved)."""
     return sorted(
         k
         for k, v in config.to_dict().items()
-        if k not in RESUMABLE_CHANGES and (k not in before or before[k] != v)
+        if k not in RESUMABLE_CHANGES and k in before and before[k] != v
     )
 
 
@@ -138,15 +138,21 @@ def read_marker(out: Path) -> dict[str, Any] | None:
         return None
     try:
         marker = read_json(path)
-        files = marker["files"]
-        if not all(isinstance(f, str) and f and "/" not in f and f != ".." for f in files):
-            raise ValueError("file names expected")
+        if not all(map(_plain_name, marker["files"])):
+            raise ValueError("names of files in the folder expected")
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{str(path)!r} is damaged ({exc}); nothing in {str(out)!r} was changed. Move "
             "what you want to keep elsewhere and use a new folder for --out"
         ) from exc
     return marker
+
+
+def _plain_name(name: Any) -> bool:
+    """A name of an entry of the folder itself (never the folder, its parent, or deeper)."""
+    separators = {"/", os.sep, os.altsep or "/"}
+    plain = isinstance(name, str) and name not in ("", ".", "..", LOCK, MARKER)
+    return plain and not any(sep in name for sep in separators)
 
 
 def _mark(out: Path, config: ExperimentConfig) -> None:
