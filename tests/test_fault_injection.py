@@ -38,15 +38,17 @@ def checkpoint_step(run: Path) -> int | None:
 
 
 def next_kill(rng: random.Random, run: Path, total: int, every: int) -> str:
-    """A kill point that the next resume of ``run`` is sure to reach, drawn from ``rng``."""
+    """A kill point that the next resume of ``run`` is sure to reach, drawn from ``rng``;
+    mostly early ones, so that the kills spread over the whole run."""
     step = checkpoint_step(run)
     done = step or 0
     checkpoints = len(range((done // every + 1) * every, total + 1, every)) + 1  # + finish
+    nth = min(2, checkpoints)
     points = ["run-built:1", "write:run.json:1", "write:metrics.csv:1", "write:final.json:1",
-              "write:dynamics.csv:1", f"checkpoint:{rng.randint(1, checkpoints)}",
-              f"write:checkpoint.pt:{rng.randint(1, checkpoints)}"]  # fmt: skip
+              "write:dynamics.csv:1", f"checkpoint:{rng.randint(1, nth)}",
+              f"write:checkpoint.pt:{rng.randint(1, nth)}"]  # fmt: skip
     if done < total:
-        points += [f"step:{rng.randint(1, total - done)}"] * 2
+        points += [f"step:{rng.randint(1, min(8, total - done))}"] * 3
     if step is None:  # the run starts (again) from nothing
         points += ["run-folder:1", "write:config.yaml:1", "write:.rigl-run.json:1"]
     return rng.choice(points)
@@ -93,7 +95,7 @@ def assert_same_run_folder(reference: Path, run: Path) -> None:
 
 
 def test_kill_at_random_points_then_resume_gives_the_same_files(tmp_path):
-    """12 kills (2 fixed, 10 drawn with a fixed seed) of one run, each followed by a resume."""
+    """14 kills of one run (10 drawn with a fixed seed), each followed by a resume."""
     changes = {"epochs": 4, "update_interval": 5, "checkpoint_every": 7, "tensorboard": False,
                "recorders": ["topology", "dynamics"]}  # fmt: skip
     config = tiny_run_config(tmp_path, tmp_path / "data", **changes)
@@ -102,13 +104,15 @@ def test_kill_at_random_points_then_resume_gives_the_same_files(tmp_path):
     run, reference = tmp_path / "run", tmp_path / "reference"
     train = ["train", "--config", str(config), "--quiet", "--resume"]  # as rigl compare does
     total, every, rng = 40, 7, random.Random(12)
-    kills = ["run-built:1", "write:checkpoint.pt:2"]  # before config.yaml; inside a write
+    # first: after building the run, before (and inside) writing config.yaml, inside a
+    # checkpoint write; then 10 drawn; last: inside the write of final.json
+    kills = ["run-built:1", "write:config.yaml:1", "write:checkpoint.pt:2"]
     with KillDriver(tmp_path / "driver.log") as driver:
         assert driver.run(train) == 0, (tmp_path / "driver.log").read_text()
         run.rename(reference)
-        for i in range(12):
+        for i in range(14):
             if i >= len(kills):
-                kills.append(next_kill(rng, run, total, every))
+                kills.append(next_kill(rng, run, total, every) if i < 13 else "write:final.json:1")
             code = driver.run(train, kill=kills[i])
             assert code == -signal.SIGKILL, f"kill {i + 1} at {kills[i]} not reached ({code})"
         assert driver.run(train) == 0, (tmp_path / "driver.log").read_text()
