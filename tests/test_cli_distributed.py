@@ -18,6 +18,7 @@ from rigl.cli import build_parser, main
 from rigl.config import ConfigError
 from rigl.experiments import compare
 from rigl.experiments.config import load_config
+from rigl.experiments.runfolder import LOCK, MARKER
 from rigl.experiments.runio import read_csv
 from rigl.experiments.train import check_data_parallel, train
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 TORCHRUN += ["--standalone", "-m", "rigl.cli"]
 RUN_FILES = {"config.yaml", "run.json", "metrics.csv", "topology.csv", "checkpoint.pt"}
+RUN_FILES |= {MARKER, LOCK}  # the run folder's marker and lock (rigl.experiments.runfolder)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +109,7 @@ def test_torchrun_error_of_rank_0_is_raised_on_every_rank(tmp_path, data_root):
     done = torchrun("train", "--config", str(config), "--quiet")
     assert done.returncode != 0
     assert done.stderr.count("rigl train: error: out=") == 1, done.stderr
-    assert "already holds a run; pass --resume" in done.stderr
+    assert "is not a rigl run folder" in done.stderr  # a config.yaml but no rigl marker
     assert "(rank 1)" not in done.stderr
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]
 

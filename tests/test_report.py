@@ -183,6 +183,35 @@ def test_killed_and_resumed_run_records_the_same_dynamics(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
+def test_resume_from_a_checkpoint_just_before_an_update_records_that_update(tmp_path):
+    """checkpoint_every = update_interval = 10, killed after the 4th checkpoint (step 40,
+    mid-epoch): the resumed run's first step is the update of step 40. The recorder used
+    to attach its update hook after that step, so the update was missed (merged into the
+    next one's row, or lost when it was the last)."""
+    from rigl.experiments.train import train
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_41(step, model, sparsifier, metrics):
+        if step == 41:  # after the checkpoint of step 40 and the update during step 41
+            raise Killed
+
+    changes = {"checkpoint_every": 10, "update_interval": 10, "batch_size": 24, "epochs": 8}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    train(tiny_config(tmp_path, out=str(whole), **changes), quiet=True)
+    with pytest.raises(Killed):
+        train(tiny_config(tmp_path, out=str(resumed), **changes), quiet=True,
+              callbacks=[kill_after_step_41])  # fmt: skip
+    state = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 40 and state["batch"] % 7  # 7 batches per epoch: mid-epoch
+    train(tiny_config(tmp_path, out=str(resumed), **changes), quiet=True, resume=True)
+    steps = {r["step"] for r in read_rows(whole / "dynamics.csv")}
+    assert {"10", "20", "30", "40"} <= steps
+    for name in ("dynamics.csv", "lifetimes.csv", "alive.csv", "topology.csv"):
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
 def test_report_from_tiny_runs(tmp_path):
     from rigl.experiments.train import train
 

@@ -8,13 +8,15 @@ Optional methods: ``close()`` at the end of training, and ``state_dict()`` /
 
 Recorders named in the config's ``recorders`` list are built by their registered
 factory ``factory(run_dir, config, input_shape) -> callback``; adding one is one
-``@register_recorder("name")`` line, and the loop is never touched.
+``@register_recorder("name", outputs=[...])`` line, and the loop is never touched. The
+``outputs`` (file names in the run folder) are listed in the folder's marker: they are
+what ``--overwrite`` deletes (see :mod:`rigl.experiments.runfolder`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +29,21 @@ _RECORDERS: dict[str, RecorderFactory | str] = {
     # name -> factory, or "module:function" imported on first use
     "dynamics": "rigl.experiments.callbacks:_dynamics_recorder",
 }
+_OUTPUTS: dict[str, tuple[str, ...]] = {  # name -> the files it writes in the run folder
+    "dynamics": ("dynamics.csv", "lifetimes.csv", "alive.csv", "first_layer.npz"),
+}
 
 
-def register_recorder(name: str) -> Callable[[RecorderFactory], RecorderFactory]:
-    """Decorator adding a recorder factory under ``name`` (usable in ``recorders: [...]``)."""
+def register_recorder(
+    name: str, outputs: Iterable[str] = ()
+) -> Callable[[RecorderFactory], RecorderFactory]:
+    """Decorator adding a recorder factory under ``name`` (usable in ``recorders: [...]``);
+    ``outputs``: the names of the files it writes in the run folder (``--overwrite`` and a
+    restarted run delete those, and only those, so list every one)."""
 
     def decorate(factory: RecorderFactory) -> RecorderFactory:
         _RECORDERS[name] = factory
+        _OUTPUTS[name] = tuple(outputs)
         return factory
 
     return decorate
@@ -41,6 +51,11 @@ def register_recorder(name: str) -> Callable[[RecorderFactory], RecorderFactory]
 
 def list_recorders() -> list[str]:
     return sorted(_RECORDERS)
+
+
+def recorder_outputs(names: Iterable[str]) -> list[str]:
+    """The run-folder files written by the recorders ``names``."""
+    return [file for name in names for file in _OUTPUTS.get(name, ())]
 
 
 def make_recorders(
@@ -143,7 +158,7 @@ class TopologyLog:
         self.seen = int(state["seen"])
 
 
-@register_recorder("topology")
+@register_recorder("topology", outputs=["topology.csv"])
 def _topology_recorder(run_dir: Path, config: Any, input_shape: tuple[int, ...]) -> Callback:
     return TopologyLog(run_dir / "topology.csv")
 

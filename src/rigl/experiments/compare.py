@@ -29,6 +29,7 @@ from rigl.config import ConfigError
 from rigl.distributed import DistEnv
 from rigl.experiments import results, sweep
 from rigl.experiments.config import ExperimentConfig, from_dict
+from rigl.experiments.runfolder import FINAL, check_same_config
 from rigl.experiments.runio import provenance, read_json, write_json
 from rigl.experiments.sweep import RunSpec, Sweep
 
@@ -39,10 +40,34 @@ RECORD_KEYS = (
 )  # fmt: skip
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per run; --jobs runs side by side
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker die with the compare process ``parent``, even when that is killed
+    by ``kill -9`` (no cleanup runs then): an orphan would train on, beside the runs of a
+    re-run. Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere a thread polls."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _train_one(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any] | None, str]:
@@ -70,12 +95,10 @@ def _on_sigterm(handler: Any) -> Any:
 def finished(config: ExperimentConfig) -> dict[str, Any] | None:
     """The ``final.json`` of a finished run with this config, else None."""
     out = Path(config.out)
-    if not (out / "final.json").exists():
+    if not (out / FINAL).exists():
         return None
-    from rigl.experiments.train import prepare_out
-
-    prepare_out(config, resume=True, overwrite=False)  # raises if the config changed
-    return read_json(out / "final.json")
+    check_same_config(config, out / "config.yaml")  # raises if the config changed
+    return read_json(out / FINAL)
 
 
 def run_sweep(
@@ -110,7 +133,8 @@ def run_sweep(
         previous = _on_sigterm(_interrupt)
         context = multiprocessing.get_context("spawn")
         try:
-            with context.Pool(jobs, initializer=_worker_init) as pool:  # exit: terminate()
+            pool = context.Pool(jobs, initializer=_worker_init, initargs=(os.getpid(),))
+            with pool:  # exit: terminate()
                 results = pool.imap_unordered(_train_one, items)
                 for done, (index, final, error) in enumerate(results, start=1):
                     spec = todo[index]

@@ -131,13 +131,18 @@ class MaskRecorder:
     # -- the callback ---------------------------------------------------------------------
     def __call__(self, step: int, model: Any, sparsifier: Any, metrics: Any = None) -> None:
         del step, model, metrics  # the sparsifier's own counters are the clock
-        if self._sparsifier is not sparsifier:
+        attached_now = self._sparsifier is not sparsifier
+        if attached_now:
             self._attach(sparsifier)
         done = int(sparsifier.step_count)  # optimizer steps completed
         if done == self._last_step:
             return  # the epoch-end call of a step already seen
         self._last_step = done
-        if not self._hooked:  # no update hooks: the update, if any, was in the last step
+        # Without update hooks, the update (if any) was in the last step. A hook attached
+        # just now missed an update in that step: in a resumed run the first call comes
+        # after the first step, which may be an update step (recorded here, not merged
+        # into the next update's row).
+        if not self._hooked or attached_now:
             self._maybe_record(sparsifier, done - 1)
         if self.snapshot_every and (done % self.snapshot_every == 0 or done == _total(sparsifier)):
             self._snapshot(sparsifier, done)

@@ -1,8 +1,11 @@
 """Run-folder I/O: atomic writes, provenance (git hash, versions, command line), CSV logs.
 
-Every file a run writes goes through a temporary file in the same folder followed by
-``os.replace``, so a run killed at any moment leaves either the old or the new file,
-never half of one.
+Every file a run writes goes through a temporary file ``.NAME.*.tmp`` in the same folder
+followed by ``os.replace``, so a run killed at any moment leaves either the old or the new
+file, never half of one (the next start of the run deletes such leftover temporary files,
+see :mod:`rigl.experiments.runfolder`).
+
+Testing hook: :func:`kill_point` lets fault-injection tests SIGKILL a run at named points.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +30,27 @@ import rigl
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+KILL_AT = "RIGL_TEST_KILL_AT"
+_passed: dict[str, int] = {}  # kill point -> times this process passed it
+
+
+def kill_point(name: str) -> None:
+    """Testing hook (fault injection): with ``RIGL_TEST_KILL_AT=NAME:N`` in the environment
+    the process SIGKILLs itself the N-th time it passes point ``NAME``, with no cleanup, as
+    ``kill -9`` would. Points: ``run-folder`` (run folder marked, nothing else written),
+    ``run-built`` (run built, ``config.yaml`` not yet written), ``write:FILE`` (inside an
+    atomic write of FILE: the temporary file is complete, not yet renamed), ``step`` (a
+    training step done) and ``checkpoint`` (a checkpoint written). Unset: no effect."""
+    spec = os.environ.get(KILL_AT)
+    if not spec:
+        return
+    point, _, nth = spec.rpartition(":")
+    if point != name:
+        return
+    _passed[name] = _passed.get(name, 0) + 1
+    if _passed[name] == int(nth):
+        os.kill(os.getpid(), signal.SIGKILL)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
@@ -38,6 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        kill_point(f"write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

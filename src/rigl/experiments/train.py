@@ -1,8 +1,9 @@
 """`rigl train`: one sparse training run from a config, resumable to the same result.
 
-``train(config)`` reads top to bottom: prepare the run folder -> :func:`build` ->
-:func:`train_one_epoch` / :func:`end_epoch` until the step budget is spent ->
-:func:`finish` (final checkpoint, ``final.json``).
+``train(config)`` reads top to bottom: lock and prepare the run folder
+(:mod:`~rigl.experiments.runfolder`) -> :func:`build` -> :func:`train_one_epoch` /
+:func:`end_epoch` until the step budget is spent -> :func:`finish` (final checkpoint,
+``final.json``).
 
 Determinism: the data order of epoch ``e`` is a permutation drawn from a generator
 seeded by ``(seed, e)``, so a run resumed mid-epoch recomputes the same permutation and
@@ -22,9 +23,9 @@ several machines, ``out`` must be on a shared file system).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import pickle
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,13 +39,19 @@ from torch import Tensor
 from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
-from rigl.experiments import builders, measures
+from rigl.experiments import builders, measures, runfolder
 from rigl.experiments.builders import Run
+from rigl.experiments.checkpoint import load_checkpoint, read_checkpoint
 from rigl.experiments.config import ExperimentConfig, load_config
-from rigl.experiments.runio import atomic_torch_save, provenance, read_json, write_json
+from rigl.experiments.runfolder import CHECKPOINT, FINAL
+from rigl.experiments.runio import (
+    atomic_torch_save,
+    kill_point,
+    provenance,
+    read_json,
+    write_json,
+)
 
-CHECKPOINT = "checkpoint.pt"
-FINAL = "final.json"
 EVAL_BATCH = 1024
 
 
@@ -132,6 +139,7 @@ def train_one_epoch(run: Run, progress: Any = None) -> None:
                 progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if config.checkpoint_every and run.step % config.checkpoint_every == 0:
             save_checkpoint(run)
+        kill_point("step")
 
 
 def _shard_position(size: int, env: DistEnv) -> dict[str, int]:
@@ -203,6 +211,7 @@ def save_checkpoint(run: Run) -> None:
         "cpu_time_s": cpu_time,
     }
     atomic_torch_save(run.out / CHECKPOINT, state)
+    kill_point("checkpoint")
 
 
 def cpu_time_of_all_ranks(run: Run) -> float:
@@ -211,55 +220,7 @@ def cpu_time_of_all_ranks(run: Run) -> float:
     return run.cpu_before + sum_over_ranks([own], run.env)[0]
 
 
-def load_checkpoint(run: Run) -> None:
-    state = torch.load(run.out / CHECKPOINT, map_location=run.device, weights_only=True)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.sparsifier.load_state_dict(state["sparsifier"])
-    run.epoch, run.batch = int(state["epoch"]), int(state["batch"])
-    torch.set_rng_state(state["torch_rng"].cpu())
-    run.stats.load_state_dict(state["epoch_stats"])
-    run.last_eval = state["last_eval"]
-    for callback, cb_state in zip(run.callbacks, state["callbacks"], strict=False):
-        if cb_state and hasattr(callback, "load_state_dict"):
-            callback.load_state_dict(cb_state)
-    run.elapsed_before = float(state["elapsed_s"])
-    run.cpu_before = float(state.get("cpu_time_s", 0.0))
-
-
 # -- the whole run -------------------------------------------------------------------------
-def prepare_out(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> Path:
-    """Check the run folder before anything is trained; returns it."""
-    out = Path(config.out)
-    saved = out / "config.yaml"
-    if resume and saved.exists():
-        before = load_config(saved).to_dict()
-        changed = sorted(
-            k
-            for k, v in config.to_dict().items()
-            if before[k] != v and k not in ("out", "device", "check_consistency_every")
-        )
-        if changed:
-            raise ConfigError(
-                f"--resume: the config differs from the run's {str(saved)!r} in {changed}; "
-                "resume with the same settings or start a new run folder"
-            )
-        if not (out / CHECKPOINT).exists() and not (out / FINAL).exists():
-            shutil.rmtree(out)  # killed before its first checkpoint: start again
-    elif out.exists() and any(out.iterdir()):
-        if not saved.exists():
-            raise ConfigError(f"out={str(out)!r} exists and is not a run folder (no config.yaml)")
-        if not overwrite:
-            raise ConfigError(
-                f"out={str(out)!r} already holds a run; pass --resume to continue it or "
-                "--overwrite to start it again"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def check_data_parallel(config: ExperimentConfig, env: DistEnv, n_train: int | None = None) -> None:
     """What a torchrun job needs: a global batch (and a last, partial one in an epoch) that
     splits over the ranks."""
@@ -338,31 +299,58 @@ def train(
     env = distributed.init_from_env(device=config.device)  # no-op in a single process
     check_data_parallel(config, env)
     loaded: dict[str, Any] = {}
+    with contextlib.ExitStack() as held:  # rank 0 holds the run folder's lock to the end
 
-    def prepare() -> tuple[dict[str, Any] | None, bool]:  # rank 0; the others wait
-        if env.enabled:  # load (and cache) the data before the other ranks read it
-            from rigl.experiments.data import load_dataset
+        def prepare() -> tuple[dict[str, Any] | None, bool]:  # rank 0; the others wait
+            if env.enabled:  # load (and cache) the data before the other ranks read it
+                from rigl.experiments.data import load_dataset
 
-            data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
-            check_data_parallel(config, env, len(data.train))
-            loaded["data"] = data
-        out = prepare_out(config, resume=resume, overwrite=overwrite)
-        if (out / FINAL).exists():
-            return read_json(out / FINAL), False
-        return None, not (out / CHECKPOINT).exists()
+                data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
+                check_data_parallel(config, env, len(data.train))
+                loaded["data"] = data
+            out = held.enter_context(
+                runfolder.open_run(config, resume=resume, overwrite=overwrite)
+            ).path
+            if (out / FINAL).exists():
+                return read_json(out / FINAL), False
+            if (out / CHECKPOINT).exists():  # checked before anything is built or cut back
+                device = env.device if env.enabled else builders.make_device(config.device)
+                loaded["checkpoint"] = read_checkpoint(out / CHECKPOINT, config, device)
+                return None, False
+            return None, True
 
-    done, fresh = main_first(env, prepare)
-    if done is not None:
-        return done
+        done, fresh = main_first(env, prepare)
+        if done is not None:
+            return done
+        return _train(config, env, fresh, loaded, callbacks=callbacks, quiet=quiet, argv=argv)
+
+
+def _train(
+    config: ExperimentConfig,
+    env: DistEnv,
+    fresh: bool,
+    loaded: dict[str, Any],
+    *,
+    callbacks: Sequence[Any],
+    quiet: bool,
+    argv: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Build the run in its prepared folder, start or resume it, train it to the end."""
     out = Path(config.out)
     run = builders.build(config, out, extra_callbacks=callbacks, env=env, data=loaded.get("data"))
+    kill_point("run-built")
     if fresh:
         if env.is_main:
             config.save(out / "config.yaml")
             info = {**provenance(argv), **run.describe(), "world_size": env.world_size}
             write_json(out / "run.json", info)
     else:
-        load_checkpoint(run)  # every rank reads the checkpoint rank 0 checked
+        state = loaded.get("checkpoint") or read_checkpoint(out / CHECKPOINT, config, run.device)
+        try:
+            load_checkpoint(run, state)  # every rank reads the checkpoint rank 0 checked
+        except ConfigError as exc:
+            same_on_every_rank(exc)  # the same file on every rank: the same error
+            raise
         if env.is_main:
             info = read_json(out / "run.json")
             resumed = {"command": provenance(argv)["command"], "world_size": env.world_size}

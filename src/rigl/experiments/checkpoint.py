@@ -1,0 +1,88 @@
+"""Reading a `rigl train` checkpoint to resume from it, checked before anything is changed.
+
+:func:`rigl.experiments.train.save_checkpoint` writes ``checkpoint.pt`` atomically, so a
+killed run never leaves half of one; a damaged, foreign or other run's file can still be
+found there (a copy, a full disk, a hand edit). :func:`read_checkpoint` turns each of those
+into a ``ConfigError`` naming the file and the way out, before any state is loaded and
+before any log is cut back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rigl.config import ConfigError
+from rigl.experiments.config import ExperimentConfig
+from rigl.experiments.runfolder import config_changes
+
+# what save_checkpoint writes and load_checkpoint reads
+KEYS = (
+    "config", "model", "optimizer", "scheduler", "sparsifier", "epoch", "batch", "torch_rng",
+    "epoch_stats", "last_eval", "callbacks", "elapsed_s",
+)  # fmt: skip
+
+
+def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, checked to be a `rigl train` checkpoint of a run with
+    ``config``; a ConfigError saying what is wrong otherwise."""
+    restart = "start the run again with --overwrite (its logs are rewritten)"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except MemoryError:
+        raise  # the file may be fine: no advice to start again
+    except PermissionError as exc:
+        raise ConfigError(
+            f"--resume: {str(path)!r} cannot be read ({exc.strerror}); give this user read "
+            "permission and resume again"
+        ) from exc
+    except Exception as exc:  # empty, truncated (torch: OSError), not a torch file: damage
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"--resume: {str(path)!r} cannot be read ({reason}): it is damaged or not a "
+            f"rigl checkpoint; {restart}"
+        ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        what = type(state).__name__
+        raise ConfigError(
+            f"--resume: {str(path)!r} is not a rigl train checkpoint (it holds a {what} "
+            f"without a config); {restart}"
+        )
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise ConfigError(
+            f"--resume: {str(path)!r} is not a complete rigl train checkpoint (no "
+            f"{', '.join(missing)}); {restart}"
+        )
+    changed = config_changes(state["config"], config)
+    if changed:
+        raise ConfigError(
+            f"--resume: {str(path)!r} belongs to another run (its config differs in "
+            f"{changed}); put it back in its own run folder, or {restart}"
+        )
+    return state
+
+
+def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
+    """Continue ``run`` (a :class:`rigl.experiments.builders.Run`) from ``state``."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.sparsifier.load_state_dict(state["sparsifier"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise ConfigError(
+            f"--resume: the checkpoint in {str(run.out)!r} does not fit the model of this "
+            f"run ({str(exc).strip().splitlines()[0]}); start the run again with --overwrite"
+        ) from exc
+    run.epoch, run.batch = int(state["epoch"]), int(state["batch"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    run.stats.load_state_dict(state["epoch_stats"])
+    run.last_eval = state["last_eval"]
+    for callback, cb_state in zip(run.callbacks, state["callbacks"], strict=False):
+        if cb_state and hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(cb_state)
+    run.elapsed_before = float(state["elapsed_s"])
+    run.cpu_before = float(state.get("cpu_time_s", 0.0))
