@@ -204,7 +204,8 @@ def test_compare_grid_writes_results_and_skips_finished_runs(tmp_path, data_root
             "0.8,0.9", "--seeds", "1", "--jobs", "2", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr()
-    assert "| Method | 80% | 90% |" in printed.out and "| RigL |" in printed.out
+    assert "| Method | test acc. % at 80% | test acc. % at 90% |" in printed.out
+    assert "| RigL |" in printed.out
     names = {p.name for p in out.iterdir()}
     assert {"results.json", "results.md", "accuracy_vs_sparsity.png"} <= names
     assert "accuracy_vs_train_flops.png" in names

@@ -169,7 +169,7 @@ def test_summary_table_mean_and_std_over_seeds():
     records += [rec("rigl", 0.9, 0, 0.80), rec("rigl", 0.9, 1, 0.84)]
     table = markdown(summarise(records, [0.9]), [0.9])
     lines = table.splitlines()
-    assert lines[0] == "| Method | 90% | train FLOPs 90% | test FLOPs 90% |"
+    assert lines[0] == "| Method | test acc. % at 90% | train FLOPs 90% | test FLOPs 90% |"
     assert lines[2] == "| Dense | 91.0 ± 1.4 | 0.50x | 0.25x |"
     assert lines[3] == "| RigL | 82.0 ± 2.8 | 0.50x | 0.25x |"
 

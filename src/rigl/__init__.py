@@ -6,61 +6,73 @@ Integration into an existing loop::
     ...
     loss.backward()
     sparsifier.step()  # instead of optimizer.step()
+
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import rigl``
+alone does not import torch, so the ``rigl`` command answers ``--help`` and ``--version``
+at once and without the optional packages.
 """
 
-from rigl._version import __version__
-from rigl.config import ConfigError, SparsityConfig
-from rigl.distributions import active_counts, layer_sparsities
-from rigl.flops import FlopsReport, count_flops
-from rigl.flops_size import big_sparse_width, model_size, small_dense_width, width_for_params
-from rigl.flops_train import train_flops_ratio
-from rigl.methods import GMP, SET, SNFS, SNIP, Dense, RigL, Static
-from rigl.schedules import PruningSchedule, UpdateSchedule
-from rigl.sparsifier import (
-    LayerSummary,
-    Sparsifier,
-    create,
-    get_method,
-    list_methods,
-    register_method,
-)
-from rigl.storage import MaskedWeight, RewireStats
-from rigl.targets import find_targets, layer_densities
-from rigl.topology import drop_and_grow, random_mask, topk_mask
+from __future__ import annotations
 
-__all__ = [
-    "GMP",
-    "SET",
-    "SNFS",
-    "SNIP",
-    "ConfigError",
-    "Dense",
-    "FlopsReport",
-    "LayerSummary",
-    "MaskedWeight",
-    "PruningSchedule",
-    "RewireStats",
-    "RigL",
-    "Sparsifier",
-    "SparsityConfig",
-    "Static",
-    "UpdateSchedule",
-    "__version__",
-    "active_counts",
-    "big_sparse_width",
-    "count_flops",
-    "create",
-    "drop_and_grow",
-    "find_targets",
-    "get_method",
-    "layer_densities",
-    "layer_sparsities",
-    "list_methods",
-    "model_size",
-    "random_mask",
-    "register_method",
-    "small_dense_width",
-    "topk_mask",
-    "train_flops_ratio",
-    "width_for_params",
-]
+import importlib
+from typing import Any
+
+from rigl._version import __version__ as __version__  # re-exported
+
+_EXPORTS: dict[str, str] = {  # public name -> the module defining it
+    "ConfigError": "rigl.config",
+    "SparsityConfig": "rigl.config",
+    "active_counts": "rigl.distributions",
+    "layer_sparsities": "rigl.distributions",
+    "FlopsReport": "rigl.flops",
+    "count_flops": "rigl.flops",
+    "big_sparse_width": "rigl.flops_size",
+    "model_size": "rigl.flops_size",
+    "small_dense_width": "rigl.flops_size",
+    "width_for_params": "rigl.flops_size",
+    "train_flops_ratio": "rigl.flops_train",
+    "GMP": "rigl.methods",
+    "SET": "rigl.methods",
+    "SNFS": "rigl.methods",
+    "SNIP": "rigl.methods",
+    "Dense": "rigl.methods",
+    "RigL": "rigl.methods",
+    "Static": "rigl.methods",
+    "PruningSchedule": "rigl.schedules",
+    "UpdateSchedule": "rigl.schedules",
+    "LayerSummary": "rigl.sparsifier",
+    "Sparsifier": "rigl.sparsifier",
+    "create": "rigl.sparsifier",
+    "get_method": "rigl.sparsifier",
+    "list_methods": "rigl.sparsifier",
+    "register_method": "rigl.sparsifier",
+    "MaskedWeight": "rigl.storage",
+    "RewireStats": "rigl.storage",
+    "find_targets": "rigl.targets",
+    "layer_densities": "rigl.targets",
+    "drop_and_grow": "rigl.topology",
+    "random_mask": "rigl.topology",
+    "topk_mask": "rigl.topology",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (imported now and cached), or a submodule such as ``rigl.flops``."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name.startswith("__"):  # dunder probes (copy, pickle, IDEs): not submodules
+        raise AttributeError(f"module 'rigl' has no attribute {name!r}")
+    try:  # `import rigl; rigl.flops.count_flops(...)` worked when __init__ imported it all
+        return importlib.import_module(f"rigl.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"rigl.{name}":
+            raise
+        raise AttributeError(f"module 'rigl' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -37,14 +37,22 @@ def register_method(name: str) -> Callable[[type[Sparsifier]], type[Sparsifier]]
     return decorate
 
 
+def _registry() -> dict[str, type[Sparsifier]]:
+    """The registry with the built-in methods in it: they register themselves when
+    ``rigl.methods`` is imported, which ``import rigl`` no longer does eagerly."""
+    import rigl.methods  # noqa: F401
+
+    return _REGISTRY
+
+
 def list_methods() -> list[str]:
     """Names accepted by :func:`create`."""
-    return sorted(_REGISTRY)
+    return sorted(_registry())
 
 
 def get_method(name: str) -> type[Sparsifier]:
     key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in _REGISTRY:
+    if key not in _registry():
         raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(list_methods())}")
     return _REGISTRY[key]
 

@@ -163,6 +163,8 @@ def build(
     from rigl.experiments.data import load_dataset
 
     env = env or DistEnv()
+    if config.tensorboard is True:  # a missing package: an error before data or files
+        TensorBoardLog.writer_class(required=True)
     device = env.device if env.enabled else make_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
@@ -178,8 +180,9 @@ def build(
     if env.is_main:
         callbacks.append(MetricsLog(out / "metrics.csv", config.log_every))
         callbacks += make_recorders(config.recorders, out, config, data.input_shape)
-        board = TensorBoardLog.create(out / "tb") if config.tensorboard else None
-        callbacks += [board] if board is not None else []
+        if config.tensorboard is not False:  # null: where installed; true: required
+            board = TensorBoardLog.create(out / "tb", required=config.tensorboard is True)
+            callbacks += [board] if board is not None else []
         callbacks += list(extra_callbacks)
     return Run(
         config, out, data, model, optimizer, scheduler, sparsifier, device,
@@ -249,7 +252,10 @@ def make_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise ConfigError(f"device={name!r} is not a torch device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r}: CUDA is not available on this machine")
+        raise ConfigError(
+            f"device={name!r}: CUDA is not available on this machine; use device: cpu "
+            "(--device cpu)"
+        )
     return device
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from rigl._extras import install_hint
+from rigl.config import ConfigError
 from rigl.experiments.runio import CsvLog
 
 Callback = Callable[[int, Any, Any, dict[str, Any]], None]
@@ -171,18 +173,32 @@ def _dynamics_recorder(run_dir: Path, config: Any, input_shape: tuple[int, ...])
 
 # -- TensorBoard ------------------------------------------------------------------------------
 class TensorBoardLog:
-    """Scalars under ``tb/`` when ``torch.utils.tensorboard`` imports (else ``create`` is None)."""
+    """Scalars under ``tb/`` through ``torch.utils.tensorboard`` (the ``tensorboard``
+    package, in the ``tensorboard`` extra)."""
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
 
-    @classmethod
-    def create(cls, folder: Path) -> TensorBoardLog | None:
+    @staticmethod
+    def writer_class(*, required: bool) -> type | None:
+        """``SummaryWriter``; when the package is missing, None if not ``required`` (config
+        ``tensorboard: null``, the default), else an error naming it (``true``)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # the tensorboard package is optional
-            return None
-        return cls(SummaryWriter(log_dir=str(folder)))
+        except ImportError as exc:
+            if not required:
+                return None
+            raise ConfigError(
+                "tensorboard=true, but the tensorboard package is not installed: "
+                f"{install_hint('tensorboard')} (or tensorboard: null to log only where it "
+                "is installed, false for never)"
+            ) from exc
+        return SummaryWriter
+
+    @classmethod
+    def create(cls, folder: Path, *, required: bool) -> TensorBoardLog | None:
+        writer = cls.writer_class(required=required)
+        return None if writer is None else cls(writer(log_dir=str(folder)))
 
     def __call__(self, step: int, model: Any, sparsifier: Any, metrics: dict[str, Any]) -> None:
         prefix = "train_step" if metrics["kind"] == "step" else "epoch"

@@ -126,7 +126,7 @@ def run_sweep(
             final = train(configs[spec], resume=True, quiet=True)  # every rank, in step
             finals[spec] = final
             acc, wall = final["test_accuracy"], final["wall_time_s"]
-            say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+            say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {100 * acc:.2f}% ({wall:.0f} s)")
     elif todo:
         _warm_data([configs[s] for s in todo])
         items = [(i, configs[s].to_dict()) for i, s in enumerate(todo)]
@@ -144,7 +144,9 @@ def run_sweep(
                         continue
                     finals[spec] = final
                     acc, wall = final["test_accuracy"], final["wall_time_s"]
-                    say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {acc:.4f} ({wall:.0f} s)")
+                    say(
+                        f"[{done}/{len(todo)}] {spec.name}: test accuracy {100 * acc:.2f}% ({wall:.0f} s)"
+                    )
         finally:
             _on_sigterm(previous)
     if failures:
@@ -212,15 +214,14 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
 
 
 # -- command line ---------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from rigl.experiments.train import add_config_flags
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rigl.experiments.flags import add_config_flags
 
-    parser = subparsers.add_parser(
-        "compare",
-        help="train a grid of methods x sparsities x seeds and tabulate the results",
-        description="Sweep methods, sparsities, distributions, seeds and training-length "
-        "multipliers; dense runs once per seed. Finished runs are skipped on re-runs.",
-        allow_abbrev=False,
+    parser.description = (
+        "Sweep methods, sparsities, distributions, seeds and training-length multipliers; "
+        "dense runs once per seed; finished runs are skipped on re-runs. The base config is "
+        "--preset or --config, else the tuned config of --dataset (configs/<name>.yaml, as "
+        "the presets use); flags override it."
     )
     parser.add_argument("--preset", help="a sweep file configs/<NAME>.yaml, e.g. main, mnist5k")
     parser.add_argument("--config", help="a sweep file, or a training config used as the base")
@@ -236,11 +237,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="parallel runs (ignored under torchrun: the runs take turns on every rank)",
     )
     parser.add_argument("--out", default="results/compare", help="output folder")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     add_config_flags(
         parser, skip=("out", "method", "sparsity", "distribution", "seed", "multiplier")
     )
-    return parser
 
 
 def _names(text: str) -> list[str]:
@@ -254,10 +254,12 @@ def _numbers(text: str) -> list[float]:
 def plan_from_args(args: argparse.Namespace) -> Sweep:
     if args.preset and args.config:
         raise ConfigError("give either --preset or --config, not both")
-    path = sweep.find_preset(args.preset) if args.preset else args.config
-    base, settings = sweep.read_sweep_file(Path(path) if path else None)
     fields = ExperimentConfig.__dataclass_fields__
     overrides = {k: v for k, v in vars(args).items() if k in fields and k != "out"}
+    path = sweep.find_preset(args.preset) if args.preset else args.config
+    if path is None:
+        path = sweep.tuned_base(overrides, quiet=args.quiet)
+    base, settings = sweep.read_sweep_file(Path(path) if path else None)
     grid = {k: getattr(args, k) for k in sweep.SWEEP_KEYS if getattr(args, k, None) is not None}
     if {"methods", "distributions", "multipliers"} & set(grid):
         settings.pop("runs", None)  # command-line grid replaces the file's run list

@@ -21,13 +21,14 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rigl.config import ConfigError
+from rigl.experiments.flags import choices_of, setting
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -49,54 +50,92 @@ BACKENDS = ("masked", "sparse")
 
 @dataclass
 class ExperimentConfig:
-    """Everything that decides one training run (defaults: a quick MNIST-1D MLP)."""
+    """Everything that decides one training run (defaults: a quick MNIST-1D MLP; a
+    dataset's tuned config, ``configs/*.yaml``, sets most keys for real runs)."""
 
     # -- data ------------------------------------------------------------------------
-    dataset: str = "mnist1d"
-    data_root: str | None = None  # folder of the dataset files (None: the loader's default)
-    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 8000}
-    augment: str = "none"  # "crop_flip": random 4-pixel-padded crops and horizontal flips
+    dataset: str = setting("mnist1d", "dataset", "rigl.experiments.data:list_datasets")
+    data_root: str | None = setting(
+        None, "folder of the dataset files (null: $RIGL_DATA_DIR, else ~/.cache/rigl)"
+    )
+    dataset_options: dict[str, Any] = setting(
+        {}, "the dataset's own options, e.g. {num_samples: 8000}; all take train_size, test_size"
+    )
+    augment: str = setting(
+        "none", "crop_flip: random crops of the 4-pixel-padded image, horizontal flips", AUGMENTS
+    )
     # -- model -----------------------------------------------------------------------
-    model: str = "mlp"
-    width: float = 1.0  # width multiplier of the model's hidden layers
-    width_rule: str = "fixed"  # "small_dense" / "big_sparse": width from rigl.flops solvers
-    model_options: dict[str, Any] = field(default_factory=dict)
+    model: str = setting("mlp", "model", "rigl.experiments.models:list_models")
+    width: float = setting(1.0, "multiplier of the model's hidden widths")
+    width_rule: str = setting(
+        "fixed",
+        "small_dense: a dense net with the sparse one's parameter count; big_sparse: a "
+        "sparse net with the dense one's FLOPs (widths from rigl.flops solvers)",
+        WIDTH_RULES,
+    )
+    model_options: dict[str, Any] = setting(
+        {}, "the model's own options, e.g. {hidden_sizes: [256, 256]} for mlp"
+    )
     # -- sparsity (arguments of rigl.create) ----------------------------------------
-    method: str = "rigl"
-    sparsity: float = 0.9  # S
-    distribution: str = "erk"
-    first_layer_dense: bool = False
-    last_layer_dense: bool = False
-    update_interval: int = 100  # ΔT
-    end_step: int | float = 0.75  # T_end: absolute step or fraction of training
-    drop_fraction: float = 0.3  # α
-    decay: str = "cosine"  # f_decay
-    method_options: dict[str, Any] = field(default_factory=dict)  # other rigl.create kwargs
-    backend: str = "masked"  # "sparse": Linear layers as compressed SparseLinear (static/set/rigl)
+    method: str = setting("rigl", "sparse-training method", "rigl.sparsifier:list_methods")
+    sparsity: float = setting(0.9, "S: fraction of the sparsified weights that are zero, [0, 1)")
+    distribution: str = setting("erk", "how the sparsity is spread over the layers", DISTRIBUTIONS)
+    first_layer_dense: bool = setting(False, "keep the first sparsifiable layer dense")
+    last_layer_dense: bool = setting(False, "keep the last sparsifiable layer dense")
+    update_interval: int = setting(100, "ΔT: steps between topology updates")
+    end_step: int | float = setting(
+        0.75, "T_end: last topology update, a step (int) or a fraction of training (float)"
+    )
+    drop_fraction: float = setting(0.3, "α: fraction of active weights replaced at first")
+    decay: str = setting("cosine", "f_decay: how the drop fraction decays until T_end", DECAYS)
+    method_options: dict[str, Any] = setting(
+        {}, "other keyword arguments of rigl.create, e.g. {grow_candidates: 10}"
+    )
+    backend: str = setting(
+        "masked", "sparse: Linear layers as compressed SparseLinear (static, set, rigl)", BACKENDS
+    )
     # -- optimisation ----------------------------------------------------------------
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9  # SGD only
-    nesterov: bool = True  # SGD only
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # "step": × lr_gamma at each milestone; "cosine" to 0
-    lr_milestones: list[int | float] = field(default_factory=list)  # steps or fractions
-    lr_gamma: float = 0.1
-    warmup_steps: int = 0  # linear warm-up of the learning rate
-    batch_size: int = 128
-    epochs: int = 10
-    steps: int | None = None  # total optimizer steps at 1x (overrides epochs)
-    multiplier: float = 1.0  # training-length multiplier (1x, 2x, 5x)
-    seed: int = 0
+    optimizer: str = setting("sgd", "optimizer", OPTIMIZERS)
+    lr: float = setting(0.1, "learning rate (the peak, after warm-up)")
+    momentum: float = setting(0.9, "SGD momentum (SGD only)")
+    nesterov: bool = setting(True, "Nesterov momentum (SGD only)")
+    weight_decay: float = setting(0.0, "L2 weight decay")
+    lr_schedule: str = setting(
+        "constant",
+        "step: times lr_gamma at each of lr_milestones; cosine: to 0 at the end",
+        LR_SCHEDULES,
+    )
+    lr_milestones: list[int | float] = setting(
+        [], "steps (ints) or fractions of training (floats) of the step schedule"
+    )
+    lr_gamma: float = setting(0.1, "factor of the step schedule at each milestone")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
+    batch_size: int = setting(128, "global batch size (under torchrun: split over the ranks)")
+    epochs: int = setting(10, "training length in epochs, unless steps is set")
+    steps: int | None = setting(None, "training length in optimizer steps at 1x (wins over epochs)")
+    multiplier: float = setting(
+        1.0, "training-length multiplier (the paper's 2x, 5x); stretches absolute steps"
+    )
+    seed: int = setting(0, "seed of the weights, masks, data order and tie-breaks")
     # -- bookkeeping -----------------------------------------------------------------
-    eval_every: int = 1  # epochs between test-set evaluations (and the last epoch)
-    log_every: int = 10  # steps between rows of per-step metrics
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
-    check_consistency_every: int = 0  # torchrun: compare masks across ranks every N updates
-    recorders: list[str] = field(default_factory=lambda: ["topology"])
-    tensorboard: bool = True  # when torch.utils.tensorboard imports
-    out: str = "runs/default"
-    device: str = "cpu"
+    eval_every: int = setting(1, "epochs between test-set evaluations (and the last epoch)")
+    log_every: int = setting(10, "steps between rows of metrics.csv")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)")
+    check_consistency_every: int = setting(
+        0, "under torchrun: compare the masks across ranks every N updates (0: never)"
+    )
+    recorders: list[str] = setting(
+        ["topology"],
+        "logs: topology (topology.csv), dynamics (what rigl report draws)",
+        "rigl.experiments.callbacks:list_recorders",
+    )
+    tensorboard: bool | None = setting(
+        None,
+        'scalars under <out>/tb: true (needs pip install "rigl[tensorboard]"), false, or '
+        "null: where the tensorboard package is installed",
+    )
+    out: str = setting("runs/default", "run folder")
+    device: str = setting("cpu", "cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -106,21 +145,15 @@ class ExperimentConfig:
 
     def _check_values(self) -> None:
         import rigl
-        from rigl.experiments import data, models
+        from rigl.experiments import models
 
-        _choice("dataset", self.dataset, data.list_datasets())
-        _choice("model", self.model, models.list_models())
-        _choice("method", self.method, rigl.list_methods())
-        for name, allowed in (
-            ("distribution", DISTRIBUTIONS),
-            ("decay", DECAYS),
-            ("optimizer", OPTIMIZERS),
-            ("lr_schedule", LR_SCHEDULES),
-            ("width_rule", WIDTH_RULES),
-            ("augment", AUGMENTS),
-            ("backend", BACKENDS),
-        ):
-            _choice(name, getattr(self, name), allowed)
+        for f in dataclasses.fields(self):  # names from a fixed set or a registry
+            allowed = choices_of(f)
+            if allowed is not None:
+                value = getattr(self, f.name)
+                for item in value if isinstance(value, list) else [value]:
+                    _choice(f.name, item, allowed)
+        models.check_options(self.model, self.model_options)
         if self.backend == "sparse" and not rigl.get_method(self.method).supports_sparse_backend:
             raise ConfigError(
                 f"backend='sparse' with method={self.method!r}: the compressed backend runs "
@@ -128,10 +161,6 @@ class ExperimentConfig:
             )
         if "backend" in self.method_options:
             raise ConfigError("method_options.backend: set the backend with the key 'backend'")
-        from rigl.experiments.callbacks import list_recorders
-
-        for name in self.recorders:
-            _choice("recorders", name, list_recorders())
         _range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         _range("drop_fraction", self.drop_fraction, 0.0, 1.0)
         _range("momentum", self.momentum, 0.0, 1.0, high_open=True)
@@ -217,20 +246,43 @@ def from_dict(data: Mapping[str, Any], *, source: str = "config") -> ExperimentC
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file as a dict; a missing file is an error naming the path."""
+    """A YAML or JSON file as a dict; a missing, binary or malformed file is a ConfigError
+    naming the path and, for a syntax error, the line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {problem}; give a YAML or JSON file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"config file {str(path)!r} is not a text file (not UTF-8); give a YAML or JSON file"
+        ) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}"
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of config keys")
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of config keys (key: value "
+            f"lines), not a {type(data).__name__}"
+        )
     return data
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML spreads it over several,
+    with a quote of the line)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def load_config(

@@ -6,6 +6,7 @@ Example::
         --method rigl --multiplier 5
 
 Models are built on the ``meta`` device: no memory, a second or two even for ResNet-50.
+This command needs torch only (no optional package).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 import torch
 
 import rigl
 from rigl.experiments.models import build_model, example_input, list_models, model_defaults
-from rigl.flops import CONVENTIONS, TRAIN_METHODS, FlopsReport, count_flops, train_flops_ratio
+from rigl.flops import CONVENTIONS, FlopsReport, count_flops, train_flops_ratio
 from rigl.flops_size import SizeReport, model_size
 
 
@@ -33,34 +33,54 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``flops`` sub-command on ``subparsers`` (from ``add_subparsers``)."""
-    p = subparsers.add_parser(
-        "flops",
-        help="per-layer FLOPs, parameters and training cost of a sparse model",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--model", required=True, choices=list_models())
-    p.add_argument("--input", type=_shape, help="input shape without batch, e.g. 3x224x224")
+DESCRIPTION = """\
+Per-layer FLOPs, parameters and training cost of a model at a given sparsity, counted on
+the meta device (no memory, no data, about a second even for ResNet-50).
+
+example:
+  rigl flops --model resnet50 --sparsity 0.8 --distribution uniform --first-layer-dense \\
+      --method rigl --multiplier 5
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (its example keeps its lines); a default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):  # flags, "the model's"
+            return action.help or ""
+        return f"{action.help or ''} (default: %(default)s)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``flops`` sub-command's arguments on its parser ``p``."""
+    p.description = DESCRIPTION
+    p.formatter_class = _Formatter
+    p.add_argument("--model", required=True, choices=list_models(), help="model name")
+    p.add_argument("--input", type=_shape, metavar="SHAPE", help="input shape without batch, e.g. 3x224x224 "
+                   "(default: the model's usual one)")  # fmt: skip
     p.add_argument("--num-classes", type=int, help="output classes (default: the model's)")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier")
     p.add_argument("--sparsity", type=float, default=0.9, help="global sparsity S in [0, 1)")
-    p.add_argument("--distribution", default="erk", choices=("uniform", "er", "erk"))
-    p.add_argument("--erk-power", type=float, default=1.0)
-    p.add_argument("--first-layer-dense", action="store_true")
-    p.add_argument("--last-layer-dense", action="store_true")
+    p.add_argument("--distribution", default="erk", choices=("uniform", "er", "erk"),
+                   help="how the sparsity is spread over the layers")  # fmt: skip
+    p.add_argument("--erk-power", type=float, default=1.0,
+                   help="exponent of ERK's layer scores (< 1 softens ERK towards uniform)")  # fmt: skip
+    p.add_argument("--first-layer-dense", action="store_true", help="keep the first layer dense")
+    p.add_argument("--last-layer-dense", action="store_true", help="keep the last layer dense")
     p.add_argument(
         "--sparse-depthwise",
         action="store_true",
         help="also sparsify depthwise/grouped convs (dense by default)",
     )
-    p.add_argument("--method", default="rigl", choices=(*TRAIN_METHODS, "pruning"))
+    p.add_argument("--method", default="rigl", choices=rigl.list_methods(),
+                   help="training method, for the training FLOPs")  # fmt: skip
     p.add_argument("--multiplier", type=float, default=1.0, help="training length (5 for 5x)")
     p.add_argument("--update-interval", type=int, default=100, help="ΔT, steps between updates")
-    p.add_argument("--convention", default="macs", choices=CONVENTIONS)
+    p.add_argument("--convention", default="macs", choices=CONVENTIONS,
+                   help="macs: 2 x density x multiply-adds, biases left out; micronet: "
+                   "the MicroNet counter of the official RigL FLOPs colabs")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
-    return p
 
 
 def _report(args: argparse.Namespace) -> tuple[FlopsReport, SizeReport, float]:
@@ -148,10 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rigl")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["flops", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from rigl.cli import main as rigl_main
+
+    return rigl_main(["flops", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

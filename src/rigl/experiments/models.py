@@ -19,12 +19,15 @@ mobilenet_v1       ImageNet, 1000 classes        4,231,976
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from rigl.config import ConfigError
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -67,6 +70,61 @@ def model_defaults(name: str) -> dict[str, Any]:
     """``{"num_classes", "input_shape", "dtype"}`` of the model's usual setting."""
     _check(name)
     return dict(_DEFAULTS[name])
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The model's own options (``model_options`` of a config): {keyword: default}."""
+    _check(name)
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in ("num_classes", "input_shape", "width")
+    }
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """ConfigError unless every key of ``options`` is an option of model ``name`` with a
+    value of its default's type (ints for floats; a list or tuple for a tuple)."""
+    accepted = model_options(name)
+    listing = ", ".join(f"{k} (default {_plain(v)})" for k, v in accepted.items())
+    listing = f"its options: {listing}" if accepted else "it takes no options"
+    for key, value in options.items():
+        if key not in accepted:
+            raise ConfigError(
+                f"model_options: {key!r} is not an option of model {name!r}; {listing}"
+            )
+        expected = _expected_type(accepted[key])
+        if expected is not None and not _has_type(value, accepted[key]):
+            raise ConfigError(
+                f"model_options.{key}={value!r} has the wrong type for model {name!r}: "
+                f"expected {expected}; {listing}"
+            )
+
+
+def _plain(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _expected_type(default: Any) -> str | None:
+    if default is None or default is inspect.Parameter.empty:
+        return None  # no default to compare with: the builder checks the value
+    if isinstance(default, list | tuple):
+        inner = _expected_type(default[0]) if default else None
+        return f"a list of {inner}" if inner else "a list"
+    return "a number" if isinstance(default, float) else type(default).__name__
+
+
+def _has_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, list | tuple):
+        return isinstance(value, list | tuple) and all(
+            not default or _has_type(v, default[0]) for v in value
+        )
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
 
 
 def example_input(name: str, input_shape: Sequence[int], batch: int = 1, device=None):

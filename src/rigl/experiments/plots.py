@@ -29,7 +29,7 @@ def _is_dense(row: dict[str, Any]) -> bool:
 
 def _dense_band(ax: Any, row: dict[str, Any]) -> None:
     cell = row["cells"][DENSE]
-    mean, std = cell["accuracy_mean"], cell["accuracy_std"]
+    mean, std = 100 * cell["accuracy_mean"], 100 * cell["accuracy_std"]  # stored as fractions
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=row["row"])
     ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
 
@@ -46,8 +46,8 @@ def accuracy_vs_sparsity(rows: list[dict[str, Any]], sparsities: list[float], pa
         xs = [x for x, _ in points]
         ax.errorbar(
             xs,
-            [c["accuracy_mean"] for _, c in points],
-            yerr=[c["accuracy_std"] for _, c in points],
+            [100 * c["accuracy_mean"] for _, c in points],
+            yerr=[100 * c["accuracy_std"] for _, c in points],
             marker="o",
             capsize=3,
             label=row["row"],
@@ -72,8 +72,8 @@ def accuracy_vs_train_flops(
         cells = [c for c in cells if c is not None]
         ax.errorbar(
             [c["train_flops_ratio"] for c in cells],
-            [c["accuracy_mean"] for c in cells],
-            yerr=[c["accuracy_std"] for c in cells],
+            [100 * c["accuracy_mean"] for c in cells],
+            yerr=[100 * c["accuracy_std"] for c in cells],
             marker="s" if _is_dense(row) else "o",
             linestyle="none" if _is_dense(row) else "-",
             color="black" if _is_dense(row) else None,

@@ -29,6 +29,7 @@ class RunData:
     alive: list[dict[str, str]] = field(default_factory=list)
     first_layer: dict[str, np.ndarray] | None = None
     densities: dict[str, float] = field(default_factory=dict)  # {layer: density}
+    tag: str = ""  # tells apart runs whose config gives the same label (see unique_labels)
 
     @property
     def method(self) -> str:
@@ -45,7 +46,11 @@ class RunData:
 
     @property
     def label(self) -> str:
-        """``rigl erk 98%`` from the config, or the folder name."""
+        """``rigl erk 98%`` from the config (or the folder name), plus :attr:`tag`."""
+        return f"{self.base_label} ({self.tag})" if self.tag else self.base_label
+
+    @property
+    def base_label(self) -> str:
         if not self.config:
             return self.path.name
         parts = [self.method]
@@ -54,6 +59,26 @@ class RunData:
             if self.sparsity is not None:
                 parts.append(f"{100 * self.sparsity:g}%")
         return " ".join(parts)
+
+
+def unique_labels(runs: list[RunData]) -> None:
+    """Tag runs that share a label: by their training length when that tells them apart
+    (a 1x and a 5x run), else by their folder (seeds, other settings)."""
+    groups: dict[str, list[RunData]] = {}
+    for run in runs:
+        run.tag = ""
+        groups.setdefault(run.base_label, []).append(run)
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        steps = [run.final.get("total_steps") for run in same]
+        by_steps = None not in steps and len(set(steps)) == len(steps)
+        names = [run.path.name for run in same]
+        for run, step in zip(same, steps, strict=True):
+            if by_steps:
+                run.tag = f"{step} steps"
+            else:
+                run.tag = run.path.name if len(set(names)) == len(names) else str(run.path)
 
 
 def find_key(data: Any, key: str) -> Any:

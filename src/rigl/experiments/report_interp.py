@@ -87,8 +87,8 @@ def interpolation_figure(points: list[InterpPoint], labels: tuple[str, str], pat
             continue
         a = [p.alpha for p in rows]
         ax_loss.plot(a, [p.loss for p in rows], style, marker=".", label=split)
-        ax_acc.plot(a, [p.accuracy for p in rows], style, marker=".", label=split)
-    for ax, name in ((ax_loss, "loss (cross-entropy)"), (ax_acc, "accuracy")):
+        ax_acc.plot(a, [100 * p.accuracy for p in rows], style, marker=".", label=split)
+    for ax, name in ((ax_loss, "loss (cross-entropy)"), (ax_acc, "accuracy (%)")):
         ax.axvline(0, color="grey", lw=0.6)
         ax.axvline(1, color="grey", lw=0.6)
         ax.set_xlabel(f"a   (0: {labels[0]},  1: {labels[1]})", fontsize=8)

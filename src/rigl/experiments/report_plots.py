@@ -48,21 +48,32 @@ def _frame_indices(n: int, k: int = FRAMES) -> list[int]:
 
 
 def first_layer_figure(runs: list[RunData], path: Path) -> bool:
-    """Grid: one row per run, columns = snapshots of active connections per input."""
+    fig = draw_first_layer(runs)
+    if fig is not None:
+        _save(fig, path)
+    return fig is not None
+
+
+def draw_first_layer(runs: list[RunData]) -> Figure | None:
+    """Grid: one row per run, columns = snapshots of active connections per input, on one
+    colour / y scale for all rows (so runs compare by eye)."""
     runs = [r for r in runs if r.first_layer is not None and len(r.first_layer["steps"])]
     if not runs:
-        return False
+        return None
     cols = max(len(_frame_indices(len(r.first_layer["steps"]))) for r in runs)
-    fig = Figure(figsize=(1.9 * cols + 0.6, 2.0 * len(runs)), layout="constrained")
+    fig = Figure(figsize=(1.9 * cols + 0.9, 2.0 * len(runs) + 0.4), layout="constrained")
     axes = fig.subplots(len(runs), cols, squeeze=False)
+    vmax = max(1, max(int(r.first_layer["counts"].max()) for r in runs))
+    images = False
     for row, run in zip(axes, runs, strict=True):
         steps, counts = run.first_layer["steps"], run.first_layer["counts"]  # (T,), (T, n_in)
         n_in = counts.shape[1]
         side = math.isqrt(n_in)
+        square = side * side == n_in and side >= 8  # square image input (MNIST: 28x28)
+        images |= square
         picks = _frame_indices(len(steps))
-        vmax = max(1, int(counts.max()))
         for ax, i in zip(row, picks, strict=False):
-            if side * side == n_in and side >= 8:  # square image input (MNIST: 28x28)
+            if square:
                 im = ax.imshow(counts[i].reshape(side, side), cmap="viridis", vmin=0, vmax=vmax)
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -70,15 +81,22 @@ def first_layer_figure(runs: list[RunData], path: Path) -> bool:
                 ax.bar(np.arange(n_in), counts[i], width=1.0, color="tab:blue")
                 ax.set_ylim(0, vmax)
                 ax.tick_params(labelsize=6)
+                if ax is not row[0]:
+                    ax.tick_params(labelleft=False)
             ax.set_title(f"step {int(steps[i])}", fontsize=8)
         for ax in row[len(picks) :]:
             ax.axis("off")
-        row[0].set_ylabel(run.label, fontsize=8)
-        if side * side == n_in and side >= 8:
+        row[0].set_ylabel(run.label if square else f"{run.label}\nconnections", fontsize=8)
+        if square:
             fig.colorbar(im, ax=list(row), shrink=0.8, label="active connections")
+    fig.supxlabel(
+        "input pixel (image layout); colour: active connections from that input"
+        if images
+        else "input feature; bar height: active connections from that input",
+        fontsize=8,
+    )
     fig.suptitle("First layer: active connections per input over training", fontsize=10)
-    _save(fig, path)
-    return True
+    return fig
 
 
 def density_figure(runs: list[RunData], path: Path) -> bool:
@@ -201,15 +219,15 @@ def training_figure(runs: list[RunData], path: Path) -> bool:
         epochs = [r for r in run.metrics if r.get("kind") == "epoch"]
         ax_loss.plot(*column(steps, "step", "loss"), color=color, lw=0.7, alpha=0.6)
         ax_loss.plot(*column(epochs, "step", "test_loss"), "o--", ms=2.5, color=color)
-        ax_acc.plot(*column(epochs, "step", "train_accuracy"), "-", color=color)
-        ax_acc.plot(*column(epochs, "step", "test_accuracy"), "o--", ms=2.5, color=color)
+        ax_acc.plot(*_percent(column(epochs, "step", "train_accuracy")), "-", color=color)
+        ax_acc.plot(*_percent(column(epochs, "step", "test_accuracy")), "o--", ms=2.5, color=color)
         ax_lr.plot(*column(steps, "step", "lr"), color=color)
         ax_drop.plot(*column(steps, "step", "drop_fraction"), color=color)
     ax_loss.set_yscale("log")
     _plain_log_labels(ax_loss)
     ax_lr.ticklabel_format(axis="y", useOffset=False)
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="Loss")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title="Accuracy (per epoch)")
+    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="Accuracy (per epoch)")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax_drop.set(xlabel="step", ylabel="f_decay(t)", title="Drop fraction of the schedule")
     _style_legend(ax_loss, [("train (logged steps)", "-", ""), ("test (epochs)", "--", "o")])
@@ -217,3 +235,8 @@ def training_figure(runs: list[RunData], path: Path) -> bool:
     _run_legend(fig, runs)
     _save(fig, path)
     return True
+
+
+def _percent(series: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, accuracy as a fraction) -> (x, accuracy in %): files store fractions."""
+    return series[0], 100 * series[1]

@@ -3,6 +3,10 @@
 Rows are methods (``RigL 5x`` for longer runs, the distribution in the name when the
 sweep has several), columns are sparsities, followed by the training and inference
 FLOPs as multiples of the dense model (REFERENCE section 4).
+
+Units: accuracies are stored as fractions in [0, 1] everywhere (``final.json``,
+``metrics.csv``, ``results.json`` records and summary); tables and plots show percent
+and say so in their headers and axis labels.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def summarise(records: list[dict[str, Any]], sparsities: list[float]) -> list[di
 
 
 def _cell(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    accs = [100.0 * r["test_accuracy"] for r in recs]
+    accs = [r["test_accuracy"] for r in recs]  # fractions
     return {
         "accuracy_mean": statistics.fmean(accs),
         "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -59,7 +63,7 @@ def cell_for(row: dict[str, Any], sparsity: float) -> dict[str, Any] | None:
 def markdown(rows: list[dict[str, Any]], sparsities: list[float]) -> str:
     """Test accuracy (%) mean ± std over seeds; FLOPs as multiples of dense."""
     levels = [f"{100 * s:g}%" for s in sparsities]
-    header = ["Method", *levels]
+    header = ["Method", *[f"test acc. % at {lv}" for lv in levels]]
     header += [f"train FLOPs {lv}" for lv in levels] + [f"test FLOPs {lv}" for lv in levels]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in rows:
@@ -74,9 +78,8 @@ def markdown(rows: list[dict[str, Any]], sparsities: list[float]) -> str:
 def _accuracy(cell: dict[str, Any] | None) -> str:
     if cell is None:
         return "-"
-    if cell["n"] == 1:
-        return f"{cell['accuracy_mean']:.1f}"
-    return f"{cell['accuracy_mean']:.1f} ± {cell['accuracy_std']:.1f}"
+    mean, std = 100 * cell["accuracy_mean"], 100 * cell["accuracy_std"]
+    return f"{mean:.1f}" if cell["n"] == 1 else f"{mean:.1f} ± {std:.1f}"
 
 
 def _ratio(cell: dict[str, Any] | None, key: str) -> str:

@@ -41,8 +41,9 @@ FINAL = "final.json"
 # written by every run; the two that make a run resumable or finished come first, so a
 # kill while clearing a folder never leaves them beside a deleted config.yaml
 RUN_FILES = (FINAL, CHECKPOINT, "config.yaml", "run.json", "metrics.csv")
-# config keys that may change between a run and its --resume
-RESUMABLE_CHANGES = ("out", "device", "check_consistency_every")
+# config keys that do not change what a run computes (tensorboard: runs saved before it
+# became true / false / null hold `true`)
+RESUMABLE_CHANGES = ("out", "device", "check_consistency_every", "tensorboard")
 
 
 def run_files(config: ExperimentConfig) -> list[str]:
@@ -50,7 +51,7 @@ def run_files(config: ExperimentConfig) -> list[str]:
     from rigl.experiments.callbacks import recorder_outputs
 
     files = [*RUN_FILES, *recorder_outputs(config.recorders)]
-    return files + (["tb"] if config.tensorboard else [])
+    return files + (["tb"] if config.tensorboard is not False else [])  # null: where installed
 
 
 class RunFolder:

@@ -384,7 +384,7 @@ def finish(run: Run, quiet: bool) -> dict[str, Any]:
         if not quiet:
             print(
                 f"{run.config.method} sparsity {run.config.sparsity:g}: test accuracy "
-                f"{final['test_accuracy']:.4f}, {final['wall_time_s']:.1f} s -> {run.out}",
+                f"{100 * final['test_accuracy']:.2f}%, {final['wall_time_s']:.1f} s -> {run.out}",
                 file=sys.stderr,
             )
     distributed.barrier()  # the files exist before any rank goes on
@@ -392,45 +392,33 @@ def finish(run: Run, quiet: bool) -> dict[str, Any]:
 
 
 # -- command line ---------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train",
-        help="train one model from a config file (flags override it)",
-        description="Train one sparse model. Every config key is also a flag: "
-        "--key value (YAML syntax for values: 0.1, 1e-3, true, [100, 200], {a: 1}).",
-        allow_abbrev=False,
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rigl.experiments.flags import add_config_flags
+
+    parser.description = (
+        "Train one sparse model. The config is --config, else (with --resume) the run's "
+        "own config.yaml, else the tuned config of --dataset (configs/<name>.yaml, as the "
+        "presets use; generic defaults for a dataset without one); flags override it."
     )
     parser.add_argument("--config", help="YAML or JSON config file")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_config_flags(parser)
-    return parser
-
-
-def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    from dataclasses import fields
-
-    from rigl.experiments.config import parse_value
-
-    group = parser.add_argument_group("config overrides")
-    for f in fields(ExperimentConfig):
-        if f.name in skip:
-            continue
-        flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
-        group.add_argument(
-            *flags, dest=f.name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE"
-        )
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     from dataclasses import fields
+
+    from rigl.experiments.sweep import tuned_base
 
     overrides = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if f.name in args}
     path = args.config
     if path is None and args.resume and "out" in overrides:
         saved = Path(overrides["out"]) / "config.yaml"
         path = saved if saved.exists() else None  # resume from the run's own config
+    if path is None:
+        path = tuned_base(overrides, quiet=args.quiet)
     return load_config(path, overrides)
 
 
