@@ -14,6 +14,7 @@ from rigl.distributions import active_counts, layer_sparsities
 from rigl.flops import FlopsReport, count_flops
 from rigl.flops_size import big_sparse_width, model_size, small_dense_width, width_for_params
 from rigl.flops_train import train_flops_ratio
+from rigl.guard import InvariantError, UsageError
 from rigl.methods import GMP, SET, SNFS, SNIP, Dense, RigL, Static
 from rigl.schedules import PruningSchedule, UpdateSchedule
 from rigl.sparsifier import (
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "Dense",
     "FlopsReport",
+    "InvariantError",
     "LayerSummary",
     "MaskedWeight",
     "PruningSchedule",
@@ -45,6 +47,7 @@ __all__ = [
     "SparsityConfig",
     "Static",
     "UpdateSchedule",
+    "UsageError",
     "__version__",
     "active_counts",
     "big_sparse_width",
