@@ -152,9 +152,13 @@ def test_tied_embedding_follows_the_embedding_rule_in_either_order():
             self.emb = nn.Embedding(20, 8)
             self.emb.weight = self.head.weight
 
-    for options, expected in (({}, ["body.weight"]), ({"sparse_embeddings": True}, None)):
-        names = list(rigl.layer_densities(HeadFirst(), 0.9, "erk", **options))
-        assert names == (expected or ["head.weight", "body.weight"])
+    both = ["head.weight", "body.weight"]
+    for options, expected in (
+        ({}, ["body.weight"]),
+        ({"sparse_embeddings": True}, both),
+        ({"include": ("emb.weight",)}, both),  # naming either name of the tensor
+    ):
+        assert list(rigl.layer_densities(HeadFirst(), 0.9, "erk", **options)) == expected
 
 
 # -- the compressed backend keeps what it cannot convert masked, and says why ----------------------
@@ -220,6 +224,19 @@ def test_sparse_linear_is_a_drop_in_for_code_that_reads_a_linear():
     torch.testing.assert_close(grad_view, grad_layer)
     with pytest.raises((AttributeError, KeyError)):
         layer.weight = nn.Parameter(torch.zeros(8, 16))
+
+
+def test_hf_helpers_work_on_the_compressed_backend():
+    case = CASES["llama"]
+    model = _build(case)
+    optimizer, sparsifier = _create(model, "sparse")
+    _train(case, model, optimizer, sparsifier)
+    head = model.get_output_embeddings()
+    assert isinstance(head, SparseLinear) and head.weight.shape == (100, 32)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    model.eval()
+    out = model.generate(case.batch(0)[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (4, 7)
 
 
 def test_transformer_encoder_fast_path_reads_sparse_layers():

@@ -76,14 +76,15 @@ def test_importing_rigl_does_not_import_transformers():
     assert out.stdout.strip() == "False"
 
 
-def test_packed_qkv_blocks_keep_their_own_exact_counts():
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "gmp", "snip"])
+def test_packed_qkv_blocks_keep_their_own_exact_counts(method):
     """Gradients that favour v cannot move connections out of q and k: each block of the
-    packed in_proj_weight is updated on its own, with its own count."""
+    packed in_proj_weight is updated (or pruned) on its own, with its own count."""
     torch.manual_seed(0)
     attn = nn.MultiheadAttention(16, 2, batch_first=True)
-    optimizer = torch.optim.SGD(attn.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(attn.parameters(), lr=1e-4)  # small: the scaled v stays finite
     sparsifier = rigl.create(
-        "rigl", attn, optimizer, sparsity=0.9, total_steps=12, update_interval=2,
+        method, attn, optimizer, sparsity=0.9, total_steps=12, update_interval=2,
         drop_fraction=0.5, exclude=("out_proj.weight",),
     )  # fmt: skip
     # ERK sees three 16x16 maps, not one 48x16 matrix
@@ -92,16 +93,17 @@ def test_packed_qkv_blocks_keep_their_own_exact_counts():
     weight = sparsifier.weights[0]
     assert weight.blocks == 3
     per_block = [n_active // 3] * 3
-    assert weight.mask.reshape(3, -1).sum(1).tolist() == per_block
     for _ in range(12):
         optimizer.zero_grad()
         x = torch.randn(4, 5, 16)
         attn(x, x, x)[0].sum().backward()
         attn.in_proj_weight.grad[32:] *= 1e3  # v's gradients dwarf q's and k's
         sparsifier.step()
-    assert sparsifier.update_count == 4
+        counts = weight.mask.reshape(3, -1).sum(1).tolist()
+        assert max(counts) - min(counts) <= 1  # gmp on its way: an even split
+        sparsifier.check()
+    assert sparsifier.update_count >= 1
     assert weight.mask.reshape(3, -1).sum(1).tolist() == per_block
-    sparsifier.check()
 
 
 def _wrapped(kind: str) -> nn.Module:

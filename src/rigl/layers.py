@@ -107,10 +107,12 @@ def resolve(module: nn.Module, attr: str, layer: str) -> Source | None:
             return Source(module, f"{attr}_v", "weight_norm: its direction v is sparsified")
         if isinstance(hook, SpectralNorm) and hook.name == attr:
             return Source(module, f"{attr}_orig", "spectral_norm: W before the norm is sparsified")
-    value = getattr(module, attr, None)
-    if isinstance(value, nn.Parameter):
-        return Source(module, attr) if value.dim() >= 2 else None
-    return None  # absent, or a tensor computed elsewhere that is not a parameter
+    # registered parameters only: a property (SparseLinear.weight builds a dense tensor) or a
+    # tensor computed elsewhere is not a weight to sparsify
+    value = module._parameters.get(attr)
+    if value is not None and value.dim() >= 2:
+        return Source(module, attr)
+    return None
 
 
 def _parametrized(module: nn.Module, attr: str, layer: str) -> Source:

@@ -23,7 +23,8 @@ from rigl.layers import DEFAULT, EMBEDDING, Source, layer_weights, resolve
 
 @dataclass(frozen=True)
 class Target:
-    """One sparsified parameter: its full name, owning module and the layer's type.
+    """One sparsified parameter: its full name, the module holding it (``module.param_name``)
+    and the type of the layer that computes with it (``module_type``).
 
     ``name`` is the parameter's first name in ``model.named_parameters()``; ``aliases``
     are its other names (tied weights). ``blocks`` equal row blocks keep their own exact
