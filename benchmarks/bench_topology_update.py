@@ -72,6 +72,7 @@ def measure(name: str, build, method: str, batch: int, repeats: int, interval: i
         optimizer.step()
 
     dense = median_time(dense_step, repeats)
+    dense_step()  # gradients and optimizer state in place (creating the sparsifier keeps them)
     sparsifier = rigl.create(
         method,
         model,
@@ -81,7 +82,6 @@ def measure(name: str, build, method: str, batch: int, repeats: int, interval: i
         total_steps=10_000,
         update_interval=interval,
     )
-    dense_step()  # gradients and optimizer state in place
     sparsifier.observe_gradients()  # SNFS's gradient average, as after any ordinary step
     update = median_time(lambda: sparsifier._update_topology(interval), repeats)
     return {

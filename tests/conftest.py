@@ -114,9 +114,13 @@ def tiny_run_config(folder, data_root, **changes):
 
 
 def assert_sparsity_invariants(sparsifier) -> None:
-    """Exact active counts; inactive weights and their weight-shaped optimizer state zero."""
+    """Exact active counts; inactive weights and their weight-shaped optimizer state zero
+    (a compressed weight has no inactive entries: its values and state are nnz long)."""
     for weight, n_active in zip(sparsifier.weights, sparsifier.target_counts, strict=True):
         assert int(weight.mask.sum()) == weight.n_active == n_active, weight.name
+        if weight.param.shape != weight.mask.shape:  # compressed: values (nnz,)
+            assert weight.param.numel() == n_active, weight.name
+            continue
         assert bool((weight.param[~weight.mask] == 0).all()), weight.name
         for value in sparsifier.optimizer.state[weight.param].values():
             if torch.is_tensor(value) and value.shape == weight.param.shape:

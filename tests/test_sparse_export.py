@@ -26,7 +26,8 @@ def _trained(backend: str, model: nn.Module | None = None, steps: int = 12, seed
         sparsity=0.8,
         total_steps=40,
         update_interval=4,
-        exclude=("out.weight",),  # a dense layer beside the sparse ones
+        # a dense layer beside the sparse ones (a pattern must match: TinyCNN has no "out")
+        exclude=("out.weight",) if isinstance(model, TinyMLP) else (),
         backend=backend,
         seed=seed,
     )

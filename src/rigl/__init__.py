@@ -53,6 +53,8 @@ _EXPORTS: dict[str, str] = {  # public name -> the module defining it
     "drop_and_grow": "rigl.topology",
     "random_mask": "rigl.topology",
     "topk_mask": "rigl.topology",
+    "InvariantError": "rigl.guard",
+    "UsageError": "rigl.guard",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

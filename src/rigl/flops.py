@@ -6,6 +6,7 @@ per example, biases, norms and activations omitted. A layer's FLOPs are scaled b
 density of its weight (MicroNet-style counting: only the non-zero weights are multiplied)::
 
     Linear           rows * in * out                 rows = every leading dim of the input
+                     (also Hugging Face Conv1D, whose weight is stored (in, out))
     Conv{1,2,3}d     out_elements * k^d * c_in/groups   (so depthwise costs k^d per output)
     ConvTranspose    in_elements * k^d * c_out/groups
     RNN/GRU/LSTM     tokens * numel(W) for every W in weight_ih_l*, weight_hh_l*, weight_hr_l*
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 
 from rigl.flops_train import TRAIN_METHODS, pruning_flops_fraction, train_flops_ratio
+from rigl.layers import is_hf_conv1d
 
 __all__ = [
     "CONVENTIONS",
@@ -153,6 +155,8 @@ class _Counter:
         if isinstance(module, nn.Linear):
             # MHA's out_proj is a Linear that MHA applies functionally: counted there.
             self.add(module, module.weight, output.numel() * module.in_features, output.numel())
+        elif is_hf_conv1d(module):  # weight stored (in, out): the fan-in is shape[0]
+            self.add(module, module.weight, output.numel() * module.weight.shape[0], output.numel())
         elif isinstance(module, _CONVS):
             self._conv(module, args[0], output)
         elif isinstance(module, _TRANSPOSED):

@@ -10,18 +10,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from rigl import guard, summary
 from rigl._version import __version__
+from rigl.backends import check_materialised, choose_backends
 from rigl.config import ConfigError, resolve_step
+from rigl.guard import UsageError
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
-from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
-from rigl.topology import random_indices, update_generator
+from rigl.summary import LayerSummary
+from rigl.targets import Target, check_model_names, make_config, scan_targets, target_counts
+from rigl.topology import random_indices, split_evenly, update_generator
+
+__all__ = ["LayerSummary", "Sparsifier", "create", "get_method", "list_methods", "register_method"]
 
 _REGISTRY: dict[str, type[Sparsifier]] = {}
 
@@ -62,15 +67,6 @@ def create(
 ) -> Sparsifier:
     """Build the sparsifier of ``method`` (see :func:`list_methods`) for ``model``."""
     return get_method(method)(model, optimizer, **kwargs)
-
-
-@dataclass(frozen=True)
-class LayerSummary:
-    name: str
-    shape: tuple[int, ...]
-    density: float
-    n_active: int
-    n_total: int
 
 
 class Sparsifier:
@@ -116,6 +112,7 @@ class Sparsifier:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        guard.check_unclaimed(model)  # one sparsifier per tensor
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise ConfigError(f"total_steps={total_steps!r} must be a positive int")
         self.model = model
@@ -130,7 +127,8 @@ class Sparsifier:
             "drop_fraction": drop_fraction,
             "decay": decay,
         }
-        self.targets: list[Target] = find_targets(model, self.config)
+        self.targets: list[Target]
+        self.targets, self.left_dense = scan_targets(model, self.config)
         self.schedule = self.build_schedule(**self.schedule_args)
         self.skip_optimizer_step_on_update = (
             self.default_skip_optimizer_step
@@ -140,13 +138,18 @@ class Sparsifier:
         self._check_optimizer()
         self.target_counts = target_counts(self.targets, self.config)
         self.backend = self._check_backend(backend)
-        self._check_materialised()
+        # (backend, why) per target: backend="sparse" keeps what it cannot convert masked
+        self.layer_backends = choose_backends(model, self.targets, self.backend)
+        check_materialised(model, self.targets, self.layer_backends)
         self.weights = [
             self._make_weight(i, t, n)
             for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
         ]
         for weight in self.weights:
             weight.apply_mask()
+        guard.claim(self, [w.param for w in self.weights])
+        self._guard = guard.StepGuard(optimizer) if optimizer is not None else None
+        self._removed = False
         self.step_count = 0
         self.skipped_updates = 0
         self.update_count = 0  # successful topology updates so far
@@ -172,7 +175,7 @@ class Sparsifier:
         """Masked storage, or compressed storage for plain Linear layers with backend='sparse'
         (built from the initial indices, so no dense mask exists; a Linear on the meta
         device is created from its shapes, see :func:`rigl.sparse.convert.convert_linear`)."""
-        if self._compressed(target):
+        if self.layer_backends[index][0] == "sparse":
             from rigl.sparse.convert import convert_linear
 
             weight, self.targets[index] = convert_linear(
@@ -183,25 +186,8 @@ class Sparsifier:
                 update_generator(self.seed, -2, index),
             )
             return weight
-        return MaskedWeight(target.name, target.param, self.initial_mask(index, target, n_active))
-
-    def _compressed(self, target: Target) -> bool:
-        return self.backend == "sparse" and type(target.module) is nn.Linear
-
-    def _check_materialised(self) -> None:
-        """A model may be built on the ``meta`` device only where backend='sparse' creates
-        the layers from their shapes (the sparsified ``nn.Linear`` layers)."""
-        created = {
-            id(p) for t in self.targets if self._compressed(t) for p in t.module.parameters()
-        }
-        named = (*self.model.named_parameters(), *self.model.named_buffers())
-        on_meta = [name for name, t in named if t.is_meta and id(t) not in created]
-        if on_meta:
-            raise ConfigError(
-                f"parameters/buffers {on_meta} are on the meta device; only the sparsified "
-                "nn.Linear layers of backend='sparse' are created from their shapes. Build "
-                "the other layers on a real device (or pass backend='sparse')."
-            )
+        mask = self.initial_mask(index, target, n_active)
+        return MaskedWeight(target.name, target.param, mask, target.blocks)
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -221,9 +207,18 @@ class Sparsifier:
 
     def initial_indices(self, index: int, target: Target, n_active: int) -> Tensor:
         """Flat positions of the initial active weights (the True entries of
-        :meth:`initial_mask`), drawn in O(n_active) memory for huge layers."""
+        :meth:`initial_mask`), drawn in O(n_active) memory for huge layers; a target of
+        several row blocks draws each block's share in turn."""
         generator = update_generator(self.seed, -1, index)
-        return random_indices(math.prod(target.shape), n_active, generator)
+        if target.blocks == 1:
+            return random_indices(math.prod(target.shape), n_active, generator)
+        size = math.prod(target.shape) // target.blocks
+        return torch.cat(
+            [
+                random_indices(size, n, generator) + b * size
+                for b, n in enumerate(split_evenly(n_active, target.blocks))
+            ]
+        )
 
     def observe_gradients(self) -> None:
         """Called every step before masking the gradients (SNFS keeps its EMA here)."""
@@ -263,6 +258,7 @@ class Sparsifier:
         update, nothing counted (``step_count`` does not advance, so an update that was due
         runs on the next finite step), only ``scaler.update()`` lowers the scale.
         """
+        self._check_not_removed()
         if self.optimizer is None:
             raise ConfigError(
                 "step() needs the optimizer; this sparsifier was created with optimizer=None "
@@ -282,8 +278,12 @@ class Sparsifier:
         scaler.update()
 
     def pre_optimizer_step(self) -> bool:
-        """Everything before the optimizer step; returns whether to take it."""
+        """Everything before the optimizer step; returns whether to take it. The one
+        optimizer step that may follow is allowed by the step guard (``rigl.guard``)."""
+        self._check_not_removed()
         self._check_optimizer_state()
+        if self._guard is not None:
+            self._guard.open()
         step = self.step_count
         self.observe_gradients()
         self._pending_update = self.should_update(step)
@@ -300,6 +300,9 @@ class Sparsifier:
 
     def post_optimizer_step(self) -> None:
         """Everything after the optimizer step: late topology update, masking, counting."""
+        self._check_not_removed()
+        if self._guard is not None:
+            self._guard.close()
         if self._pending_update:
             self._pending_update = False
             self._update_topology(self.step_count)
@@ -343,19 +346,31 @@ class Sparsifier:
 
     # -- inspection and checkpoints ----------------------------------------------------------
     def summary(self) -> list[LayerSummary]:
-        return [LayerSummary(w.name, w.shape, w.density, w.n_active, w.numel) for w in self.weights]
+        """Per sparsified tensor: target and measured density, counts, backend and why."""
+        return summary.summarize(self)
 
     def summary_table(self) -> str:
-        rows = [f"{'layer':<40} {'shape':<20} {'density':>8} {'active':>12} {'total':>12}"]
-        for s in self.summary():
-            shape = "x".join(map(str, s.shape))
-            rows.append(
-                f"{s.name:<40} {shape:<20} {s.density:>8.4f} {s.n_active:>12,} {s.n_total:>12,}"
-            )
-        active = sum(s.n_active for s in self.summary())
-        total = sum(s.n_total for s in self.summary())
-        rows.append(f"{'total':<40} {'':<20} {active / total:>8.4f} {active:>12,} {total:>12,}")
-        return "\n".join(rows)
+        return summary.format_table(self.summary(), self.left_dense)
+
+    def check(self) -> None:
+        """Verify the sparsity invariants now (exact counts, zeros at inactive positions,
+        optimizer state there); raises :class:`rigl.InvariantError` naming each broken layer.
+        Costs a pass over every sparsified weight: meant for tests and debugging."""
+        summary.check(self)
+
+    def remove(self) -> None:
+        """Release the model: the step guard leaves the optimizer, and another sparsifier
+        may be created for the model. Weights keep their values (zeros included) and
+        layers stay as they are (``rigl.sparse.convert.to_dense`` turns ``SparseLinear``
+        layers back into ``nn.Linear``). The sparsifier cannot step afterwards."""
+        if self._guard is not None:
+            self._guard.remove()
+        guard.release(self)
+        self._removed = True
+
+    def _check_not_removed(self) -> None:
+        if self._removed:
+            raise UsageError("this sparsifier was removed (remove()); create a new one")
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (loadable with ``torch.load(weights_only=True)``)."""

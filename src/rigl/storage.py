@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl.config import ConfigError
-from rigl.topology import TieBreak, drop_and_grow, magnitude_prune
+from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
 # ((r1 - r0) * cols,). A masked weight asks for all rows at once; a compressed weight scans
@@ -69,16 +69,21 @@ class MaskedWeight:
     """A dense ``nn.Parameter`` with a bool ``mask`` of the same shape.
 
     Inactive entries are exactly zero after every :meth:`apply_mask`; the full dense
-    gradient is available for growth (RigL's ``|∇θ L|``).
+    gradient is available for growth (RigL's ``|∇θ L|``). With ``blocks`` > 1 the rows form
+    that many equal blocks (q, k, v of a packed projection) that are rewired and pruned
+    each on its own, so every block keeps its count.
     """
 
-    def __init__(self, name: str, param: nn.Parameter, mask: Tensor) -> None:
+    def __init__(self, name: str, param: nn.Parameter, mask: Tensor, blocks: int = 1) -> None:
         if mask.shape != param.shape:
             raise ValueError(
                 f"mask of {name} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
             )
+        if blocks < 1 or param.shape[0] % blocks:
+            raise ValueError(f"{name}: {param.shape[0]} rows do not split into {blocks} blocks")
         self.name = name
         self.param = param
+        self.blocks = blocks
         self.mask = mask.to(device=param.device, dtype=torch.bool)
         self._n_active = int(self.mask.count_nonzero())
 
@@ -141,11 +146,13 @@ class MaskedWeight:
         """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow``."""
         score = grow(0, self.rows).reshape(-1)
         check_finite(score, self.name)
-        return drop_and_grow(self.mask.flatten(), self.magnitude(), score, n_update, tie_break)
+        return drop_and_grow(
+            self.mask.flatten(), self.magnitude(), score, n_update, tie_break, self.blocks
+        )
 
     def prune(self, n_keep: int, score: Tensor, tie_break: TieBreak) -> Tensor:
         """New flat mask keeping the ``n_keep`` active weights of largest ``score``."""
-        return magnitude_prune(self.mask.flatten(), score, n_keep, tie_break)
+        return magnitude_prune(self.mask.flatten(), score, n_keep, tie_break, self.blocks)
 
     @torch.no_grad()
     def set_topology(
@@ -191,3 +198,38 @@ class MaskedWeight:
     def prepare_step(self, update_due: bool) -> None:
         """Called before each step's backward; a masked weight needs nothing."""
         del update_due
+
+    # -- inspection -------------------------------------------------------------------
+    @property
+    def n_nonzero(self) -> int:
+        """Non-zero entries of the weight as it is now (measured, not the bookkeeping)."""
+        return int(self.param.detach().count_nonzero())
+
+    @torch.no_grad()
+    def violations(self, optimizer: torch.optim.Optimizer | None) -> list[str]:
+        """What breaks the invariants now: the mask's count against the bookkeeping (and
+        per block), non-zero weights and optimizer state at inactive positions."""
+        found = []
+        n = int(self.mask.count_nonzero())
+        if n != self._n_active:
+            found.append(f"its mask has {n} active weights, its count says {self._n_active}")
+        if self.blocks > 1:
+            per_block = self.mask.reshape(self.blocks, -1).sum(1).tolist()
+            if per_block != split_evenly(n, self.blocks):
+                found.append(f"its blocks hold {per_block} active weights, not an even split")
+        inactive = ~self.mask
+        outside = int(self.param.detach()[inactive].count_nonzero())
+        if outside:
+            found.append(
+                f"{outside} inactive weights are non-zero (an optimizer step taken outside "
+                "the sparsifier, or weights written after it?)"
+            )
+        state = optimizer.state.get(self.param, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == self.param.shape:
+                count = int(value[inactive].count_nonzero())
+                if count:
+                    found.append(
+                        f"optimizer state {key!r} is non-zero at {count} inactive positions"
+                    )
+        return found

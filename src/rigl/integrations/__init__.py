@@ -20,6 +20,10 @@ Mixed precision with a GradScaler (fp16): when a gradient is inf/NaN the framewo
 scaler skips the optimizer step; the callback skips that step too (no topology update,
 nothing counted), as ``sparsifier.step(scaler=...)`` does in a plain loop.
 
+Logging: after every optimizer step the callbacks report :meth:`SparseTrainingHooks.metrics`
+(``rigl/density``, ``rigl/updates``, ``rigl/drop_fraction``) to the framework's own logger:
+Lightning's ``pl_module.log``, the Hugging Face ``logs`` of ``on_log``.
+
 This package imports no framework; each submodule imports its own.
 """
 
@@ -122,6 +126,23 @@ class SparseTrainingHooks:
         if self._stepping and self.sparsifier is not None:
             self._stepping = False
             self.sparsifier.post_optimizer_step()
+
+    def metrics(self) -> dict[str, float]:
+        """What the callbacks log: the density of the sparsified tensors (active / total),
+        the topology updates done, and the drop fraction f_decay(t) of the last step taken
+        (0 for methods without an update schedule, e.g. static, gmp)."""
+        sparsifier = self.sparsifier
+        if sparsifier is None:
+            return {}
+        active = sum(w.n_active for w in sparsifier.weights)
+        total = sum(w.numel for w in sparsifier.weights)
+        schedule, step = sparsifier.schedule, sparsifier.step_count - 1
+        fraction = schedule.fraction(step) if hasattr(schedule, "fraction") and step >= 0 else 0.0
+        return {
+            "rigl/density": active / total,
+            "rigl/updates": float(sparsifier.update_count),
+            "rigl/drop_fraction": float(fraction),
+        }
 
     # -- checkpoints -----------------------------------------------------------------------
     def sparsifier_state(self) -> dict[str, Any]:

@@ -15,6 +15,13 @@ and ``on_optimizer_step`` :meth:`~rigl.Sparsifier.post_optimizer_step`. The spar
 state is written as ``rigl_sparsifier.pt`` into every checkpoint folder and read back when
 training resumes from one. How update steps skip the optimizer step: see
 :mod:`rigl.integrations`.
+
+Logging: ``on_log`` adds ``rigl/density``, ``rigl/updates`` and ``rigl/drop_fraction`` to the
+Trainer's ``logs`` (seen by the callbacks after this one) and to that entry of
+``trainer.state.log_history``. The Trainer calls its own reporting callbacks (TensorBoard,
+W&B, the printed log) before user callbacks; to have them report these values too, move
+this callback first: ``trainer.callback_handler.callbacks.insert(0,
+trainer.pop_callback(callback))``.
 """
 
 from __future__ import annotations
@@ -88,6 +95,17 @@ class RigLTrainerCallback(SparseTrainingHooks, TrainerCallback):
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.after_optimizer_step()
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        metrics = self.metrics()
+        if logs is None or not metrics:
+            return
+        logs.update(metrics)
+        # the Trainer appended a copy of ``logs`` to the history just before calling us
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:

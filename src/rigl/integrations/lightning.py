@@ -14,7 +14,9 @@ AMP) runs :meth:`~rigl.Sparsifier.pre_optimizer_step` and ``on_train_batch_end``
 :meth:`~rigl.Sparsifier.post_optimizer_step`. Masks and counters are saved in Lightning
 checkpoints and restored on resume. Automatic optimization only (one optimizer step per
 batch, after ``accumulate_grad_batches`` micro-batches). How update steps skip the
-optimizer step: see :mod:`rigl.integrations`.
+optimizer step: see :mod:`rigl.integrations`. After each batch it logs ``rigl/density``,
+``rigl/updates`` and ``rigl/drop_fraction`` with ``pl_module.log`` (to the Trainer's
+loggers and ``trainer.callback_metrics``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class RigLCallback(SparseTrainingHooks, pl.Callback):
         batch_idx: int,
     ) -> None:
         self.after_optimizer_step()
+        metrics = self.metrics()
+        if metrics:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sparsifier_state()

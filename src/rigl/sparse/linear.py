@@ -203,6 +203,21 @@ class SparseLinear(nn.Module):
         """Flat positions ``row * in_features + col`` of ``values`` (int64, nnz)."""
         return self._index.flat()
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``(out_features, in_features)`` weight, built on every access: zeros
+        with ``values`` scattered at the active positions, for code written against
+        ``nn.Linear`` (PyTorch's transformer fast path in eval, helpers that read
+        ``.weight``). It is differentiable w.r.t. ``values``, so computing with it trains
+        the right tensor; it is a new tensor each time, so writing into it changes nothing
+        (assigning ``layer.weight = ...`` is refused). Cost per access: an ``out * in``
+        tensor and a scatter of ``nnz`` values, the memory the compressed layer saves."""
+        dense = torch.zeros(
+            self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device
+        )
+        dense = dense.index_put((self._index.flat(),), self.values)
+        return dense.view(self.out_features, self.in_features)
+
     # -- grow scores (RigL) -----------------------------------------------------------
     def keep_grow_inputs(self, enabled: bool = True) -> None:
         """Keep (or stop keeping) the coming backward calls' ``xt``, ``dyt`` for grow scores.

@@ -42,6 +42,8 @@ BLOCK_ELEMENTS = 1 << 22
 class SparseWeight:
     """The weight of a :class:`SparseLinear`, seen by the algorithms."""
 
+    blocks = 1  # a packed q/k/v projection is never compressed
+
     def __init__(self, name: str, layer: SparseLinear) -> None:
         self.name = name
         self.layer = layer
@@ -194,6 +196,33 @@ class SparseWeight:
                 optimizer.state[self.param][key] = new
         n_grown = int((~survived).count_nonzero())
         return RewireStats(self.name, self.n_active, n_grown, n_grown)
+
+    # -- inspection --------------------------------------------------------------------
+    @property
+    def n_nonzero(self) -> int:
+        """Non-zero active values as they are now (an active weight may be exactly zero)."""
+        return int(self.param.detach().count_nonzero())
+
+    @torch.no_grad()
+    def violations(self, optimizer: torch.optim.Optimizer | None) -> list[str]:
+        """What breaks the invariants now: values against the index, the index itself
+        (sorted, unique, in range), optimizer state not of the values' size."""
+        found = []
+        active = self.layer.active_indices()
+        if active.numel() != self.param.numel():
+            found.append(f"{self.param.numel()} values but {active.numel()} indices")
+        if active.numel() and not bool((active[1:] > active[:-1]).all()):
+            found.append("its indices are not sorted and unique")
+        if active.numel() and (int(active.min()) < 0 or int(active.max()) >= self.numel):
+            found.append(f"its indices leave the shape {self.shape}")
+        state = optimizer.state.get(self.param, {}) if optimizer is not None else {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.dim() and value.shape != self.param.shape:
+                found.append(
+                    f"optimizer state {key!r} has shape {tuple(value.shape)}, "
+                    f"the values {tuple(self.param.shape)}"
+                )
+        return found
 
     # -- checkpoints -------------------------------------------------------------------
     def topology_state(self) -> Tensor:

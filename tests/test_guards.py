@@ -1,0 +1,155 @@
+"""Guard rails (issue 13 item 4, issue 12 item 15): each misuse that used to train silently
+wrong now fails with the fix in the message, and the invariants can be checked on demand."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import rigl
+from conftest import TinyMLP, batch, train_steps
+
+OPTIONS = dict(sparsity=0.8, total_steps=20, update_interval=4, drop_fraction=0.5)
+
+
+def _setup(backend: str = "masked"):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, rigl.create("rigl", model, optimizer, backend=backend, **OPTIONS)
+
+
+def _backward(model: nn.Module, step: int = 0) -> None:
+    x, y = batch(step)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+# -- optimizer steps taken behind the sparsifier's back ------------------------------------------
+def test_optimizer_step_instead_of_sparsifier_step_is_refused():
+    model, optimizer, _ = _setup()
+    _backward(model)
+    with pytest.raises(rigl.UsageError, match=r"Call sparsifier\.step\(\) instead of optimizer"):
+        optimizer.step()
+
+
+def test_the_torch_ao_habit_of_stepping_both_is_refused():
+    model, optimizer, _ = _setup()
+    _backward(model)
+    with pytest.raises(rigl.UsageError, match=r"drop the optimizer\.step\(\) call"):
+        optimizer.step()  # `optimizer.step(); sparsifier.step()`
+
+
+def test_two_optimizer_steps_in_one_sparsifier_step_are_refused():
+    model, optimizer, sparsifier = _setup()
+    _backward(model)
+    assert sparsifier.pre_optimizer_step()
+    optimizer.step()
+    with pytest.raises(rigl.UsageError, match="called twice"):
+        optimizer.step()
+
+
+def test_steps_through_the_sparsifier_and_its_hooks_are_allowed():
+    model, optimizer, sparsifier = _setup()
+    train_steps(model, optimizer, sparsifier, 5)
+    for t in range(5, 9):  # the framework way: the caller takes the step
+        optimizer.zero_grad()
+        _backward(model, t)
+        if sparsifier.pre_optimizer_step():
+            optimizer.step()
+        sparsifier.post_optimizer_step()
+    assert sparsifier.step_count == 9 and sparsifier.update_count == 2
+    sparsifier.check()
+
+
+# -- one sparsifier per model --------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_second_sparsifier_on_the_same_model_is_refused_until_the_first_is_removed(backend):
+    model, optimizer, first = _setup(backend)
+    with pytest.raises(rigl.ConfigError, match=r"already has a sparsifier.*first\.remove\(\)"):
+        rigl.create("set", model, optimizer, **OPTIONS)
+    first.remove()
+    with pytest.raises(rigl.UsageError, match="was removed"):
+        first.step()
+    if backend == "sparse":
+        return  # the model holds SparseLinear layers now: rigl.sparse.convert.to_dense first
+    optimizer.zero_grad()
+    optimizer.step()  # released: the first sparsifier no longer guards the optimizer
+    second = rigl.create("static", model, optimizer, **OPTIONS)
+    train_steps(model, optimizer, second, 3)
+    second.check()
+
+
+def test_a_garbage_collected_sparsifier_releases_its_model():
+    model, optimizer, sparsifier = _setup()
+    del sparsifier  # dropped without remove()
+    gc.collect()
+    rigl.create("rigl", model, optimizer, **OPTIONS)
+
+
+def test_sparsifiers_on_separate_parts_of_one_model_are_fine():
+    model = nn.ModuleDict({"a": TinyMLP(), "b": TinyMLP()})
+    rigl.create("rigl", model["a"], None, **OPTIONS)
+    rigl.create("set", model["b"], None, **OPTIONS)
+
+
+# -- measured density and the invariant check ---------------------------------------------------
+def test_summary_shows_the_measured_density_beside_the_target():
+    model, _, sparsifier = _setup()
+    rows = sparsifier.summary()
+    assert all(r.measured_density <= r.density for r in rows)
+    with torch.no_grad():
+        model.fc1.weight.fill_(0.5)  # dense again, behind the sparsifier's back
+    row = sparsifier.summary()[0]
+    assert row.name == "fc1.weight" and row.measured_density == 1.0 and row.density < 0.5
+    table = sparsifier.summary_table()
+    assert "measured" in table.splitlines()[0] and "1.0000" in table.splitlines()[1]
+
+
+def test_check_names_the_layer_and_what_is_broken():
+    model, optimizer, sparsifier = _setup()
+    train_steps(model, optimizer, sparsifier, 6)
+    sparsifier.check()
+    weight = sparsifier.weights[1]
+    inactive = (~weight.mask).nonzero()[0].tolist()
+    with torch.no_grad():
+        model.fc2.weight[tuple(inactive)] = 1.0
+    with pytest.raises(rigl.InvariantError, match="fc2.weight: 1 inactive weights are non-zero"):
+        sparsifier.check()
+    with torch.no_grad():
+        model.fc2.weight[tuple(inactive)] = 0.0
+        optimizer.state[model.fc2.weight]["momentum_buffer"][tuple(inactive)] = 1.0
+    with pytest.raises(rigl.InvariantError, match="fc2.weight: optimizer state 'momentum_buffer'"):
+        sparsifier.check()
+    optimizer.state[model.fc2.weight]["momentum_buffer"][tuple(inactive)] = 0.0
+    sparsifier.check()
+    weight.mask[tuple(inactive)] = True  # a mask out of step with its count
+    with pytest.raises(rigl.InvariantError, match="fc2.weight: its mask has"):
+        sparsifier.check()
+
+
+def test_check_on_the_compressed_backend():
+    model, optimizer, sparsifier = _setup("sparse")
+    train_steps(model, optimizer, sparsifier, 6)
+    sparsifier.check()
+    values = model.fc1.values
+    optimizer.state[values]["momentum_buffer"] = torch.zeros(values.numel() + 1)
+    with pytest.raises(rigl.InvariantError, match="fc1.weight: optimizer state 'momentum_buffer'"):
+        sparsifier.check()
+
+
+# -- include / exclude patterns that match nothing ----------------------------------------------
+@pytest.mark.parametrize(
+    ("option", "pattern"), [("exclude", "ot.*"), ("include", "Conv9d"), ("exclude", "fc3")]
+)
+def test_patterns_that_match_nothing_list_the_names_that_exist(option, pattern):
+    with pytest.raises(rigl.ConfigError, match=rf"{option} pattern '{pattern}' matches no") as err:
+        rigl.create("rigl", TinyMLP(), None, **OPTIONS, **{option: (pattern,)})
+    assert "fc1.weight" in str(err.value) and "Linear" in str(err.value)
+
+
+def test_patterns_that_match_still_work():
+    sparsifier = rigl.create("rigl", TinyMLP(), None, exclude=("out.*",), **OPTIONS)
+    assert list(sparsifier.masks) == ["fc1.weight", "fc2.weight"]

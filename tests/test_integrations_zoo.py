@@ -1,0 +1,153 @@
+"""The Lightning and Hugging Face callbacks on real model families (issue 13 item 7): a GPT-2,
+a BERT and a Llama-style model built from their configs, on both backends where the
+compressed one applies; density, updates done and the drop fraction reach the framework's
+own logger. Skipped when the framework is not installed."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from rigl.sparse.storage import SparseWeight
+from zoo import CASES, B, T
+
+STEPS = 8  # topology updates at steps 2 and 4 (T_end = 0.75 * 8)
+OPTIONS = dict(sparsity=0.8, update_interval=2, drop_fraction=0.5, seed=3)
+RUNS = [("gpt2", "masked"), ("bert", "masked"), ("bert", "sparse"), ("llama", "masked"),
+        ("llama", "sparse")]  # fmt: skip
+KEYS = ("rigl/density", "rigl/updates", "rigl/drop_fraction")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 100, (STEPS * B, T), generator=torch.Generator().manual_seed(0))
+
+
+def _check_run(sparsifier, name: str, backend: str, prefix: str = "") -> dict[str, float]:
+    """The run sparsified what the model family should, kept its invariants; returns the
+    values the callback must have logged last."""
+    case = CASES[name]
+    assert list(sparsifier.masks) == [prefix + n for n in case.targets]
+    compressed = [w.name for w in sparsifier.weights if isinstance(w, SparseWeight)]
+    assert compressed == ([prefix + n for n in case.compressed] if backend == "sparse" else [])
+    assert sparsifier.step_count == STEPS and sparsifier.update_count == 2
+    sparsifier.check()
+    active = sum(w.n_active for w in sparsifier.weights)
+    total = sum(w.numel for w in sparsifier.weights)
+    fraction = sparsifier.schedule.fraction(STEPS - 1)
+    return {"rigl/density": active / total, "rigl/updates": 2.0, "rigl/drop_fraction": fraction}
+
+
+# -- PyTorch Lightning -------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "backend"), RUNS)
+def test_lightning_callback_on_transformers(name, backend, tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from rigl.integrations.lightning import RigLCallback
+
+    case = CASES[name]
+
+    class LanguageModel(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = case.build()
+
+        def training_step(self, batch, batch_idx):
+            return case.loss(self.model, batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    callback = RigLCallback("rigl", backend=backend, **OPTIONS)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=STEPS,
+        logger=pl.loggers.CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    loader = torch.utils.data.DataLoader(TensorDataset(_ids()), batch_size=B)
+    trainer.fit(LanguageModel(), loader)
+    expected = _check_run(callback.sparsifier, name, backend, prefix="model.")
+    for key, value in expected.items():  # the Trainer's own metrics, and its logger's file
+        assert float(trainer.callback_metrics[key]) == pytest.approx(value)
+    with open(trainer.logger.log_dir + "/metrics.csv", encoding="utf-8") as file:
+        rows = [r for r in csv.DictReader(file) if r.get("rigl/updates")]
+    assert len(rows) == STEPS
+    assert [float(r["rigl/updates"]) for r in rows] == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert float(rows[-1]["rigl/density"]) == pytest.approx(expected["rigl/density"])
+
+
+# -- Hugging Face transformers ---------------------------------------------------------------------
+class _Tokens(Dataset):
+    def __init__(self) -> None:
+        self.ids = _ids()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.parametrize(("name", "backend"), RUNS)
+def test_hf_callback_on_transformers(name, backend, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from rigl.integrations.huggingface import RigLTrainerCallback
+
+    class Probe(transformers.TrainerCallback):  # a callback after ours sees the values
+        def __init__(self) -> None:
+            self.seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    torch.manual_seed(0)
+    model = CASES[name].build()
+    callback, probe = RigLTrainerCallback("rigl", backend=backend, **OPTIONS), Probe()
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=B,
+        max_steps=STEPS,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=arguments, train_dataset=_Tokens(), callbacks=[callback, probe]
+    )
+    trainer.train()
+    expected = _check_run(callback.sparsifier, name, backend)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(history) == STEPS
+    assert [h["rigl/updates"] for h in history] == [0, 0, 1, 1, 2, 2, 2, 2]
+    for key in KEYS:
+        assert history[-1][key] == pytest.approx(expected[key])
+        assert probe.seen[-1][key] == pytest.approx(expected[key])
+
+
+def test_the_gpt2_example_runs(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "huggingface_gpt2_rigl.py"
+    spec = importlib.util.spec_from_file_location("huggingface_gpt2_rigl", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    callback = example.main(max_steps=6, output_dir=str(tmp_path))
+    assert callback.sparsifier.update_count > 0
+    callback.sparsifier.check()
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn.weight" in out and "lm_head.weight" in out
