@@ -13,6 +13,7 @@ mnist          (1, 28, 28)      10       IDX files in ``<root>/mnist/``
 fashion_mnist  (1, 28, 28)      10       IDX files in ``<root>/fashion_mnist/``
 cifar10        (3, 32, 32)      10       python batches in ``<root>/cifar10/``
 text           (seq_len,)       vocab    any UTF-8 file (``path=``), next-char targets
+pydoc          (seq_len,)       vocab    CPython's ``pydoc_data.topics``, next-char
 =============  ===============  =======  ==========================================
 
 ``root`` defaults to ``$RIGL_DATA_DIR``, else ``~/.cache/rigl``. MNIST, Fashion-MNIST and
@@ -26,9 +27,11 @@ deterministic (per ``seed``) random subset, taken after normalisation.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 import random
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from rigl.experiments.data_files import (
     load_cifar_folder,
     load_idx_folder,
     read_text_ids,
+    text_ids,
     text_windows,
 )
 
@@ -333,22 +337,67 @@ def _text(
     del root, seed
     if path is None:
         raise ConfigError("dataset 'text' needs path=<a UTF-8 text file>")
+    path = Path(path).expanduser()
+    ids, vocab = read_text_ids(path)
+    return _char_windows(ids, vocab, seq_len, stride, source=str(path))
+
+
+# The help topics that CPython ships in ``pydoc_data.topics`` (the text of the language
+# reference behind ``help("assert")`` etc.): English prose and code, present on every
+# machine with Python, nothing to download. Their text changes between Python releases;
+# the checksums below are those of the releases the README's figures were measured on.
+PYDOC_SHA256 = {
+    "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee": "3.11.7",
+}
+
+
+def pydoc_topics_text() -> str:
+    """All topics in the order of their names, separated by blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+@register_dataset("pydoc")
+def _pydoc(*, root: Path, seed: int, seq_len: int = 128, stride: int | None = None) -> _Arrays:
+    """Character-level language modelling on CPython's help topics (about 465,000
+    characters, 103 distinct); windows and splits as for ``text`` (the last 10% of the
+    topics, alphabetically, is the held-out test text). ``info["sha256"]`` pins the corpus;
+    a Python whose topics differ from the pinned ones gets a warning (its numbers are not
+    comparable with the README's)."""
+    del root, seed
+    text = pydoc_topics_text()
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if digest not in PYDOC_SHA256:
+        warnings.warn(
+            f"pydoc_data.topics of Python {sys.version.split()[0]} differs from the pinned "
+            f"corpus (Python {', '.join(sorted(set(PYDOC_SHA256.values())))}; sha256 "
+            f"{digest[:16]}...): results are not comparable with the README's",
+            stacklevel=3,
+        )
+    ids, vocab = text_ids(text)
+    info = {"source": "pydoc_data.topics", "python": sys.version.split()[0], "sha256": digest}
+    return _char_windows(ids, vocab, seq_len, stride, **info)
+
+
+def _char_windows(
+    ids: np.ndarray, vocab: str, seq_len: int, stride: int | None, **info: Any
+) -> _Arrays:
+    """Next-character windows: the first 90% of ``ids`` is train, the last 10% test."""
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ConfigError(f"seq_len={seq_len!r} must be an int >= 1")
     stride = seq_len if stride is None else stride
     if not isinstance(stride, int) or stride < 1:
         raise ConfigError(f"stride={stride!r} must be an int >= 1")
-    path = Path(path).expanduser()
-    ids, vocab = read_text_ids(path)
     cut = int(0.9 * len(ids))
     if len(ids) - cut < seq_len + 1:
         raise CorruptFileError(
-            f"{path}: {len(ids)} characters is too short for seq_len={seq_len}; its last 10% "
-            f"(the test split) needs at least seq_len + 1 = {seq_len + 1} characters"
+            f"{info['source']}: {len(ids)} characters is too short for seq_len={seq_len}; its "
+            f"last 10% (the test split) needs at least seq_len + 1 = {seq_len + 1} characters"
         )
     x_train, y_train = text_windows(ids[:cut], seq_len, stride)
     x_test, y_test = text_windows(ids[cut:], seq_len, stride)
     return _Arrays(
         x_train, y_train, x_test, y_test, input_shape=(seq_len,), num_classes=len(vocab),
-        info={"source": str(path), "vocab": vocab, "characters": len(ids)},
+        info={**info, "vocab": vocab, "characters": len(ids)},
     )  # fmt: skip

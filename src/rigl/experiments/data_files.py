@@ -295,6 +295,11 @@ def read_text_ids(path: Path) -> tuple[np.ndarray, str]:
         raise CorruptFileError(
             f"{path}: not UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8"
         ) from err
+    return text_ids(text)
+
+
+def text_ids(text: str) -> tuple[np.ndarray, str]:
+    """A string -> (int64 character ids, vocabulary = the sorted distinct characters)."""
     vocab = "".join(sorted(set(text)))
     lookup = {ch: i for i, ch in enumerate(vocab)}
     return np.fromiter((lookup[ch] for ch in text), dtype=np.int64, count=len(text)), vocab

@@ -4,6 +4,7 @@ Small-Dense / Big-Sparse widths, all from ``rigl.flops`` with the paper's conven
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from torch import nn
@@ -59,6 +60,14 @@ def _dense_equivalent(model: nn.Module) -> nn.Module:
     return to_dense(copy.deepcopy(model))
 
 
+def bits_per_character(data: Any, test_loss: float | None) -> dict[str, float]:
+    """``{"test_bpc": ...}`` for character-level data (its info has a vocabulary): the mean
+    cross-entropy in bits, ``loss / ln 2``; nothing for other data."""
+    if test_loss is None or "vocab" not in data.info:
+        return {}
+    return {"test_bpc": test_loss / math.log(2)}
+
+
 def final_numbers(run: Any) -> dict[str, Any]:
     """Test accuracy, active parameters and FLOPs relative to the dense model."""
     from rigl.flops import count_flops, train_flops_ratio
@@ -97,6 +106,7 @@ def final_numbers(run: Any) -> dict[str, Any]:
     return {
         "test_accuracy": last.get("test_accuracy"),
         "test_loss": last.get("test_loss"),
+        **bits_per_character(run.data, last.get("test_loss")),
         "train_accuracy": last.get("train_accuracy"),
         "train_loss": last.get("train_loss"),
         "params": n_params - inactive,

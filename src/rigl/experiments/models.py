@@ -434,3 +434,20 @@ def char_gru(*, num_classes, input_shape, width, embed_dim=128, hidden_size=512,
     """
     del input_shape  # any sequence length works
     return CharGRU(num_classes, scaled(embed_dim, width), scaled(hidden_size, width), num_layers)
+
+
+# ---------------------------------------------------------------- character-level GPT
+
+
+@register_model("char_gpt", num_classes=256, input_shape=(128,), dtype=torch.int64)
+def char_gpt(
+    *, num_classes, input_shape, width, d_model=128, n_layer=2, n_head=4, mlp_ratio=4
+) -> nn.Module:
+    """Pre-LayerNorm GPT with tied embeddings (:mod:`rigl.experiments.char_gpt`).
+
+    ``num_classes`` is the vocabulary size; ``input_shape`` is ``(seq_len,)``, the context.
+    """
+    from rigl.experiments.char_gpt import CharGPT
+
+    d = scaled(d_model, width)
+    return CharGPT(num_classes, input_shape[0], d, n_layer, n_head, mlp_ratio)
