@@ -21,11 +21,11 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from stamp import threads_and_clock, write_result
 
 import rigl
 from rigl.experiments.char_gpt import CharGPT
 from rigl.experiments.data import load_dataset
+from stamp import threads_and_clock, write_result
 
 VOCAB = 103
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_run_config
 
 import rigl
+from conftest import tiny_run_config
 from rigl.experiments.char_gpt import CharGPT
 from rigl.experiments.data import PYDOC_SHA256, load_dataset, pydoc_topics_text
 
@@ -74,7 +74,9 @@ def test_rigl_on_char_gpt_keeps_exact_counts_and_trains_every_parameter():
     for _ in range(20):
         x = torch.randint(0, 11, (4, 16), generator=gen)
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x).reshape(-1, 11), x.roll(-1, 1).reshape(-1)).backward()
+        torch.nn.functional.cross_entropy(
+            model(x).reshape(-1, 11), x.roll(-1, 1).reshape(-1)
+        ).backward()
         sp.step()
     assert sp.update_count >= 2
     for w, n in zip(sp.weights, sp.target_counts, strict=True):
@@ -94,3 +96,28 @@ def test_rigl_train_on_the_language_model_reports_bits_per_character(tmp_path):
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["test_bpc"] == pytest.approx(final["test_loss"] / math.log(2))
     assert final["test_bpc"] < math.log2(103) + 1  # a real number, near a uniform guess
+
+
+def test_a_sweep_of_language_models_is_tabled_and_plotted_in_bits_per_character(tmp_path):
+    from rigl.experiments import plots, results
+
+    def record(method, sparsity, seed, bpc):
+        return {
+            "row": method, "method": method, "distribution": "erk", "multiplier": 1,
+            "sparsity": sparsity, "seed": seed, "test_accuracy": 0.5, "test_bpc": bpc,
+            "train_flops_ratio": 1.0 - sparsity, "inference_flops_ratio": 1.0 - sparsity,
+            "params": 10,
+        }  # fmt: skip
+
+    records = [record("dense", 0, s, 2.0 + s / 10) for s in (0, 1)]
+    records += [record("rigl", 0.9, s, 2.5 + s / 10) for s in (0, 1)]
+    metric = results.metric_of(records)
+    assert metric is results.BPC
+    assert results.metric_of([{**records[0], "test_bpc": None}]) is results.ACCURACY
+    rows = results.summarise(records, [0.9])
+    table = results.markdown(rows, [0.9], metric)
+    assert "test bits/char at 90%" in table
+    assert "| dense | 2.050 ± 0.071 |" in table and "| rigl | 2.550 ± 0.071 |" in table
+    paths = plots.plot_all(records, rows, [0.9], tmp_path, metric)
+    assert [p.name for p in paths] == ["bpc_vs_sparsity.png", "bpc_vs_train_flops.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -34,10 +34,17 @@ from rigl.experiments.runio import provenance, read_json, write_json
 from rigl.experiments.sweep import RunSpec, Sweep
 
 RECORD_KEYS = (
-    "test_accuracy", "test_loss", "train_accuracy", "params", "params_dense", "density",
+    "test_accuracy", "test_loss", "test_bpc", "train_accuracy", "params", "params_dense", "density",
     "inference_flops_ratio", "train_flops_ratio", "total_steps", "wall_time_s", "cpu_time_s",
     "width",
 )  # fmt: skip
+
+
+def _outcome(final: dict[str, Any]) -> str:
+    """A finished run in one phrase: its test metric and wall time."""
+    bpc = final.get("test_bpc")
+    shown = f"{bpc:.3f} bits/char" if bpc is not None else f"{100 * final['test_accuracy']:.2f}%"
+    return f"test {shown} ({final['wall_time_s']:.0f} s)"
 
 
 def _worker_init(parent: int) -> None:
@@ -125,8 +132,7 @@ def run_sweep(
         for done, spec in enumerate(todo, start=1):
             final = train(configs[spec], resume=True, quiet=True)  # every rank, in step
             finals[spec] = final
-            acc, wall = final["test_accuracy"], final["wall_time_s"]
-            say(f"[{done}/{len(todo)}] {spec.name}: test accuracy {100 * acc:.2f}% ({wall:.0f} s)")
+            say(f"[{done}/{len(todo)}] {spec.name}: {_outcome(final)}")
     elif todo:
         _warm_data([configs[s] for s in todo])
         items = [(i, configs[s].to_dict()) for i, s in enumerate(todo)]
@@ -143,10 +149,7 @@ def run_sweep(
                         say(f"[{done}/{len(todo)}] {spec.name} FAILED: {error}")
                         continue
                     finals[spec] = final
-                    acc, wall = final["test_accuracy"], final["wall_time_s"]
-                    say(
-                        f"[{done}/{len(todo)}] {spec.name}: test accuracy {100 * acc:.2f}% ({wall:.0f} s)"
-                    )
+                    say(f"[{done}/{len(todo)}] {spec.name}: {_outcome(final)}")
         finally:
             _on_sigterm(previous)
     if failures:
@@ -195,7 +198,8 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
     records = run_sweep(plan, out, jobs, quiet, env)
     wall = time.perf_counter() - start
     rows = results.summarise(records, plan.sparsities)
-    table = results.markdown(rows, plan.sparsities)
+    metric = results.metric_of(records)
+    table = results.markdown(rows, plan.sparsities, metric)
     if env.is_main:  # only rank 0 writes
         meta = {
             **provenance(argv),
@@ -205,10 +209,11 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
             "world_size": env.world_size,  # > 1: each run data-parallel under torchrun
             "base": plan.base.to_dict(),
             "sweep": plan.settings,
+            "metric": metric.name,
         }
         write_json(out / "results.json", {"meta": meta, "records": records, "summary": rows})
-        results.write_markdown(out / "results.md", table, plan, meta, records)
-        plots.plot_all(records, rows, plan.sparsities, out)
+        results.write_markdown(out / "results.md", table, plan, meta, records, metric)
+        plots.plot_all(records, rows, plan.sparsities, out, metric)
     distributed.barrier()
     return table
 

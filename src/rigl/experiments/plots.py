@@ -1,4 +1,5 @@
-"""Plots of a sweep (matplotlib, Agg backend): accuracy vs sparsity and vs training FLOPs."""
+"""Plots of a sweep (matplotlib, Agg backend): its metric (accuracy, or bits per character)
+vs sparsity and vs training FLOPs."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from rigl.experiments.results import DENSE, cell_for
+from rigl.experiments.results import ACCURACY, DENSE, Metric, cell_for
 
 
 def plot_all(
-    records: list[dict[str, Any]], rows: list[dict[str, Any]], sparsities: list[float], out: Path
+    records: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    sparsities: list[float],
+    out: Path,
+    metric: Metric = ACCURACY,
 ) -> list[Path]:
     return [
-        accuracy_vs_sparsity(rows, sparsities, out / "accuracy_vs_sparsity.png"),
-        accuracy_vs_train_flops(rows, sparsities, out / "accuracy_vs_train_flops.png"),
+        metric_vs_sparsity(rows, sparsities, out / f"{metric.name}_vs_sparsity.png", metric),
+        metric_vs_train_flops(rows, sparsities, out / f"{metric.name}_vs_train_flops.png", metric),
     ]
 
 
@@ -27,53 +32,55 @@ def _is_dense(row: dict[str, Any]) -> bool:
     return DENSE in row["cells"]
 
 
-def _dense_band(ax: Any, row: dict[str, Any]) -> None:
-    cell = row["cells"][DENSE]
-    mean, std = 100 * cell["accuracy_mean"], 100 * cell["accuracy_std"]  # stored as fractions
+def _dense_band(ax: Any, row: dict[str, Any], metric: Metric) -> None:
+    mean, std = metric.shown(row["cells"][DENSE])
     ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=row["row"])
     ax.axhspan(mean - std, mean + std, color="black", alpha=0.08)
 
 
-def accuracy_vs_sparsity(rows: list[dict[str, Any]], sparsities: list[float], path: Path) -> Path:
-    """Test accuracy (mean ± std over seeds) against sparsity, one line per table row."""
+def metric_vs_sparsity(
+    rows: list[dict[str, Any]], sparsities: list[float], path: Path, metric: Metric = ACCURACY
+) -> Path:
+    """The metric (mean ± std over seeds) against sparsity, one line per table row."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for row in rows:
         if _is_dense(row):
-            _dense_band(ax, row)
+            _dense_band(ax, row, metric)
             continue
         points = [(100 * s, cell_for(row, s)) for s in sparsities]
         points = [(x, c) for x, c in points if c is not None]
-        xs = [x for x, _ in points]
+        shown = [metric.shown(c) for _, c in points]
         ax.errorbar(
-            xs,
-            [100 * c["accuracy_mean"] for _, c in points],
-            yerr=[100 * c["accuracy_std"] for _, c in points],
+            [x for x, _ in points],
+            [mean for mean, _ in shown],
+            yerr=[std for _, std in shown],
             marker="o",
             capsize=3,
             label=row["row"],
         )
     ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(metric.label)
     ax.set_xticks([100 * s for s in sparsities])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 
 
-def accuracy_vs_train_flops(
-    rows: list[dict[str, Any]], sparsities: list[float], path: Path
+def metric_vs_train_flops(
+    rows: list[dict[str, Any]], sparsities: list[float], path: Path, metric: Metric = ACCURACY
 ) -> Path:
-    """Test accuracy against training FLOPs (multiples of dense training), log x axis."""
+    """The metric against training FLOPs (multiples of dense training), log x axis."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for row in rows:
         cells = (
             [cell_for(row, s) for s in sparsities] if not _is_dense(row) else [row["cells"][DENSE]]
         )
         cells = [c for c in cells if c is not None]
+        shown = [metric.shown(c) for c in cells]
         ax.errorbar(
             [c["train_flops_ratio"] for c in cells],
-            [100 * c["accuracy_mean"] for c in cells],
-            yerr=[100 * c["accuracy_std"] for c in cells],
+            [mean for mean, _ in shown],
+            yerr=[std for _, std in shown],
             marker="s" if _is_dense(row) else "o",
             linestyle="none" if _is_dense(row) else "-",
             color="black" if _is_dense(row) else None,
@@ -82,7 +89,7 @@ def accuracy_vs_train_flops(
         )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (x dense)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(metric.label)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)

@@ -6,18 +6,48 @@ FLOPs as multiples of the dense model (REFERENCE section 4).
 
 Units: accuracies are stored as fractions in [0, 1] everywhere (``final.json``,
 ``metrics.csv``, ``results.json`` records and summary); tables and plots show percent
-and say so in their headers and axis labels.
+and say so in their headers and axis labels. A sweep on character-level data (its runs
+report ``test_bpc``) is tabled and plotted in bits per character instead (lower is better).
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rigl.experiments.runio import atomic_write_text
 
 DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The number a sweep's table and plots show: ``key`` in ``final.json``, summarised
+    per cell as ``<name>_mean`` / ``<name>_std`` (stored units), shown times ``scale``."""
+
+    name: str
+    key: str
+    label: str  # table header and axis label
+    scale: float
+    higher_is_better: bool
+
+    def shown(self, cell: dict[str, Any]) -> tuple[float, float]:
+        """(mean, std) of a cell in the shown unit."""
+        return self.scale * cell[f"{self.name}_mean"], self.scale * cell[f"{self.name}_std"]
+
+
+ACCURACY = Metric("accuracy", "test_accuracy", "test accuracy (%)", 100.0, True)
+BPC = Metric("bpc", "test_bpc", "test bits per character", 1.0, False)
+METRICS = (ACCURACY, BPC)
+
+
+def metric_of(records: list[dict[str, Any]]) -> Metric:
+    """Bits per character where every run reports them (character-level data), else accuracy."""
+    if records and all(r.get(BPC.key) is not None for r in records):
+        return BPC
+    return ACCURACY
 
 
 def summarise(records: list[dict[str, Any]], sparsities: list[float]) -> list[dict[str, Any]]:
@@ -42,11 +72,15 @@ def summarise(records: list[dict[str, Any]], sparsities: list[float]) -> list[di
 
 
 def _cell(recs: list[dict[str, Any]]) -> dict[str, Any]:
-    accs = [r["test_accuracy"] for r in recs]  # fractions
+    stats = {}
+    for metric in METRICS:  # stored units (accuracy: fractions)
+        values = [r.get(metric.key) for r in recs]
+        if all(v is not None for v in values):
+            stats[f"{metric.name}_mean"] = statistics.fmean(values)
+            stats[f"{metric.name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return {
-        "accuracy_mean": statistics.fmean(accs),
-        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "n": len(accs),
+        **stats,
+        "n": len(recs),
         "seeds": [r["seed"] for r in recs],
         "train_flops_ratio": statistics.fmean(r["train_flops_ratio"] for r in recs),
         "inference_flops_ratio": statistics.fmean(r["inference_flops_ratio"] for r in recs),
@@ -60,26 +94,28 @@ def cell_for(row: dict[str, Any], sparsity: float) -> dict[str, Any] | None:
     return cells.get(DENSE) or cells.get(f"{sparsity:g}")
 
 
-def markdown(rows: list[dict[str, Any]], sparsities: list[float]) -> str:
-    """Test accuracy (%) mean ± std over seeds; FLOPs as multiples of dense."""
+def markdown(rows: list[dict[str, Any]], sparsities: list[float], metric: Metric = ACCURACY) -> str:
+    """The metric (test accuracy in %) mean ± std over seeds; FLOPs as multiples of dense."""
     levels = [f"{100 * s:g}%" for s in sparsities]
-    header = ["Method", *[f"test acc. % at {lv}" for lv in levels]]
+    short = "test acc. %" if metric is ACCURACY else "test bits/char"
+    header = ["Method", *[f"{short} at {lv}" for lv in levels]]
     header += [f"train FLOPs {lv}" for lv in levels] + [f"test FLOPs {lv}" for lv in levels]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for row in rows:
         cells = [cell_for(row, s) for s in sparsities]
-        acc = [_accuracy(c) for c in cells]
+        acc = [_shown(c, metric) for c in cells]
         train = [_ratio(c, "train_flops_ratio") for c in cells]
         test = [_ratio(c, "inference_flops_ratio") for c in cells]
         lines.append("| " + " | ".join([row["row"], *acc, *train, *test]) + " |")
     return "\n".join(lines)
 
 
-def _accuracy(cell: dict[str, Any] | None) -> str:
+def _shown(cell: dict[str, Any] | None, metric: Metric) -> str:
     if cell is None:
         return "-"
-    mean, std = 100 * cell["accuracy_mean"], 100 * cell["accuracy_std"]
-    return f"{mean:.1f}" if cell["n"] == 1 else f"{mean:.1f} ± {std:.1f}"
+    mean, std = metric.shown(cell)
+    digits = 1 if metric.scale == 100.0 else 3
+    return f"{mean:.{digits}f}" if cell["n"] == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _ratio(cell: dict[str, Any] | None, key: str) -> str:
@@ -87,7 +123,12 @@ def _ratio(cell: dict[str, Any] | None, key: str) -> str:
 
 
 def write_markdown(
-    path: Path, table: str, plan: Any, meta: dict[str, Any], records: list[dict[str, Any]]
+    path: Path,
+    table: str,
+    plan: Any,
+    meta: dict[str, Any],
+    records: list[dict[str, Any]],
+    metric: Metric = ACCURACY,
 ) -> None:
     base = plan.base
     seeds = plan.settings.get("seeds", [])
@@ -97,7 +138,9 @@ def write_markdown(
         "",
         table,
         "",
-        f"Test accuracy in %, mean ± sample std over {len(seeds)} seeds ({seeds}); "
+        f"{metric.label[0].upper() + metric.label[1:]} "
+        f"({'higher' if metric.higher_is_better else 'lower'} is better), mean ± sample std "
+        f"over {len(seeds)} seeds ({seeds}); "
         "FLOPs are multiples of the dense model's (training: whole run, extended runs "
         "included; test: one forward pass), with the paper's conventions (`rigl.flops`).",
         "",
@@ -108,7 +151,7 @@ def write_markdown(
         f"({meta['cpu_count']} CPUs; runs skipped as finished take no time); CPU time of "
         f"all runs {meta['cpu_time_s']:.0f} s; git {meta['git']}; "
         f"torch {meta['versions']['torch']}",
-        "- plots: `accuracy_vs_sparsity.png`, `accuracy_vs_train_flops.png`; "
+        f"- plots: `{metric.name}_vs_sparsity.png`, `{metric.name}_vs_train_flops.png`; "
         "per-run folders under `runs/`",
         "",
     ]

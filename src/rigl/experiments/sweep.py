@@ -118,7 +118,12 @@ def find_preset(name: str) -> Path:
 
 # dataset -> its tuned training config in configs/, the base its presets use (a test
 # checks that every preset's base is the tuned config of its dataset)
-TUNED_CONFIGS = {"mnist1d": "mnist1d_mlp", "mnist5k": "mnist5k_lenet", "cifar10": "cifar10_wrn22_2"}
+TUNED_CONFIGS = {
+    "mnist1d": "mnist1d_mlp",
+    "mnist5k": "mnist5k_lenet",
+    "cifar10": "cifar10_wrn22_2",
+    "pydoc": "pydoc_char_gpt",
+}
 
 
 def tuned_config(dataset: str) -> Path | None:
