@@ -45,7 +45,7 @@ def check_real(
     above = number > high or (high_open and number == high)
     if below or above:
         if math.isfinite(low) and math.isfinite(high):
-            raise ConfigError(f"{name}={value!r} is outside{where}{hint}")
+            raise ConfigError(f"{name}={value!r} is outside {where.removeprefix(' in ')}{hint}")
         raise ConfigError(f"{name}={value!r} must be{where}{hint}")
     return number
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from rigl._version import __version__
-from rigl.config import ConfigError, resolve_step
+from rigl.config import resolve_step
+from rigl.errors import ConfigError, check_int
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
@@ -108,12 +109,12 @@ class Sparsifier:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ConfigError(f"total_steps={total_steps!r} must be a positive int")
+        if total_steps is not None:
+            total_steps = check_int(total_steps, "total_steps", low=1)
         self.model = model
         self.optimizer = optimizer
         self.config = make_config(sparsity=sparsity, distribution=distribution, **options)
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed")
         self.total_steps = total_steps
         self.schedule_args = {
             "update_interval": update_interval,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rigl.errors import check_real
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
 from rigl.storage import MaskedWeight, RowScores
@@ -20,11 +21,7 @@ class SNFS(SET):
     supports_sparse_backend = False  # the average is dense-shaped
 
     def __init__(self, *args: Any, momentum: float = 0.9, **kwargs: Any) -> None:
-        if not 0.0 <= momentum < 1.0:
-            from rigl.config import ConfigError
-
-            raise ConfigError(f"momentum={momentum!r} must be in [0, 1)")
-        self.momentum = float(momentum)
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         self.ema: dict[str, Tensor] = {}
         super().__init__(*args, **kwargs)
 
