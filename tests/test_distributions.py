@@ -124,7 +124,9 @@ def test_counts_hit_the_budget_exactly(shapes, sparsity, dist):
     # the uniform budget in whole weights, numel - floor(S * numel) per layer
     assert sum(counts) == sum(n - n_zeros_for(sparsity, n) for n in numels)
     # every layer is within one weight of its share (1 - s_l) * numel
-    shares = [(1 - s) * n for s, n in zip(layer_sparsities(shapes, sparsity, dist), numels)]
+    shares = [
+        (1 - s) * n for s, n in zip(layer_sparsities(shapes, sparsity, dist), numels, strict=True)
+    ]
     assert all(abs(c - x) < 1 + 1e-9 for c, x in zip(counts, shares, strict=True))
 
 

@@ -127,7 +127,9 @@ def active_counts(
         shapes, sparsity, distribution, erk_power=erk_power, custom=custom
     )
     numel = [math.prod(int(d) for d in s) for s in shapes]
-    counts = [n - n_zeros_for(min(max(s, 0.0), 1.0), n) for s, n in zip(sparsities, numel)]
+    counts = [
+        n - n_zeros_for(min(max(s, 0.0), 1.0), n) for s, n in zip(sparsities, numel, strict=True)
+    ]
     scaled = [i for i in range(len(shapes)) if i not in (custom or {})]
     if distribution != "uniform" and scaled:
         budget = sum(numel[i] - n_zeros_for(sparsity, numel[i]) for i in scaled)
