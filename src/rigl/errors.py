@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 
@@ -80,26 +80,24 @@ def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
     return ""
 
 
-# Frames in these folders are skipped when a warning is attributed: the library itself, and
-# torch, whose Module.__call__ and optimizer hooks run our code from the user's line.
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames of these packages are skipped when a warning is attributed: the library itself, and
+# torch, whose Module.__call__ runs our layers from the user's line. Known by module name,
+# not file: a dataclass's generated __init__ (a frozen schedule's checks) has no file.
+_LIBRARIES = ("rigl", "torch")
 
 
-def _library_dirs() -> tuple[str, ...]:
-    torch = sys.modules.get("torch")
-    torch_file = getattr(torch, "__file__", None)
-    extra = (os.path.dirname(os.path.abspath(torch_file)) + os.sep,) if torch_file else ()
-    return (_PACKAGE_DIR, *extra)
+def _in_library(frame: FrameType) -> bool:
+    module = frame.f_globals.get("__name__", "")
+    return module.partition(".")[0] in _LIBRARIES
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn`` attributed to the first caller outside rigl (and torch), so that a
     warning raised inside ``create()`` or ``step()`` points at the user's line, whatever
     the depth of the library's own calls."""
-    skip = _library_dirs()
     frame = sys._getframe(1)
     level = 2  # stacklevel 2 is the caller of this function
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+    while frame.f_back is not None and _in_library(frame):
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)

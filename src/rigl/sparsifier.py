@@ -8,9 +8,7 @@ chosen (``plan_layer``, by default drop-by-magnitude and grow-by-``grow_score``)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,9 +16,11 @@ from torch import Tensor, nn
 
 from rigl._version import __version__
 from rigl.config import resolve_step
-from rigl.errors import ConfigError, check_int
+from rigl.errors import ConfigError, check_int, warn
+from rigl.optim_state import check_optimizer_kind
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
+from rigl.summary import LayerSummary, summary_table
 from rigl.targets import Target, check_model_names, find_targets, make_config, target_counts
 from rigl.topology import random_indices, update_generator
 
@@ -55,15 +55,6 @@ def create(
 ) -> Sparsifier:
     """Build the sparsifier of ``method`` (see :func:`list_methods`) for ``model``."""
     return get_method(method)(model, optimizer, **kwargs)
-
-
-@dataclass(frozen=True)
-class LayerSummary:
-    name: str
-    shape: tuple[int, ...]
-    density: float
-    n_active: int
-    n_total: int
 
 
 class Sparsifier:
@@ -131,6 +122,7 @@ class Sparsifier:
             else bool(skip_optimizer_step_on_update)
         )
         self._check_optimizer()
+        check_optimizer_kind(self.optimizer, self.targets)
         self.target_counts = target_counts(self.targets, self.config)
         self.backend = self._check_backend(backend)
         self._check_materialised()
@@ -278,25 +270,32 @@ class Sparsifier:
         """Everything before the optimizer step; returns whether to take it."""
         step = self.step_count
         self.observe_gradients()
-        self._pending_update = self.should_update(step)
-        if self._pending_update and self.update_before_step:
-            self._pending_update = False
-            updated = self._update_topology(step)
+        due = self.should_update(step)
+        # checked as computed, before any masking: a non-finite gradient skips the update
+        finite = not due or self._gradients_finite(step)
+        self._pending_update = due and finite and not self.update_before_step
+        if due and self.update_before_step:
+            updated = finite and self._update_topology(step, before_step=True)
             if not updated or self.skip_optimizer_step_on_update:
                 return False  # skipped as in the paper, or the gradient was not finite
-        elif self._pending_update and self.skip_optimizer_step_on_update:
+        elif due and self.skip_optimizer_step_on_update:
             return False  # the update comes after, in post_optimizer_step
         for weight in self.weights:
             weight.mask_gradient()
         return True
 
     def post_optimizer_step(self) -> None:
-        """Everything after the optimizer step: late topology update, masking, counting."""
+        """Everything after the optimizer step: late topology update, masking, counting.
+
+        On every path (update or not, before or after the step, step taken or skipped),
+        ``step()`` ends with inactive weights and their ``.grad`` at zero and their
+        optimizer state fresh, so code that reads ``.grad`` afterwards (gradient-norm
+        logging, clipping hooks) sees only the active weights."""
         if self._pending_update:
             self._pending_update = False
             self._update_topology(self.step_count)
         for weight in self.weights:
-            weight.apply_mask()
+            weight.apply_mask(self.optimizer)
         self.step_count += 1
         self._prepare_weights()
 
@@ -307,26 +306,44 @@ class Sparsifier:
         for weight in self.weights:
             weight.prepare_step(update_due)
 
-    @torch.no_grad()
-    def _update_topology(self, step: int) -> bool:
-        """Plan every layer first, then apply: a non-finite score leaves all masks as they were."""
+    def _rewired(self) -> list[int]:
+        """The layers that take part in updates: not those whose target density is 1
+        (``first_layer_dense``, a custom sparsity of 0), which have nothing to change."""
+        return [i for i, w in enumerate(self.weights) if self.target_counts[i] < w.numel]
+
+    def _gradients_finite(self, step: int) -> bool:
         try:
-            for weight in self.weights:
-                if weight.param.grad is not None:
-                    check_finite(weight.param.grad, weight.name)
-            plans = [
-                self.plan_layer(i, w, step, update_generator(self.seed, step, i))
-                for i, w in enumerate(self.weights)
-            ]
+            for i in self._rewired():
+                check_finite(self.weights[i].param.grad, self.weights[i].name)
         except NonFiniteScore as exc:
-            self.skipped_updates += 1
-            warnings.warn(f"skipping the topology update at step {step}: {exc}", stacklevel=3)
+            self._skip_update(step, exc)
+            return False
+        return True
+
+    def _skip_update(self, step: int, reason: NonFiniteScore) -> None:
+        self.skipped_updates += 1
+        warn(f"skipping the topology update at step {step}: {reason}")
+
+    @torch.no_grad()
+    def _update_topology(self, step: int, before_step: bool = False) -> bool:
+        """Plan every layer first, then apply: a non-finite score leaves all masks as they were.
+
+        Layers that take no part (:meth:`_rewired`) are never planned. Grown weights keep
+        their gradient of this batch when the update comes ``before_step`` (the step, if
+        taken, moves them); after the step it has been applied, and theirs is zero."""
+        try:
+            plans = {
+                i: self.plan_layer(i, self.weights[i], step, update_generator(self.seed, step, i))
+                for i in self._rewired()
+            }
+        except NonFiniteScore as exc:
+            self._skip_update(step, exc)
             return False
         self.last_update = [
-            w.set_topology(plan, self.optimizer)
-            if plan is not None
+            w.set_topology(plans[i], self.optimizer, grown_gradient=before_step)
+            if plans.get(i) is not None
             else RewireStats(w.name, w.n_active, 0, 0)
-            for w, plan in zip(self.weights, plans, strict=True)
+            for i, w in enumerate(self.weights)
         ]
         self.update_count += 1
         for hook in self.update_hooks:
@@ -338,16 +355,8 @@ class Sparsifier:
         return [LayerSummary(w.name, w.shape, w.density, w.n_active, w.numel) for w in self.weights]
 
     def summary_table(self) -> str:
-        rows = [f"{'layer':<40} {'shape':<20} {'density':>8} {'active':>12} {'total':>12}"]
-        for s in self.summary():
-            shape = "x".join(map(str, s.shape))
-            rows.append(
-                f"{s.name:<40} {shape:<20} {s.density:>8.4f} {s.n_active:>12,} {s.n_total:>12,}"
-            )
-        active = sum(s.n_active for s in self.summary())
-        total = sum(s.n_total for s in self.summary())
-        rows.append(f"{'total':<40} {'':<20} {active / total:>8.4f} {active:>12,} {total:>12,}")
-        return "\n".join(rows)
+        """Plain-text table of :meth:`summary` with a total line."""
+        return summary_table(self.summary())
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (loadable with ``torch.load(weights_only=True)``)."""
@@ -407,5 +416,6 @@ def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Opti
         if "already been called" not in str(exc):
             raise
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    grads = [g.coalesce().values() if g is not None and g.is_sparse else g for g in grads]
     finite = [torch.isfinite(g).all() for g in grads if g is not None]
     return bool(finite) and not bool(torch.stack(finite).all())

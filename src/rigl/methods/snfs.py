@@ -28,12 +28,12 @@ class SNFS(SET):
     @torch.no_grad()
     def observe_gradients(self) -> None:
         for weight in self.weights:
-            grad = weight.param.grad
+            grad = weight.dense_gradient()
             if grad is None or not bool(torch.isfinite(grad).all()):
                 continue  # an inf/NaN gradient would poison the average for good
             ema = self.ema.get(weight.name)
             if ema is None:
-                self.ema[weight.name] = (1.0 - self.momentum) * grad.detach().clone()
+                self.ema[weight.name] = (1.0 - self.momentum) * grad.clone()
             else:
                 ema.mul_(self.momentum).add_(grad, alpha=1.0 - self.momentum)
 

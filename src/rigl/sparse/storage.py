@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rigl.config import ConfigError
+from rigl.optim_state import weight_states
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
@@ -85,7 +86,7 @@ class SparseWeight:
         return mask.reshape(self.shape)
 
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
-    def apply_mask(self) -> None:
+    def apply_mask(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         pass
 
     def mask_gradient(self) -> None:
@@ -164,10 +165,15 @@ class SparseWeight:
 
     @torch.no_grad()
     def set_topology(
-        self, new_flat: Tensor, optimizer: torch.optim.Optimizer | None
+        self,
+        new_flat: Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        grown_gradient: bool = False,
     ) -> RewireStats:
-        """Install the active set ``new_flat``: positions that stay keep value and optimizer
-        state; new ones start at zero with zero state."""
+        """Install the active set ``new_flat``: positions that stay keep value, optimizer
+        state and gradient; new ones start at zero with fresh state (what the optimizer
+        starts it at) and, if ``grown_gradient``, the dense gradient there, else zero (as
+        on the masked backend)."""
         old_flat = self._active_indices()
         plan, self._plan, self._active = self._plan, None, None
         if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
@@ -181,15 +187,30 @@ class SparseWeight:
         slot = slot.clamp(min=0)
         values = self.param.detach()
         new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
-        states = _weight_states(optimizer, self.param)
-        new_states = [
-            torch.where(survived, s[slot], torch.zeros((), dtype=s.dtype)) for s in states
-        ]
+        states = weight_states(optimizer, self.param)
+        new_states = [torch.where(survived, s[slot], fresh) for s, fresh in states]
+        new_grad = self._moved_gradient(survived, slot, merged, grown_gradient)
         self.layer.set_sorted_topology(merged, new_values)
-        for state, new in zip(states, new_states, strict=True):
+        for (state, _), new in zip(states, new_states, strict=True):
             state.copy_(new)
+        if new_grad is not None:
+            self.param.grad = new_grad
         n_grown = int((~survived).count_nonzero())
         return RewireStats(self.name, self.n_active, n_grown, n_grown)
+
+    def _moved_gradient(
+        self, survived: Tensor, slot: Tensor, merged: Tensor, grown_gradient: bool
+    ) -> Tensor | None:
+        """``.grad`` in the new slot order: kept weights keep theirs; grown ones get the
+        dense gradient at their position if ``grown_gradient``, else zero."""
+        grad = self.param.grad
+        if grad is None:
+            return None
+        new_grad = torch.where(survived, grad[slot], torch.zeros((), dtype=grad.dtype))
+        grown = (~survived).nonzero().squeeze(1)
+        if grown_gradient and grown.numel():
+            new_grad[grown] = self.gradient_at(merged[grown]).to(grad.dtype)
+        return new_grad
 
     # -- checkpoints -------------------------------------------------------------------
     def topology_state(self) -> Tensor:
@@ -223,13 +244,6 @@ def _mean_over_ranks(grad: Tensor) -> Tensor:
         dist.all_reduce(grad)
         grad /= dist.get_world_size()
     return grad
-
-
-def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> list[Tensor]:
-    if optimizer is None:
-        return []
-    state = optimizer.state.get(param, {})
-    return [v for v in state.values() if isinstance(v, Tensor) and v.shape == param.shape]
 
 
 def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:
