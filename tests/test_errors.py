@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -101,3 +102,63 @@ def test_config_round_trips_through_json():
     assert rigl.SparsityConfig.from_json(config.to_json()) == config
     with pytest.raises(rigl.ConfigError, match="unknown sparsity config keys"):
         rigl.SparsityConfig.from_dict({"sparsity": 0.5, "colour": "red"})
+
+
+# -- numbers: one check for every argument (numpy scalars in, bool/NaN/inf/str out) -------------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seed": "abc"}, "seed='abc' must be an int"),
+        ({"seed": 1.7}, "seed=1.7 must be an int"),
+        ({"seed": True}, "seed=True must be an int"),
+        ({"total_steps": 10.0}, "total_steps=10.0 must be an int >= 1"),
+        ({"update_interval": "5"}, "update_interval='5' must be an int >= 1"),
+        ({"update_interval": 2.5}, "update_interval=2.5 must be an int >= 1"),
+        ({"begin_step": "10"}, "begin_step='10' must be a step"),
+        ({"end_step": float("nan")}, "end_step=nan must be a finite number"),
+        ({"end_step": float("inf")}, "end_step=inf must be a finite number"),
+        ({"sparsity": float("inf")}, r"sparsity=inf must be a finite number in \[0, 1\)"),
+        ({"drop_fraction": float("nan")}, r"drop_fraction=nan must be a finite number in \[0, 1\]"),
+        ({"drop_fraction": "0.3"}, "drop_fraction='0.3' must be a number"),
+        ({"erk_power": float("inf")}, "erk_power=inf must be a finite number >= 0"),
+        ({"custom_sparsity": {"fc1.*": float("nan")}}, r"custom_sparsity\['fc1.\*'\]=nan"),
+        ({"grow_candidates": float("inf")}, "grow_candidates=inf must be a finite number >= 1"),
+    ],
+)
+def test_bad_numbers_are_config_errors(kwargs, match):
+    with pytest.raises(rigl.ConfigError, match=match):
+        _create(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "match"),
+    [
+        ("snfs", {"momentum": "0.9"}, r"momentum='0.9' must be a number in \[0, 1\)"),
+        ("snfs", {"momentum": float("nan")}, "momentum=nan must be a finite number"),
+        ("gmp", {"update_interval": "5"}, "update_interval='5' must be an int >= 1"),
+        ("gmp", {"update_interval": 2.5}, "update_interval=2.5 must be an int >= 1"),
+        ("gmp", {"begin_step": 1.5}, "begin_step=1.5"),
+    ],
+)
+def test_bad_method_numbers_are_config_errors(method, kwargs, match):
+    with pytest.raises(rigl.ConfigError, match=match):
+        _create(method, **kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    sp = _create(
+        sparsity=np.float32(0.9),
+        drop_fraction=np.float64(0.3),
+        update_interval=np.int64(10),
+        end_step=np.float32(0.5),
+        total_steps=np.int32(100),
+        seed=np.int64(3),
+        erk_power=np.float32(1.0),
+        custom_sparsity={"out.weight": np.float32(0.5)},
+    )
+    assert sp.config.sparsity == pytest.approx(0.9) and type(sp.config.sparsity) is float
+    assert sp.schedule.update_interval == 10 and sp.schedule.end_step == 50 and sp.seed == 3
+    assert rigl.SparsityConfig.from_json(sp.config.to_json()) == sp.config  # plain JSON
+    snfs = _create("snfs", momentum=np.float32(0.5))
+    assert snfs.momentum == 0.5
+    assert rigl.layer_sparsities([(4, 4)], np.float32(0.5), "erk") == [0.5]

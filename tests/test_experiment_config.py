@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,37 @@ def test_cifar_recipe_matches_the_paper():
 def test_bad_config_names_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path / "bad.yaml", text))
+
+
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay", "lr_gamma", "sparsity"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"{key}=(nan|inf|-inf) must be a finite number"):
+        load_config(write(tmp_path / "bad.yaml", f"{key}: {value}\n"))
+
+
+def test_non_finite_lr_is_a_one_line_cli_error(tmp_path):
+    """The run used to start and exit 0 with a NaN loss."""
+    import subprocess
+    import sys
+
+    config = write(tmp_path / "c.yaml", "lr: .nan\nweight_decay: .inf\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "rigl.cli", "train", "--config", str(config), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "error: lr=nan must be a finite number" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_numpy_scalars_are_numbers_in_the_config():
+    config = ExperimentConfig(lr=np.float32(0.5), epochs=np.int64(3), sparsity=np.float64(0.8))
+    assert config.lr == 0.5 and type(config.lr) is float
+    assert config.epochs == 3 and type(config.epochs) is int
+    json.loads(config.to_json())  # plain data
 
 
 def test_missing_or_broken_file_names_the_path(tmp_path):

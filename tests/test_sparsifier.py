@@ -247,3 +247,62 @@ def test_optimizer_none_supports_manual_hooks():
     assert sp.update_count == 2
     with pytest.raises(rigl.ConfigError, match="needs the optimizer"):
         sp.step()
+
+
+def test_summary_table_columns_fit_long_names(monkeypatch):
+    _, _, sp = _run("static", steps=1)
+    rows = [
+        rigl.LayerSummary("encoder.block_with_a_rather_long_name_0.weight", (4, 3), 0.5, 6, 12),
+        rigl.LayerSummary("x.weight", (1000, 300, 3, 3, 3, 1000), 0.5, 4 * 10**9, 8 * 10**9 + 1),
+    ]
+    monkeypatch.setattr(sp, "summary", lambda: rows)
+    lines = sp.summary_table().splitlines()
+    assert len(lines) == 4 and lines[1].startswith(rows[0].name + " ")
+    for column in ("density", "active", "total"):  # right-aligned: every row ends there
+        end = lines[0].index(column) + len(column)
+        assert all(line[end - 1] != " " and line[end : end + 1] in ("", " ") for line in lines)
+    shape_start = lines[0].index("shape")
+    assert lines[2][shape_start:].startswith("1000x300x3x3x3x1000 ")
+    assert lines[3].endswith("8,000,000,013")
+
+
+def test_warnings_point_at_the_callers_line():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    optimizer = make_optimizer("sgd", model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sp = rigl.create("rigl", model, optimizer, total_steps=10, update_interval=1000)
+    assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
+    assert "no topology update will happen" in str(caught[0].message)
+    sp = rigl.create("rigl", model, optimizer, total_steps=10, update_interval=2)
+    x, y = batch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            model.fc2.weight.grad.fill_(float("nan"))
+            sp.step()
+    assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
+    assert "skipping the topology update" in str(caught[0].message)
+
+
+def test_kernel_build_failure_warning_points_at_the_callers_line(monkeypatch):
+    from rigl.sparse import SparseLinear, kernels
+
+    def fail():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.delenv("RIGL_SPARSE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_build", fail)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SparseLinear(8, 4, density=0.5)(torch.randn(2, 8))  # the first use builds the kernels
+    messages = [
+        str(w.message) for w in caught if "compiling the C++ kernels failed" in str(w.message)
+    ]
+    assert len(messages) == 1
+    assert [w.filename for w in caught if str(w.message) == messages[0]] == [__file__]

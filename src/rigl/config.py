@@ -1,53 +1,50 @@
-"""Validated configuration shared by every method, and the library's error type."""
+"""Validated configuration shared by every method (the error type lives in rigl.errors)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rigl._version import __version__
-
-
-class ConfigError(ValueError):
-    """A bad argument: the message names the argument, the value and what is allowed."""
+from rigl.errors import ConfigError, check_int, check_real, is_int, is_real
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigError(f"{name}={value!r} must be a number in [0, 1)")
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(
-            f"{name}={value!r} is outside [0, 1): it is the fraction of weights that are zero "
-            "(0.9 keeps 10% of the weights; use 0 for dense)"
-        )
-    return float(value)
+    return check_real(
+        value,
+        name,
+        low=0.0,
+        high=1.0,
+        high_open=True,
+        hint=": it is the fraction of weights that are zero (0.9 keeps 10% of the weights; "
+        "use 0 for dense)",
+    )
 
 
-def resolve_step(value: int | float | None, total_steps: int | None, name: str) -> int | None:
-    """An absolute step (int) or a fraction of ``total_steps`` (float in (0, 1])."""
+def resolve_step(value: Any, total_steps: int | None, name: str) -> int | None:
+    """An absolute step (an int >= 0) or a fraction of ``total_steps`` (a float in [0, 1])."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if is_int(value):
+        return check_int(value, name, low=0)
+    if not is_real(value):
         raise ConfigError(f"{name}={value!r} must be a step (int) or a fraction of total_steps")
-    if isinstance(value, float):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(
-                f"{name}={value!r}: a float is a fraction of total_steps and must be in [0, 1]; "
-                "pass an int for an absolute step"
-            )
-        if total_steps is None:
-            raise ConfigError(
-                f"{name}={value!r} is a fraction of training, so total_steps is needed "
-                "(pass total_steps=... or an absolute step as an int)"
-            )
-        return round(value * total_steps)
-    if value < 0:
-        raise ConfigError(f"{name}={value!r} must be >= 0")
-    return int(value)
+    fraction = check_real(
+        value,
+        name,
+        low=0.0,
+        high=1.0,
+        hint=": a float is a fraction of total_steps; pass an int for an absolute step",
+    )
+    if total_steps is None:
+        raise ConfigError(
+            f"{name}={value!r} is a fraction of training, so total_steps is needed "
+            "(pass total_steps=... or an absolute step as an int)"
+        )
+    return round(fraction * total_steps)
 
 
 @dataclass(frozen=True)
@@ -79,17 +76,16 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         from rigl.distributions import DISTRIBUTIONS
 
-        check_sparsity(self.sparsity)
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
         if self.distribution not in DISTRIBUTIONS:
             raise ConfigError(
                 f"distribution={self.distribution!r} is unknown; allowed: {', '.join(DISTRIBUTIONS)}"
             )
-        if isinstance(self.erk_power, bool) or not (
-            isinstance(self.erk_power, int | float) and self.erk_power >= 0
-        ):
-            raise ConfigError(f"erk_power={self.erk_power!r} must be a number >= 0")
-        for key, value in dict(self.custom_sparsity).items():
-            check_sparsity(value, name=f"custom_sparsity[{key!r}]")
+        object.__setattr__(self, "erk_power", check_real(self.erk_power, "erk_power", low=0.0))
+        custom = {
+            key: check_sparsity(value, name=f"custom_sparsity[{key!r}]")
+            for key, value in dict(self.custom_sparsity).items()
+        }
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -99,7 +95,7 @@ class SparsityConfig:
             object.__setattr__(
                 self, name, tuple(v if isinstance(v, str) else v.__name__ for v in value)
             )
-        object.__setattr__(self, "custom_sparsity", dict(self.custom_sparsity))
+        object.__setattr__(self, "custom_sparsity", custom)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

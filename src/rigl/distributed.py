@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rigl.errors import warn
 from rigl.sparsifier import Sparsifier
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -291,10 +291,9 @@ def sync_sparsifier(
         return False
     if not fix:
         _raise_divergence(diverging, _ranks(process_group)[0])
-    warnings.warn(
+    warn(
         f"sparsifier state differed across ranks ({', '.join(diverging)}); "
-        f"copied rank {src}'s masks, seed and weights to every rank",
-        stacklevel=2,
+        f"copied rank {src}'s masks, seed and weights to every rank"
     )
     broadcast_sparsifier(sparsifier, src, process_group)
     return True

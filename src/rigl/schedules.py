@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
+from typing import Any
 
-from rigl.config import ConfigError
+from rigl.errors import ConfigError, check_int, check_real, warn
 
 DECAYS = ("cosine", "constant", "linear")
 
@@ -32,31 +32,24 @@ class UpdateSchedule:
     decay: str = "cosine"
 
     def __post_init__(self) -> None:
-        if isinstance(self.update_interval, bool) or not (
-            isinstance(self.update_interval, int) and self.update_interval >= 1
-        ):
-            raise ConfigError(f"update_interval={self.update_interval!r} must be an int >= 1")
+        _set(self, "update_interval", check_int(self.update_interval, "update_interval", low=1))
         defaulted = self.begin_step is None
         if defaulted:
             object.__setattr__(self, "begin_step", self.update_interval)
-        if not isinstance(self.begin_step, int) or self.begin_step < 0:
-            raise ConfigError(f"begin_step={self.begin_step!r} must be an int >= 0")
-        if not isinstance(self.end_step, int) or self.end_step < 0:
-            raise ConfigError(f"end_step={self.end_step!r} must be an int >= 0")
+        _set(self, "begin_step", check_int(self.begin_step, "begin_step", low=0))
+        _set(self, "end_step", check_int(self.end_step, "end_step", low=0))
         if defaulted and self.end_step <= self.begin_step:
-            warnings.warn(
+            warn(
                 f"no topology update will happen: end_step={self.end_step} comes before the "
                 f"first update at step {self.begin_step} (= update_interval); lower "
-                "update_interval for short runs",
-                stacklevel=4,
+                "update_interval for short runs"
             )
         elif self.end_step < self.begin_step:
             raise ConfigError(
                 f"end_step={self.end_step} is before begin_step={self.begin_step}; "
                 "the end step must come after the begin step"
             )
-        if not (isinstance(self.drop_fraction, int | float) and 0.0 <= self.drop_fraction <= 1.0):
-            raise ConfigError(f"drop_fraction={self.drop_fraction!r} must be in [0, 1]")
+        _set(self, "drop_fraction", check_real(self.drop_fraction, "drop_fraction", low=0, high=1))
         if self.decay not in DECAYS:
             raise ConfigError(f"decay={self.decay!r} is unknown; allowed: {', '.join(DECAYS)}")
 
@@ -92,10 +85,9 @@ class PruningSchedule:
     update_interval: int = 100
 
     def __post_init__(self) -> None:
-        if self.update_interval < 1:
-            raise ConfigError(f"update_interval={self.update_interval!r} must be >= 1")
-        if self.begin_step < 0:
-            raise ConfigError(f"begin_step={self.begin_step!r} must be >= 0")
+        _set(self, "update_interval", check_int(self.update_interval, "update_interval", low=1))
+        _set(self, "begin_step", check_int(self.begin_step, "begin_step", low=0))
+        _set(self, "end_step", check_int(self.end_step, "end_step", low=0))
         if self.end_step < self.begin_step:
             raise ConfigError(
                 f"end_step={self.end_step} is before begin_step={self.begin_step}; "
@@ -115,3 +107,8 @@ class PruningSchedule:
             return 1.0
         x = (step - self.begin_step) / (self.end_step - self.begin_step)
         return 1.0 - (1.0 - x) ** 3
+
+
+def _set(schedule: Any, name: str, value: object) -> None:
+    """Store a checked (plain int/float) value on a frozen schedule."""
+    object.__setattr__(schedule, name, value)

@@ -8,7 +8,6 @@ chosen (``plan_layer``, by default drop-by-magnitude and grow-by-``grow_score``)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -18,8 +17,10 @@ from torch import Tensor, nn
 from rigl import guard, summary
 from rigl._version import __version__
 from rigl.backends import check_materialised, choose_backends
-from rigl.config import ConfigError, resolve_step
+from rigl.config import resolve_step
+from rigl.errors import ConfigError, check_int, warn
 from rigl.guard import UsageError
+from rigl.optim_state import check_optimizer_kind
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.summary import LayerSummary
@@ -113,12 +114,12 @@ class Sparsifier:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         guard.check_unclaimed(model)  # one sparsifier per tensor
-        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ConfigError(f"total_steps={total_steps!r} must be a positive int")
+        if total_steps is not None:
+            total_steps = check_int(total_steps, "total_steps", low=1)
         self.model = model
         self.optimizer = optimizer
         self.config = make_config(sparsity=sparsity, distribution=distribution, **options)
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed")
         self.total_steps = total_steps
         self.schedule_args = {
             "update_interval": update_interval,
@@ -136,6 +137,7 @@ class Sparsifier:
             else bool(skip_optimizer_step_on_update)
         )
         self._check_optimizer()
+        check_optimizer_kind(self.optimizer, self.targets)
         self.target_counts = target_counts(self.targets, self.config)
         self.backend = self._check_backend(backend)
         # (backend, why) per target: backend="sparse" keeps what it cannot convert masked
@@ -286,20 +288,27 @@ class Sparsifier:
             self._guard.open()
         step = self.step_count
         self.observe_gradients()
-        self._pending_update = self.should_update(step)
-        if self._pending_update and self.update_before_step:
-            self._pending_update = False
-            updated = self._update_topology(step)
+        due = self.should_update(step)
+        # checked as computed, before any masking: a non-finite gradient skips the update
+        finite = not due or self._gradients_finite(step)
+        self._pending_update = due and finite and not self.update_before_step
+        if due and self.update_before_step:
+            updated = finite and self._update_topology(step, before_step=True)
             if not updated or self.skip_optimizer_step_on_update:
                 return False  # skipped as in the paper, or the gradient was not finite
-        elif self._pending_update and self.skip_optimizer_step_on_update:
+        elif due and self.skip_optimizer_step_on_update:
             return False  # the update comes after, in post_optimizer_step
         for weight in self.weights:
             weight.mask_gradient()
         return True
 
     def post_optimizer_step(self) -> None:
-        """Everything after the optimizer step: late topology update, masking, counting."""
+        """Everything after the optimizer step: late topology update, masking, counting.
+
+        On every path (update or not, before or after the step, step taken or skipped),
+        ``step()`` ends with inactive weights and their ``.grad`` at zero and their
+        optimizer state fresh, so code that reads ``.grad`` afterwards (gradient-norm
+        logging, clipping hooks) sees only the active weights."""
         self._check_not_removed()
         if self._guard is not None:
             self._guard.close()
@@ -307,7 +316,7 @@ class Sparsifier:
             self._pending_update = False
             self._update_topology(self.step_count)
         for weight in self.weights:
-            weight.apply_mask()
+            weight.apply_mask(self.optimizer)
         self.step_count += 1
         self._prepare_weights()
 
@@ -318,26 +327,44 @@ class Sparsifier:
         for weight in self.weights:
             weight.prepare_step(update_due)
 
-    @torch.no_grad()
-    def _update_topology(self, step: int) -> bool:
-        """Plan every layer first, then apply: a non-finite score leaves all masks as they were."""
+    def _rewired(self) -> list[int]:
+        """The layers that take part in updates: not those whose target density is 1
+        (``first_layer_dense``, a custom sparsity of 0), which have nothing to change."""
+        return [i for i, w in enumerate(self.weights) if self.target_counts[i] < w.numel]
+
+    def _gradients_finite(self, step: int) -> bool:
         try:
-            for weight in self.weights:
-                if weight.param.grad is not None:
-                    check_finite(weight.param.grad, weight.name)
-            plans = [
-                self.plan_layer(i, w, step, update_generator(self.seed, step, i))
-                for i, w in enumerate(self.weights)
-            ]
+            for i in self._rewired():
+                check_finite(self.weights[i].param.grad, self.weights[i].name)
         except NonFiniteScore as exc:
-            self.skipped_updates += 1
-            warnings.warn(f"skipping the topology update at step {step}: {exc}", stacklevel=3)
+            self._skip_update(step, exc)
+            return False
+        return True
+
+    def _skip_update(self, step: int, reason: NonFiniteScore) -> None:
+        self.skipped_updates += 1
+        warn(f"skipping the topology update at step {step}: {reason}")
+
+    @torch.no_grad()
+    def _update_topology(self, step: int, before_step: bool = False) -> bool:
+        """Plan every layer first, then apply: a non-finite score leaves all masks as they were.
+
+        Layers that take no part (:meth:`_rewired`) are never planned. Grown weights keep
+        their gradient of this batch when the update comes ``before_step`` (the step, if
+        taken, moves them); after the step it has been applied, and theirs is zero."""
+        try:
+            plans = {
+                i: self.plan_layer(i, self.weights[i], step, update_generator(self.seed, step, i))
+                for i in self._rewired()
+            }
+        except NonFiniteScore as exc:
+            self._skip_update(step, exc)
             return False
         self.last_update = [
-            w.set_topology(plan, self.optimizer)
-            if plan is not None
+            w.set_topology(plans[i], self.optimizer, grown_gradient=before_step)
+            if plans.get(i) is not None
             else RewireStats(w.name, w.n_active, 0, 0)
-            for w, plan in zip(self.weights, plans, strict=True)
+            for i, w in enumerate(self.weights)
         ]
         self.update_count += 1
         for hook in self.update_hooks:
@@ -454,5 +481,6 @@ def _unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Opti
         if "already been called" not in str(exc):
             raise
     grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    grads = [g.coalesce().values() if g is not None and g.is_sparse else g for g in grads]
     finite = [torch.isfinite(g).all() for g in grads if g is not None]
     return bool(finite) and not bool(torch.stack(finite).all())

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rigl.config import ConfigError
+from rigl.errors import ConfigError
+from rigl.optim_state import fresh_value, reset_optimizer_state
 from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
@@ -27,9 +28,11 @@ class NonFiniteScore(Exception):
     """A score was inf/NaN: the whole topology update is skipped."""
 
 
-def check_finite(score: Tensor, name: str) -> None:
-    if score.numel() == 0:
+def check_finite(score: Tensor | None, name: str) -> None:
+    if score is None or score.numel() == 0:
         return
+    if score.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): its stored values
+        score = score.coalesce().values()
     # One pass: NaN propagates to both ends, an inf is one of them (isfinite().all() is two
     # passes and a bool tensor, about 20x slower on a large score).
     low, high = torch.aminmax(score.detach().reshape(-1))
@@ -45,24 +48,6 @@ class RewireStats:
     n_active: int
     n_dropped: int  # active before, inactive after
     n_grown: int  # inactive before, active after (equals n_dropped for DST methods)
-
-
-def reset_optimizer_state(
-    optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor
-) -> None:
-    """Zero every per-parameter optimizer state tensor shaped like ``param`` at ``where``.
-
-    Covers SGD momentum, Adam/AdamW ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` and any
-    other optimizer that keeps weight-shaped state; scalar state (Adam's ``step``) is kept.
-    """
-    if optimizer is None:
-        return
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for value in state.values():
-        if isinstance(value, Tensor) and value.shape == param.shape:
-            value.masked_fill_(where, 0)
 
 
 class MaskedWeight:
@@ -85,7 +70,17 @@ class MaskedWeight:
         self.param = param
         self.blocks = blocks
         self.mask = mask.to(device=param.device, dtype=torch.bool)
-        self._n_active = int(self.mask.count_nonzero())
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool tensor shaped like the weight, True at the active weights."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: Tensor) -> None:
+        self._mask = mask
+        self._inactive = ~mask  # kept: every step fills the inactive positions
+        self._n_active = int(mask.count_nonzero())
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -105,13 +100,25 @@ class MaskedWeight:
 
     # -- every step ----------------------------------------------------------------
     @torch.no_grad()
-    def apply_mask(self) -> None:
-        self.param.mul_(self.mask)
+    def apply_mask(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Inactive weights and their gradient to zero, their optimizer state to the value
+        the optimizer starts it at (Adamax's ``exp_inf`` becomes ``eps`` after a step with
+        a zero gradient, so the state is reset after every step, not only when grown).
+        Filled, not multiplied: an inf or NaN at an inactive position becomes zero too."""
+        self.param.masked_fill_(self._inactive, 0.0)
+        self.mask_gradient()
+        if optimizer is not None:
+            reset_optimizer_state(optimizer, self.param, self._inactive)
 
     @torch.no_grad()
     def mask_gradient(self) -> None:
-        if self.param.grad is not None:
-            self.param.grad.mul_(self.mask)
+        grad = self.param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient stays sparse
+            grad.mul_(self.mask)
+        else:
+            grad.masked_fill_(self._inactive, 0.0)
 
     # -- scores ---------------------------------------------------------------------
     @property
@@ -126,20 +133,28 @@ class MaskedWeight:
         """Drop score: ``|θ|``, flat."""
         return self.param.detach().abs().flatten()
 
+    def dense_gradient(self) -> Tensor | None:
+        """The gradient on the current batch, shaped like the weight; a sparse gradient
+        (``nn.Embedding(sparse=True)``: only the rows looked up) is densified."""
+        grad = self.param.grad
+        if grad is None:
+            return None
+        return grad.detach().to_dense() if grad.is_sparse else grad.detach()
+
     def gradient(self) -> Tensor | None:
         """Dense gradient of the (masked) weight on the current batch, flat."""
-        grad = self.param.grad
-        return None if grad is None else grad.detach().flatten()
+        grad = self.dense_gradient()
+        return None if grad is None else grad.flatten()
 
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the dense gradient viewed as (rows, cols)."""
-        grad = self.param.grad
+        grad = self.dense_gradient()
         if grad is None:
             raise RuntimeError(
                 f"the gradient of {self.name} is needed on update steps; call "
                 "loss.backward() before sparsifier.step()"
             )
-        return grad.detach().reshape(self.rows, self.cols)[r0:r1]
+        return grad.reshape(self.rows, self.cols)[r0:r1]
 
     # -- topology -------------------------------------------------------------------
     def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
@@ -156,17 +171,27 @@ class MaskedWeight:
 
     @torch.no_grad()
     def set_topology(
-        self, new_mask: Tensor, optimizer: torch.optim.Optimizer | None
+        self,
+        new_mask: Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        grown_gradient: bool = False,
     ) -> RewireStats:
-        """Install ``new_mask``: grown weights start at zero with zeroed optimizer state,
-        dropped weights become zero (their state too); kept weights keep value and state."""
+        """Install ``new_mask``: grown weights start at zero with fresh optimizer state,
+        dropped weights become zero (their state fresh too); kept weights keep value,
+        state and gradient. Grown weights keep their gradient if ``grown_gradient``, else
+        it is zeroed; the dropped ones' is zeroed after the step (:meth:`apply_mask`)."""
         new_mask = new_mask.reshape(self.shape).to(torch.bool)
         grown = new_mask & ~self.mask
         dropped = self.mask & ~new_mask
         self.param.masked_fill_(grown | dropped, 0.0)
         reset_optimizer_state(optimizer, self.param, grown | dropped)
         self.mask = new_mask
-        self._n_active = int(new_mask.count_nonzero())
+        grad = self.param.grad
+        if grad is not None and not grown_gradient:
+            if grad.is_sparse:
+                grad.mul_(~grown)
+            else:
+                grad.masked_fill_(grown, 0.0)
         return RewireStats(
             self.name, self._n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
         )
@@ -192,7 +217,6 @@ class MaskedWeight:
         del optimizer
         mask = self.check_topology(mask)
         self.mask = mask.to(device=self.param.device, dtype=torch.bool).clone()
-        self._n_active = int(self.mask.count_nonzero())
         self.apply_mask()
 
     def prepare_step(self, update_due: bool) -> None:
@@ -227,9 +251,12 @@ class MaskedWeight:
         state = optimizer.state.get(self.param, {}) if optimizer is not None else {}
         for key, value in state.items():
             if isinstance(value, Tensor) and value.shape == self.param.shape:
-                count = int(value[inactive].count_nonzero())
+                fresh = fresh_value(optimizer, self.param, key)
+                stale = value.to_dense()[inactive] != fresh  # what the optimizer starts at
+                count = int(stale.count_nonzero())
                 if count:
                     found.append(
-                        f"optimizer state {key!r} is non-zero at {count} inactive positions"
+                        f"optimizer state {key!r} is not its initial value ({fresh}) at "
+                        f"{count} inactive positions"
                     )
         return found

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from rigl.config import ConfigError
+from rigl.errors import ConfigError, check_real, is_int, is_real
 from rigl.experiments.flags import choices_of, setting
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -327,10 +327,9 @@ def _match(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return is_int(value), int(value) if is_int(value) else value
     if hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        return is_real(value), float(value) if is_real(value) else value
     if hint is str:
         return isinstance(value, str), value
     if origin is list:
@@ -364,14 +363,11 @@ def _choice(name: str, value: str, allowed: typing.Iterable[str]) -> None:
 
 
 def _range(name: str, value: float, low: float, high: float, high_open: bool = False) -> None:
-    if value < low or value > high or (high_open and value == high):
-        bracket = ")" if high_open else "]"
-        raise ConfigError(f"{name}={value!r} is outside [{low:g}, {high:g}{bracket}")
+    check_real(value, name, low=low, high=high, high_open=high_open)  # NaN and inf refused
 
 
 def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name}={value!r} must be > 0")
+    check_real(value, name, low=0.0, low_open=True)
 
 
 def _step_or_fraction(name: str, value: int | float) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rigl.config import ConfigError
+from rigl.errors import check_real
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
 from rigl.storage import MaskedWeight, RowScores
@@ -37,12 +37,10 @@ class RigL(SET):
     supports_sparse_backend = True
 
     def __init__(self, *args: Any, grow_candidates: float | None = None, **kwargs: Any) -> None:
-        if grow_candidates is not None and (
-            isinstance(grow_candidates, bool)
-            or not isinstance(grow_candidates, int | float)
-            or not grow_candidates >= 1
-        ):
-            raise ConfigError(f"grow_candidates={grow_candidates!r} must be None or a number >= 1")
+        if grow_candidates is not None:
+            grow_candidates = check_real(
+                grow_candidates, "grow_candidates", low=1.0, hint=" (or None: exact RigL)"
+            )
         self.grow_candidates = grow_candidates
         super().__init__(*args, **kwargs)
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rigl.errors import check_real
 from rigl.methods.set import SET
 from rigl.sparsifier import register_method
 from rigl.storage import MaskedWeight, RowScores
@@ -20,23 +21,19 @@ class SNFS(SET):
     supports_sparse_backend = False  # the average is dense-shaped
 
     def __init__(self, *args: Any, momentum: float = 0.9, **kwargs: Any) -> None:
-        if not 0.0 <= momentum < 1.0:
-            from rigl.config import ConfigError
-
-            raise ConfigError(f"momentum={momentum!r} must be in [0, 1)")
-        self.momentum = float(momentum)
+        self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         self.ema: dict[str, Tensor] = {}
         super().__init__(*args, **kwargs)
 
     @torch.no_grad()
     def observe_gradients(self) -> None:
         for weight in self.weights:
-            grad = weight.param.grad
+            grad = weight.dense_gradient()
             if grad is None or not bool(torch.isfinite(grad).all()):
                 continue  # an inf/NaN gradient would poison the average for good
             ema = self.ema.get(weight.name)
             if ema is None:
-                self.ema[weight.name] = (1.0 - self.momentum) * grad.detach().clone()
+                self.ema[weight.name] = (1.0 - self.momentum) * grad.clone()
             else:
                 ema.mul_(self.momentum).add_(grad, alpha=1.0 - self.momentum)
 

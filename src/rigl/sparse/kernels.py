@@ -35,6 +35,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from rigl.errors import warn
 from rigl.sparse.index import SparseIndex
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear.cpp"
@@ -130,11 +131,10 @@ def extension() -> ModuleType | None:
     except Exception as err:  # any build or load failure falls back to torch
         if mode == "cpp":
             raise
-        warnings.warn(
+        warn(
             f"rigl.sparse: compiling the C++ kernels failed ({type(err).__name__}: {err}); "
             "using the slower torch.sparse fallback",
             RuntimeWarning,
-            stacklevel=2,
         )
     return _ext
 

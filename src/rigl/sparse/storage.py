@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rigl.config import ConfigError
+from rigl.optim_state import fresh_value
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
@@ -87,7 +88,7 @@ class SparseWeight:
         return mask.reshape(self.shape)
 
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
-    def apply_mask(self) -> None:
+    def apply_mask(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         pass
 
     def mask_gradient(self) -> None:
@@ -166,10 +167,15 @@ class SparseWeight:
 
     @torch.no_grad()
     def set_topology(
-        self, new_flat: Tensor, optimizer: torch.optim.Optimizer | None
+        self,
+        new_flat: Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        grown_gradient: bool = False,
     ) -> RewireStats:
-        """Install the active set ``new_flat``: positions that stay keep value and optimizer
-        state; new ones start at zero with zero state."""
+        """Install the active set ``new_flat``: positions that stay keep value, optimizer
+        state and gradient; new ones start at zero with fresh state (what the optimizer
+        starts it at) and, if ``grown_gradient``, the dense gradient there, else zero (as
+        on the masked backend)."""
         old_flat = self._active_indices()
         plan, self._plan, self._active = self._plan, None, None
         if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
@@ -185,17 +191,33 @@ class SparseWeight:
         new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
         states = _weight_states(optimizer, self.param)
         new_states = {
-            key: torch.where(survived, s[slot], torch.zeros((), dtype=s.dtype))
-            for key, s in states.items()
+            key: torch.where(survived, s[slot], fresh) for key, (s, fresh) in states.items()
         }
+        new_grad = self._moved_gradient(survived, slot, merged, grown_gradient)
         self.layer.set_sorted_topology(merged, new_values)
         for key, new in new_states.items():
-            if states[key].shape == new.shape:
-                states[key].copy_(new)
+            if states[key][0].shape == new.shape:
+                states[key][0].copy_(new)
             else:  # the active count changed (a loaded topology): the state is resized
                 optimizer.state[self.param][key] = new
+        if new_grad is not None:
+            self.param.grad = new_grad
         n_grown = int((~survived).count_nonzero())
         return RewireStats(self.name, self.n_active, n_grown, n_grown)
+
+    def _moved_gradient(
+        self, survived: Tensor, slot: Tensor, merged: Tensor, grown_gradient: bool
+    ) -> Tensor | None:
+        """``.grad`` in the new slot order: kept weights keep theirs; grown ones get the
+        dense gradient at their position if ``grown_gradient``, else zero."""
+        grad = self.param.grad
+        if grad is None:
+            return None
+        new_grad = torch.where(survived, grad[slot], torch.zeros((), dtype=grad.dtype))
+        grown = (~survived).nonzero().squeeze(1)
+        if grown_gradient and grown.numel():
+            new_grad[grown] = self.gradient_at(merged[grown]).to(grad.dtype)
+        return new_grad
 
     # -- inspection --------------------------------------------------------------------
     @property
@@ -275,12 +297,19 @@ def _mean_over_ranks(grad: Tensor) -> Tensor:
     return grad
 
 
-def _weight_states(optimizer: torch.optim.Optimizer | None, param: Tensor) -> dict[str, Tensor]:
-    """The optimizer's state tensors of ``param`` that have one entry per active weight."""
+def _weight_states(
+    optimizer: torch.optim.Optimizer | None, param: Tensor
+) -> dict[str, tuple[Tensor, float | Tensor]]:
+    """``{key: (state tensor, fresh value)}`` for the optimizer's state tensors of ``param``
+    with one entry per active weight (the fresh value: what the optimizer starts it at)."""
     if optimizer is None:
         return {}
     state = optimizer.state.get(param, {})
-    return {k: v for k, v in state.items() if isinstance(v, Tensor) and v.shape == param.shape}
+    return {
+        k: (v, fresh_value(optimizer, param, k))
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.shape == param.shape
+    }
 
 
 def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:

@@ -1,0 +1,102 @@
+"""Optimizer state per weight: which optimizers can follow a mask, and what fresh state is.
+
+Most optimizers keep state tensors shaped like the weight, one value per weight (SGD
+momentum, Adam's moments, Adagrad's ``sum``, Rprop's step sizes, ...). A grown weight must
+start as a weight the optimizer has never seen, and an inactive weight holds that same
+fresh state, so the value torch.optim starts each tensor at is needed: zero for most,
+``initial_accumulator_value`` for Adagrad's ``sum`` and the learning rate for Rprop's
+``step_size`` (with zero there, Rprop's step size of a grown weight could only grow back
+from its floor of 1e-6). State that is not weight-shaped (Adam's ``step``, Adafactor's
+factored row and column averages) is shared by the whole tensor and left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rigl.errors import ConfigError
+
+# (optimizer class name, state key) -> the param-group hyperparameter that torch.optim
+# starts that weight-shaped state at; every other weight-shaped state starts at zero.
+# Subclasses inherit the rule of the torch.optim class they derive from.
+_FRESH_FROM_GROUP = {
+    ("Adagrad", "sum"): "initial_accumulator_value",
+    ("Rprop", "step_size"): "lr",
+}
+
+
+def check_optimizer_kind(optimizer: torch.optim.Optimizer | None, targets: Sequence[Any]) -> None:
+    """Refuse, by name, the optimizers whose state or step cannot follow a mask.
+
+    ``targets`` are the sparsified parameters (:class:`rigl.targets.Target`)."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ConfigError(
+            "optimizer LBFGS is not supported: its step needs a closure (sparsifier.step() "
+            "takes none) and it keeps one flat history over all parameters that no mask "
+            "can follow; use a first-order optimizer (SGD, Adam, ...)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        dense = [
+            t.name
+            for t in targets
+            if not (isinstance(t.module, nn.Embedding) and t.module.sparse)
+            and _optimizes(optimizer, t.param)
+        ]
+        if dense:
+            raise ConfigError(
+                f"optimizer SparseAdam takes only sparse gradients (nn.Embedding(sparse=True)), "
+                f"but the sparsified parameters {dense} get dense ones; use Adam for them"
+            )
+
+
+def weight_states(
+    optimizer: torch.optim.Optimizer | None, param: Tensor
+) -> list[tuple[Tensor, float | Tensor]]:
+    """``(state tensor, fresh value)`` for every state tensor of ``param`` shaped like it."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(param)
+    if not state:
+        return []
+    return [
+        (value, fresh_value(optimizer, param, key))
+        for key, value in state.items()
+        if isinstance(value, Tensor) and value.shape == param.shape
+    ]
+
+
+def fresh_value(optimizer: torch.optim.Optimizer, param: Tensor, key: str) -> float | Tensor:
+    """What ``optimizer`` starts the weight-shaped state ``key`` of ``param`` at."""
+    for cls in type(optimizer).__mro__:
+        hyper = _FRESH_FROM_GROUP.get((cls.__name__, key))
+        if hyper is not None:
+            value = _group_of(optimizer, param)[hyper]
+            return value if isinstance(value, Tensor) else float(value)
+    return 0.0
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor
+) -> None:
+    """Set every weight-shaped optimizer state tensor of ``param`` to its fresh value at
+    ``where`` (a bool tensor shaped like ``param``); scalar state (Adam's ``step``) is kept."""
+    for value, fresh in weight_states(optimizer, param):
+        if value.is_sparse:  # SGD momentum of a sparse gradient: zero-initialised state
+            value.mul_(~where)
+        else:
+            value.masked_fill_(where, fresh)
+
+
+def _optimizes(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:
+    return any(p is param for group in optimizer.param_groups for p in group["params"])
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict[str, Any]:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise KeyError("parameter is not in the optimizer")
