@@ -149,6 +149,12 @@ class Run:
         }
 
 
+def check_packages(config: ExperimentConfig) -> None:
+    """A package the config asks for but is missing: an error before data or files."""
+    if config.tensorboard is True:
+        TensorBoardLog.writer_class(required=True)
+
+
 def build(
     config: ExperimentConfig,
     out: Path,
@@ -163,8 +169,7 @@ def build(
     from rigl.experiments.data import load_dataset
 
     env = env or DistEnv()
-    if config.tensorboard is True:  # a missing package: an error before data or files
-        TensorBoardLog.writer_class(required=True)
+    check_packages(config)
     device = env.device if env.enabled else make_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)

@@ -296,6 +296,7 @@ def train(
     Under ``torchrun`` every rank calls it (it joins the process group); ``callbacks``
     run on rank 0 only, which writes every file, and every rank returns ``final.json``."""
     builders.make_device(config.device)  # a clear error before CUDA is touched
+    builders.check_packages(config)  # before the run folder is made
     env = distributed.init_from_env(device=config.device)  # no-op in a single process
     check_data_parallel(config, env)
     loaded: dict[str, Any] = {}
