@@ -28,6 +28,12 @@ _FRESH_FROM_GROUP = {
     ("Rprop", "step_size"): "lr",
 }
 
+# Weight-shaped state that a zero gradient moves away from its initial value, so that it is
+# reset at the inactive weights after every step (any other state of an inactive weight
+# stays fresh by itself, and resetting it every step would cost a pass per tensor):
+# Adamax's ``exp_inf = max(beta2 * exp_inf, |g| + eps)`` becomes ``eps``.
+_DRIFTING = {("Adamax", "exp_inf")}
+
 
 def check_optimizer_kind(optimizer: torch.optim.Optimizer | None, targets: Sequence[Any]) -> None:
     """Refuse, by name, the optimizers whose state or step cannot follow a mask.
@@ -89,6 +95,20 @@ def reset_optimizer_state(
             value.mul_(~where)
         else:
             value.masked_fill_(where, fresh)
+
+
+def reset_drifting_state(
+    optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor
+) -> None:
+    """:func:`reset_optimizer_state` for the state that moves under a zero gradient only."""
+    if optimizer is None or not optimizer.state.get(param):
+        return
+    names = {cls.__name__ for cls in type(optimizer).__mro__}
+    state = optimizer.state[param]
+    for name, key in _DRIFTING:
+        value = state.get(key)
+        if name in names and isinstance(value, Tensor) and value.shape == param.shape:
+            value.masked_fill_(where, fresh_value(optimizer, param, key))
 
 
 def _optimizes(optimizer: torch.optim.Optimizer, param: Tensor) -> bool:

@@ -157,6 +157,7 @@ class Sparsifier:
         self.update_count = 0  # successful topology updates so far
         self.last_update: list[RewireStats] | None = None
         self._pending_update = False
+        self._grads_masked = False  # by pre_optimizer_step, with this step's mask
         self._prepare_weights()
         # called with the sparsifier after every successful topology update
         # (e.g. rigl.distributed.add_consistency_check)
@@ -300,6 +301,7 @@ class Sparsifier:
             return False  # the update comes after, in post_optimizer_step
         for weight in self.weights:
             weight.mask_gradient()
+        self._grads_masked = True
         return True
 
     def post_optimizer_step(self) -> None:
@@ -312,11 +314,12 @@ class Sparsifier:
         self._check_not_removed()
         if self._guard is not None:
             self._guard.close()
+        masked, self._grads_masked = self._grads_masked, False
         if self._pending_update:
             self._pending_update = False
-            self._update_topology(self.step_count)
-        for weight in self.weights:
-            weight.apply_mask(self.optimizer)
+            masked = not self._update_topology(self.step_count) and masked
+        for weight in self.weights:  # gradients again only if not masked with this mask
+            weight.apply_mask(self.optimizer, gradient=not masked)
         self.step_count += 1
         self._prepare_weights()
 

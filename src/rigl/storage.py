@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl.errors import ConfigError
-from rigl.optim_state import fresh_value, reset_optimizer_state
+from rigl.optim_state import fresh_value, reset_drifting_state, reset_optimizer_state
 from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
@@ -100,18 +100,21 @@ class MaskedWeight:
 
     # -- every step ----------------------------------------------------------------
     @torch.no_grad()
-    def apply_mask(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Inactive weights and their gradient to zero, their optimizer state to the value
-        the optimizer starts it at (Adamax's ``exp_inf`` becomes ``eps`` after a step with
-        a zero gradient, so the state is reset after every step, not only when grown).
-        Filled, not multiplied: an inf or NaN at an inactive position becomes zero too."""
-        self.param.masked_fill_(self._inactive, 0.0)
-        self.mask_gradient()
-        if optimizer is not None:
-            reset_optimizer_state(optimizer, self.param, self._inactive)
+    def apply_mask(
+        self, optimizer: torch.optim.Optimizer | None = None, gradient: bool = True
+    ) -> None:
+        """Inactive weights to zero (and their gradient, if ``gradient``), and the
+        optimizer state that moves under a zero gradient (Adamax's ``exp_inf``) back to
+        its initial value; other state stays fresh there by itself."""
+        self.param.mul_(self.mask)
+        if gradient:
+            self.mask_gradient()
+        reset_drifting_state(optimizer, self.param, self._inactive)
 
     @torch.no_grad()
     def mask_gradient(self) -> None:
+        """Zero the gradient of the inactive weights: filled, not multiplied, so an inf at
+        an inactive position does not become a NaN that the optimizer step spreads."""
         grad = self.param.grad
         if grad is None:
             return

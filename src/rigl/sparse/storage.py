@@ -88,7 +88,9 @@ class SparseWeight:
         return mask.reshape(self.shape)
 
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
-    def apply_mask(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def apply_mask(
+        self, optimizer: torch.optim.Optimizer | None = None, gradient: bool = True
+    ) -> None:
         pass
 
     def mask_gradient(self) -> None:
