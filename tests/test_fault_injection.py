@@ -134,7 +134,8 @@ def test_killing_compare_kills_its_workers_and_a_rerun_trains_each_run_once(tmp_
     data = tmp_path / "data"
     data.mkdir()
     load_dataset("mnist1d", root=data, num_samples=300)
-    base = tiny_run_config(tmp_path, data, epochs=25, checkpoint_every=10, log_every=10)
+    # long enough that neither run can finish between its first checkpoint and the kill
+    base = tiny_run_config(tmp_path, data, epochs=300, checkpoint_every=10, log_every=10)
     out = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     args = [sys.executable, "-m", "rigl.cli", "compare", "--config", str(base), "--methods",
@@ -158,5 +159,5 @@ def test_killing_compare_kills_its_workers_and_a_rerun_trains_each_run_once(tmp_
     for run in runs:
         rows = read_csv(run / "metrics.csv")
         steps = [int(r["step"]) for r in rows if r["kind"] == "step"]
-        assert steps == list(range(10, 251, 10)), run.name  # once each, in order
-        assert [int(r["epoch"]) for r in rows if r["kind"] == "epoch"] == list(range(25))
+        assert steps == list(range(10, 3001, 10)), run.name  # once each, in order
+        assert [int(r["epoch"]) for r in rows if r["kind"] == "epoch"] == list(range(300))

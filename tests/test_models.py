@@ -14,7 +14,17 @@ from rigl.experiments.models import (
     register_model,
 )
 
-ALL = ["char_gru", "cnn1d", "lenet300_100", "mlp", "mobilenet_v1", "resnet18", "resnet50", "wrn"]
+ALL = [
+    "char_gpt",
+    "char_gru",
+    "cnn1d",
+    "lenet300_100",
+    "mlp",
+    "mobilenet_v1",
+    "resnet18",
+    "resnet50",
+    "wrn",
+]
 
 
 def n_params(model: nn.Module) -> int:
@@ -66,13 +76,13 @@ def test_forward_shapes(name: str) -> None:
     shape = defaults["input_shape"]
     if name in ("resnet18", "resnet50", "mobilenet_v1"):
         shape = (3, 32, 32)  # any size works after global pooling; small for speed
-    if name == "char_gru":
+    if name in ("char_gru", "char_gpt"):  # sequence models: (B, T) -> (B, T, vocab)
         shape = (12,)
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, input_shape=shape, width=0.25)
     x = example_input(name, shape, batch=2)
     out = model(x)
-    expected = (2, shape[0], 7) if name == "char_gru" else (2, 7)
+    expected = (2, shape[0], 7) if name in ("char_gru", "char_gpt") else (2, 7)
     assert out.shape == expected
     assert torch.isfinite(out).all()
 

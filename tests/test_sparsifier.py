@@ -275,6 +275,7 @@ def test_warnings_point_at_the_callers_line():
         sp = rigl.create("rigl", model, optimizer, total_steps=10, update_interval=1000)
     assert [w.filename for w in caught] == [__file__], [str(w.message) for w in caught]
     assert "no topology update will happen" in str(caught[0].message)
+    sp.remove()  # one sparsifier per model
     sp = rigl.create("rigl", model, optimizer, total_steps=10, update_interval=2)
     x, y = batch(0)
     with warnings.catch_warnings(record=True) as caught:

@@ -54,23 +54,38 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
 
 
 def format_table(rows: list[LayerSummary], left_dense: dict[str, str]) -> str:
-    """Aligned columns whatever the name lengths; tied weights left dense listed below."""
-    width = max([5, *(len(r.name) for r in rows)])
-    head = f"{'layer':<{width}} {'shape':<14} {'density':>8} {'measured':>8} {'active':>11} {'total':>11}  backend"
-    lines = [head]
-    for r in rows:
-        shape = "x".join(map(str, r.shape))
-        note = f"  ({r.note})" if r.note else ""
-        lines.append(
-            f"{r.name:<{width}} {shape:<14} {r.density:>8.4f} {r.measured_density:>8.4f} "
-            f"{r.n_active:>11,} {r.n_total:>11,}  {r.backend}{note}"
-        )
+    """One line per layer and a total line, each column as wide as its longest entry (long
+    names and huge counts never push the others out); tied weights left dense below."""
     active, total = sum(r.n_active for r in rows), sum(r.n_total for r in rows)
     nonzero = sum(r.measured_density * r.n_total for r in rows)
-    lines.append(
-        f"{'total':<{width}} {'':<14} {active / total:>8.4f} {nonzero / total:>8.4f} "
-        f"{active:>11,} {total:>11,}"
-    )
+    cells = [("layer", "shape", "density", "measured", "active", "total")]
+    cells += [
+        (
+            r.name,
+            "x".join(map(str, r.shape)),
+            f"{r.density:.4f}",
+            f"{r.measured_density:.4f}",
+            f"{r.n_active:,}",
+            f"{r.n_total:,}",
+        )
+        for r in rows
+    ]
+    ratio = (lambda n: f"{n / total:.4f}") if total else (lambda n: "-")
+    cells.append(("total", "", ratio(active), ratio(nonzero), f"{active:,}", f"{total:,}"))
+    widths = [max(len(c[i]) for c in cells) for i in range(6)]
+    tails = [
+        "  backend",
+        *(f"  {r.backend}" + (f" ({r.note})" if r.note else "") for r in rows),
+        "",
+    ]
+    lines = [
+        " ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        + tail
+        for row, tail in zip(cells, tails, strict=True)
+    ]
     lines += [f"dense: {name} ({why})" for name, why in left_dense.items()]
     return "\n".join(lines)
 
