@@ -252,3 +252,20 @@ def test_a_read_only_output_folder_is_refused(tmp_path, data_root):
     result = rigl("train", "--config", str(config), "--out", str(folder), **as_user)
     assert_refused(result, f"out={str(folder)!r}: cannot write the run folder (Permission denied)")
     assert list(folder.iterdir()) == []
+
+
+def test_a_failed_run_of_a_sweep_is_one_error_and_the_others_are_kept(tmp_path, data_root):
+    config = tiny_run_config(tmp_path, data_root, epochs=1, checkpoint_every=0)
+    out = tmp_path / "sweep"
+    blocked = out / "runs" / "rigl-erk-s0.8-1x-seed0"
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("mine")  # not a rigl run folder: that run is refused
+    args = ["compare", "--config", str(config), "--methods", "rigl", "--sparsities", "0.8"]
+    result = rigl(*args, "--seeds", "1", "--jobs", "1", "--out", str(out), "--quiet")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    assert "error: 1 of 2 runs failed" in result.stderr, output
+    assert "rigl-erk-s0.8-1x-seed0" in result.stderr and "not a rigl run folder" in result.stderr
+    assert (blocked / "notes.txt").read_text() == "mine"
+    assert (out / "runs" / "dense-1x-seed0" / "final.json").exists()  # the other run is kept

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from rigl._extras import missing_package_message
 from rigl._version import __version__
 from rigl.config import ConfigError
+from rigl.errors import RunError
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line summary)
     "train": ("rigl.experiments.train", "train one model (a config file, flags override it)"),
@@ -73,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, FileNotFoundError) as exc:  # bad config, missing data files
             _report(args.command, exc)
             return 2
+        except RunError as exc:  # e.g. failed runs of a sweep, the others kept
+            _report(args.command, exc)
+            return 1
         except KeyboardInterrupt:
             print(f"rigl {args.command}: interrupted (finished runs are kept)", file=sys.stderr)
             return 130

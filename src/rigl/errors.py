@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A bad argument: the message names the argument, the value and what is allowed."""
 
 
+class RunError(RuntimeError):
+    """A command that could not finish its work, for reasons its message states in full
+    (the ``rigl`` CLI prints it on one line, without a traceback; e.g. runs of a sweep
+    that failed while the others finished)."""
+
+
 def check_real(
     value: Any,
     name: str,

@@ -27,6 +27,7 @@ from typing import Any
 from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
+from rigl.errors import RunError
 from rigl.experiments import results, sweep
 from rigl.experiments.config import ExperimentConfig, from_dict
 from rigl.experiments.runfolder import FINAL, check_same_config
@@ -153,7 +154,10 @@ def run_sweep(
         finally:
             _on_sigterm(previous)
     if failures:
-        raise RuntimeError("runs failed:\n  " + "\n  ".join(failures))
+        raise RunError(
+            f"{len(failures)} of {len(plan.runs)} runs failed (the others are kept; run the "
+            "same command again to retry only these):\n  " + "\n  ".join(failures)
+        )
     return [record(spec, finals[spec], out, plan) for spec in plan.runs]
 
 
