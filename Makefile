@@ -44,6 +44,7 @@ bench: setup  ## benchmarks; results are written under benchmarks/results/
 	$(BIN)/python benchmarks/bench_sparse_kernels.py
 	$(BIN)/python benchmarks/bench_sparse_update.py
 	$(BIN)/python benchmarks/bench_mnist5k_backends.py
+	$(BIN)/python benchmarks/bench_char_gpt_backends.py
 
 bench-big: setup  ## networks whose dense form does not fit in memory (about an hour)
 	$(BIN)/python benchmarks/big_sparse.py --config configs/big_sparse.yaml
