@@ -130,18 +130,13 @@ class Sparsifier(metaclass=_BuiltAfterInit):
     def _build(self) -> None:
         """The second half of construction, run after every ``__init__`` (see
         :class:`_BuiltAfterInit`): targets, schedule and weights, through the hooks."""
-        model, optimizer, skip_optimizer_step_on_update = (
-            self.model,
-            self.optimizer,
-            self._skip_option,
-        )
+        model, optimizer = self.model, self.optimizer
         self.targets: list[Target]
         self.targets, self.left_dense = scan_targets(model, self.config)
         self.schedule = self.build_schedule(**self.schedule_args)
+        skip = self._skip_option
         self.skip_optimizer_step_on_update = (
-            self.default_skip_optimizer_step
-            if skip_optimizer_step_on_update is None
-            else bool(skip_optimizer_step_on_update)
+            self.default_skip_optimizer_step if skip is None else bool(skip)
         )
         self._check_optimizer()
         check_optimizer_kind(self.optimizer, self.targets)
