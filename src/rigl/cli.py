@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"rigl {args.command}: interrupted (finished runs are kept)", file=sys.stderr)
             return 130
+    except ConfigError as exc:  # while building the parser, e.g. a bad RIGL_PLUGINS module
+        _report(command or "", exc)
+        return 2
     except ModuleNotFoundError as exc:  # an optional package of this command
         message = missing_package_message(exc)
         if message is None:

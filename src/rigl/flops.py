@@ -50,12 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from rigl.flops_train import TRAIN_METHODS, pruning_flops_fraction, train_flops_ratio
+from rigl.flops_train import pruning_flops_fraction, train_flops_ratio
 from rigl.layers import is_hf_conv1d
 
 __all__ = [
     "CONVENTIONS",
-    "TRAIN_METHODS",
     "FlopsReport",
     "LayerFlops",
     "count_flops",

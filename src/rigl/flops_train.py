@@ -8,17 +8,24 @@ to dense training of the same length, times the length multiplier of extended ru
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "PRUNING_BEGIN",
     "PRUNING_END",
     "PRUNING_INTERVAL",
-    "TRAIN_METHODS",
     "pruning_flops_fraction",
     "train_flops_ratio",
 ]
 
-TRAIN_METHODS = ("dense", "static", "snip", "set", "snfs", "rigl", "gmp")
-_ALIASES = {"pruning": "gmp"}
+
+def __getattr__(name: str) -> Any:
+    if name == "TRAIN_METHODS":  # kept for callers: the registry's names
+        from rigl.registry import list_methods
+
+        return tuple(list_methods())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Gradual magnitude pruning on ImageNet in the official code / FLOPs colab: 32,000 steps,
 # dense until step 10,000, cubic ramp until 25,000, masks updated every 1,000 steps;
@@ -62,43 +69,35 @@ def train_flops_ratio(
     pruning_begin: float = PRUNING_BEGIN,
     pruning_end: float = PRUNING_END,
     pruning_interval: float = PRUNING_INTERVAL,
+    **facts: float,
 ) -> float:
     """Training FLOPs of ``method`` as a multiple of dense training (REFERENCE section 4).
 
-    With ``f_S`` = ``f_sparse`` and ``f_D`` = ``f_dense`` the forward FLOPs, one step costs
-    (dense: ``3 f_D``):
-
-    - dense: ``3 f_D``
-    - static, snip, set: ``3 f_S`` (SNIP's one dense saliency step and SET's random
-      growth are negligible)
-    - snfs: ``2 f_S + f_D`` (the dense gradient is needed every step for its momentum)
-    - rigl: ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``, ΔT = ``update_interval`` (a dense
-      gradient once every ΔT steps)
-    - gmp (alias "pruning"): ``3 f(t)`` averaged over the cubic schedule, see
-      :func:`pruning_flops_fraction`; ``f_sparse`` is the cost at the final sparsity.
+    With ``f_S`` = ``f_sparse`` and ``f_D`` = ``f_dense`` the forward FLOPs, a dense step
+    costs ``3 f_D``; each method states the cost of its own step in its
+    ``train_step_flops`` (see the docstrings of the classes in :mod:`rigl.methods`), e.g.
+    ``3 f_S`` for static sparse training, ``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)`` for RigL,
+    ΔT = ``update_interval``. ``method`` may be a registered name or alias ("pruning" is
+    gradual magnitude pruning). ``pruning_begin``/``_end``/``_interval`` (fractions of the
+    run, see :func:`pruning_flops_fraction`) and ``facts`` are schedule facts handed to the
+    method, which reads those it needs.
 
     The result is multiplied by ``multiplier`` (2 for "2x", 5 for "5x" runs; the schedule
     stretches with the run, so the per-step average is unchanged).
     """
-    method = _ALIASES.get(method, method)
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(TRAIN_METHODS)}, pruning")
+    from rigl.registry import find_method, list_aliases, list_methods
+
+    cls = find_method(method)
+    if cls is None:
+        valid = ", ".join([*list_methods(), *list_aliases()])
+        raise ValueError(f"unknown method {method!r}; valid: {valid}")
     if not f_dense > 0 or not f_sparse >= 0:
         raise ValueError(f"need f_dense > 0 and f_sparse >= 0, got {f_dense!r}, {f_sparse!r}")
     if update_interval < 1:
         raise ValueError(f"update_interval={update_interval!r} must be >= 1")
     if not multiplier > 0:
         raise ValueError(f"multiplier={multiplier!r} must be > 0")
-    f_s, f_d, dt = f_sparse, f_dense, update_interval
-    if method == "dense":
-        step = 3 * f_d
-    elif method in ("static", "snip", "set"):
-        step = 3 * f_s
-    elif method == "snfs":
-        step = 2 * f_s + f_d
-    elif method == "rigl":
-        step = (3 * f_s * dt + 2 * f_s + f_d) / (dt + 1)
-    else:
-        r = pruning_flops_fraction(pruning_begin, pruning_end, pruning_interval)
-        step = 3 * (f_d - r * (f_d - f_s))
-    return step / (3 * f_d) * multiplier
+    facts = {"pruning_begin": pruning_begin, "pruning_end": pruning_end,
+             "pruning_interval": pruning_interval, **facts}  # fmt: skip
+    step = cls.train_step_flops(f_sparse, f_dense, update_interval=update_interval, **facts)
+    return step / (3 * f_dense) * multiplier

@@ -2,7 +2,10 @@
 
 A method is a small subclass that says how masks start (``initial_mask``), when the
 topology changes (``build_schedule``/``should_update``) and how one layer's new mask is
-chosen (``plan_layer``, by default drop-by-magnitude and grow-by-``grow_score``).
+chosen (``plan_layer``, by default drop-by-magnitude and grow-by-``grow_score``), and
+what it costs to train (``train_step_flops``). The hooks run after the whole ``__init__``
+chain, so a subclass sets its attributes after ``super().__init__()``. The registry is
+:mod:`rigl.registry` (its names are re-exported here).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rigl.config import resolve_step
 from rigl.errors import ConfigError, check_int, warn
 from rigl.guard import UsageError
 from rigl.optim_state import check_optimizer_kind
+from rigl.registry import create, get_method, list_methods, register_method
 from rigl.schedules import UpdateSchedule
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.summary import LayerSummary
@@ -29,48 +33,18 @@ from rigl.topology import random_indices, split_evenly, update_generator
 
 __all__ = ["LayerSummary", "Sparsifier", "create", "get_method", "list_methods", "register_method"]
 
-_REGISTRY: dict[str, type[Sparsifier]] = {}
+
+class _BuiltAfterInit(type):
+    """Runs ``_build`` (which calls the method hooks) after the whole ``__init__`` chain, so
+    a subclass sets its attributes in the natural order, after ``super().__init__()``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        sparsifier = super().__call__(*args, **kwargs)
+        sparsifier._build()
+        return sparsifier
 
 
-def register_method(name: str) -> Callable[[type[Sparsifier]], type[Sparsifier]]:
-    """Class decorator adding a method to the registry under ``name``."""
-
-    def decorate(cls: type[Sparsifier]) -> type[Sparsifier]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def _registry() -> dict[str, type[Sparsifier]]:
-    """The registry with the built-in methods in it: they register themselves when
-    ``rigl.methods`` is imported, which ``import rigl`` no longer does eagerly."""
-    import rigl.methods  # noqa: F401
-
-    return _REGISTRY
-
-
-def list_methods() -> list[str]:
-    """Names accepted by :func:`create`."""
-    return sorted(_registry())
-
-
-def get_method(name: str) -> type[Sparsifier]:
-    key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in _registry():
-        raise ConfigError(f"method={name!r} is unknown; allowed: {', '.join(list_methods())}")
-    return _REGISTRY[key]
-
-
-def create(
-    method: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, **kwargs: Any
-) -> Sparsifier:
-    """Build the sparsifier of ``method`` (see :func:`list_methods`) for ``model``."""
-    return get_method(method)(model, optimizer, **kwargs)
-
-
-class Sparsifier:
+class Sparsifier(metaclass=_BuiltAfterInit):
     """Sparse training of ``model`` with ``optimizer``; ``step()`` replaces ``optimizer.step()``.
 
     Args:
@@ -92,6 +66,26 @@ class Sparsifier:
     default_skip_optimizer_step: ClassVar[bool] = False
     dense_start: ClassVar[bool] = False
     supports_sparse_backend: ClassVar[bool] = False  # starts sparse and needs no dense state
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names accepted by get_method
+    label: ClassVar[str] = ""  # the row name in result tables (default: the name)
+    sparse: ClassVar[bool] = True  # False: the dense baseline, trained at sparsity 0
+
+    @classmethod
+    def train_step_flops(
+        cls, f_sparse: float, f_dense: float, *, update_interval: int, **facts: float
+    ) -> float:
+        """Mean training FLOPs of one step from the sparse and dense forward FLOPs ``f_S``,
+        ``f_D``, ΔT and this method's schedule ``facts`` (see :meth:`train_flops_facts`;
+        absent ones take the method's defaults). A dense step costs ``3 f_D`` (forward, and
+        the gradients w.r.t. activations and weights); by default all three are sparse:
+        ``3 f_S``. Used by :func:`rigl.train_flops_ratio`."""
+        del f_dense, update_interval, facts
+        return 3 * f_sparse
+
+    def train_flops_facts(self) -> dict[str, float]:
+        """The schedule facts of this run that :meth:`train_step_flops` reads, as fractions
+        of ``total_steps`` (recorded in an experiment's ``final.json``)."""
+        return {}
 
     def __init__(
         self,
@@ -128,18 +122,26 @@ class Sparsifier:
             "drop_fraction": drop_fraction,
             "decay": decay,
         }
+        self._skip_option, self._backend_option = skip_optimizer_step_on_update, backend
+        # called with the sparsifier after every successful topology update
+        # (e.g. rigl.distributed.add_consistency_check)
+        self.update_hooks: list[Callable[[Sparsifier], None]] = []
+
+    def _build(self) -> None:
+        """The second half of construction, run after every ``__init__`` (see
+        :class:`_BuiltAfterInit`): targets, schedule and weights, through the hooks."""
+        model, optimizer = self.model, self.optimizer
         self.targets: list[Target]
         self.targets, self.left_dense = scan_targets(model, self.config)
         self.schedule = self.build_schedule(**self.schedule_args)
+        skip = self._skip_option
         self.skip_optimizer_step_on_update = (
-            self.default_skip_optimizer_step
-            if skip_optimizer_step_on_update is None
-            else bool(skip_optimizer_step_on_update)
+            self.default_skip_optimizer_step if skip is None else bool(skip)
         )
         self._check_optimizer()
         check_optimizer_kind(self.optimizer, self.targets)
         self.target_counts = target_counts(self.targets, self.config)
-        self.backend = self._check_backend(backend)
+        self.backend = self._check_backend(self._backend_option)
         # (backend, why) per target: backend="sparse" keeps what it cannot convert masked
         self.layer_backends = choose_backends(model, self.targets, self.backend)
         check_materialised(model, self.targets, self.layer_backends)
@@ -159,9 +161,6 @@ class Sparsifier:
         self._pending_update = False
         self._grads_masked = False  # by pre_optimizer_step, with this step's mask
         self._prepare_weights()
-        # called with the sparsifier after every successful topology update
-        # (e.g. rigl.distributed.add_consistency_check)
-        self.update_hooks: list[Callable[[Sparsifier], None]] = []
 
     def _check_backend(self, backend: str) -> str:
         if backend not in ("masked", "sparse"):
@@ -170,7 +169,7 @@ class Sparsifier:
             raise ConfigError(
                 f"backend='sparse' does not support method {self.name!r}: it keeps dense state "
                 "(a dense start or a dense gradient average); use backend='masked' or one of "
-                "static, set, rigl"
+                + ", ".join(m for m in list_methods() if get_method(m).supports_sparse_backend)
             )
         return backend
 

@@ -25,6 +25,7 @@ from rigl.distributed import DistEnv
 from rigl.experiments import measures
 from rigl.experiments.callbacks import MetricsLog, TensorBoardLog, make_recorders
 from rigl.experiments.config import ExperimentConfig
+from rigl.registry import is_dense
 
 
 @dataclass
@@ -136,7 +137,7 @@ class Run:
         c = self.config
         return {
             "method": c.method,
-            "sparsity": 0.0 if c.method == "dense" and c.width_rule == "fixed" else c.sparsity,
+            "sparsity": 0.0 if is_dense(c.method) and c.width_rule == "fixed" else c.sparsity,
             "distribution": c.distribution,
             "seed": c.seed,
             "multiplier": c.multiplier,

@@ -33,6 +33,7 @@ from rigl.experiments.config import ExperimentConfig, from_dict
 from rigl.experiments.runfolder import FINAL, check_same_config
 from rigl.experiments.runio import provenance, read_json, write_json
 from rigl.experiments.sweep import RunSpec, Sweep
+from rigl.registry import is_dense
 
 RECORD_KEYS = (
     "test_accuracy", "test_loss", "test_bpc", "train_accuracy", "params", "params_dense", "density",
@@ -175,13 +176,13 @@ def _warm_data(configs: list[ExperimentConfig]) -> None:
 
 
 def record(spec: RunSpec, final: dict[str, Any], out: Path, plan: Sweep) -> dict[str, Any]:
-    several = len({r.distribution for r in plan.runs if r.method != "dense"}) > 1
+    several = len({r.distribution for r in plan.runs if not is_dense(r.method)}) > 1
     return {
         "name": spec.name,
         "row": spec.row(show_distribution=several),
         "method": spec.method,
         "sparsity": spec.sparsity,
-        "distribution": None if spec.method == "dense" else spec.distribution,
+        "distribution": None if is_dense(spec.method) else spec.distribution,
         "seed": spec.seed,
         "multiplier": spec.multiplier,
         **{k: final.get(k) for k in RECORD_KEYS},

@@ -29,6 +29,7 @@ import yaml
 
 from rigl.errors import ConfigError, check_real, is_int, is_real
 from rigl.experiments.flags import choices_of, setting
+from rigl.registry import dense_baseline, is_dense
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -77,7 +78,7 @@ class ExperimentConfig:
         {}, "the model's own options, e.g. {hidden_sizes: [256, 256]} for mlp"
     )
     # -- sparsity (arguments of rigl.create) ----------------------------------------
-    method: str = setting("rigl", "sparse-training method", "rigl.sparsifier:list_methods")
+    method: str = setting("rigl", "sparse-training method", "rigl.registry:list_methods")
     sparsity: float = setting(0.9, "S: fraction of the sparsified weights that are zero, [0, 1)")
     distribution: str = setting("erk", "how the sparsity is spread over the layers", DISTRIBUTIONS)
     first_layer_dense: bool = setting(False, "keep the first sparsifiable layer dense")
@@ -92,7 +93,9 @@ class ExperimentConfig:
         {}, "other keyword arguments of rigl.create, e.g. {grow_candidates: 10}"
     )
     backend: str = setting(
-        "masked", "sparse: Linear layers as compressed SparseLinear (static, set, rigl)", BACKENDS
+        "masked",
+        "sparse: Linear layers as compressed SparseLinear (methods that start sparse)",
+        BACKENDS,
     )
     # -- optimisation ----------------------------------------------------------------
     optimizer: str = setting("sgd", "optimizer", OPTIMIZERS)
@@ -181,13 +184,12 @@ class ExperimentConfig:
                 f"data_root={self.data_root!r}: no such folder (put the dataset files there, "
                 "or leave data_root unset for the loader's default location)"
             )
-        if (self.width_rule == "small_dense") != (
-            self.method == "dense"
-        ) and self.width_rule != "fixed":
+        small_dense = self.width_rule == "small_dense"
+        if small_dense != is_dense(self.method) and self.width_rule != "fixed":
             raise ConfigError(
                 f"width_rule={self.width_rule!r} with method={self.method!r}: Small-Dense "
-                "trains method 'dense' at the parameter count of `sparsity`; Big-Sparse "
-                "trains a sparse method"
+                f"trains method {dense_baseline()!r} at the parameter count of `sparsity`; "
+                "Big-Sparse trains a sparse method"
             )
         if self.width_rule != "fixed" and self.sparsity == 0:
             raise ConfigError(

@@ -21,6 +21,7 @@ import rigl
 from rigl.experiments.models import build_model, example_input, list_models, model_defaults
 from rigl.flops import CONVENTIONS, FlopsReport, count_flops, train_flops_ratio
 from rigl.flops_size import SizeReport, model_size
+from rigl.registry import is_dense
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -94,7 +95,7 @@ def _report(args: argparse.Namespace) -> tuple[FlopsReport, SizeReport, float]:
             width=args.width,
         )
     densities = {}
-    if args.method != "dense" and args.sparsity > 0:
+    if not is_dense(args.method) and args.sparsity > 0:
         densities = rigl.layer_densities(
             model,
             args.sparsity,

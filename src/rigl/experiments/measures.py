@@ -81,24 +81,13 @@ def final_numbers(run: Any) -> dict[str, Any]:
         f_reference = count_flops(
             make_model(config, run.data, 1.0).to(run.device), example
         ).flops_dense
-    method = config.method
-    pruning = {}
-    schedule = run.sparsifier.schedule
-    if method == "gmp":
-        pruning = {
-            "pruning_begin": schedule.begin_step / run.total_steps,
-            "pruning_end": min(
-                1.0, max(schedule.end_step, schedule.begin_step + 1) / run.total_steps
-            ),
-            "pruning_interval": schedule.update_interval / run.total_steps,
-        }
     train_ratio = train_flops_ratio(
-        method,
+        config.method,
         report.flops_sparse,
         report.flops_dense,
         update_interval=config.update_interval,
         multiplier=config.multiplier,
-        **pruning,
+        **run.sparsifier.train_flops_facts(),  # the method's own schedule facts
     ) * (report.flops_dense / f_reference)
     n_params = sum(p.numel() for p in model.parameters())
     inactive = sum(w.numel - w.n_active for w in run.sparsifier.weights)

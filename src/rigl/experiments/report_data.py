@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import yaml
 
+from rigl.registry import is_dense
+
 
 @dataclass
 class RunData:
@@ -54,7 +56,7 @@ class RunData:
         if not self.config:
             return self.path.name
         parts = [self.method]
-        if self.method != "dense":
+        if not is_dense(self.method):
             parts.append(self.distribution)
             if self.sparsity is not None:
                 parts.append(f"{100 * self.sparsity:g}%")

@@ -22,6 +22,7 @@ from rigl.experiments.report_data import (
     layer_series,
     survival_curve,
 )
+from rigl.registry import is_dense
 
 DPI = 90
 FRAMES = 6  # snapshots shown per run in the first-layer grid
@@ -104,7 +105,7 @@ def density_figure(runs: list[RunData], path: Path) -> bool:
     groups: dict[tuple, list[str]] = {}
     layers: list[str] = []
     for run in runs:
-        if not run.densities or run.method == "dense":
+        if not run.densities or is_dense(run.method):
             continue
         key = tuple(sorted(run.densities.items()))
         groups.setdefault(key, []).append(

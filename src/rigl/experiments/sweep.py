@@ -29,16 +29,8 @@ from typing import Any
 
 from rigl.config import ConfigError
 from rigl.experiments.config import ExperimentConfig, from_dict, read_mapping
+from rigl.registry import dense_baseline, is_dense, method_label
 
-NAMES = {
-    "dense": "Dense",
-    "static": "Static",
-    "set": "SET",
-    "snfs": "SNFS",
-    "rigl": "RigL",
-    "gmp": "Pruning",
-    "snip": "SNIP",
-}
 SWEEP_KEYS = ("sparsities", "seeds", "methods", "distributions", "multipliers", "runs")
 CONFIG_DIRS = (
     Path.cwd() / "configs",
@@ -71,14 +63,14 @@ class RunSpec:
         """Row label of the results table: ``RigL``, ``RigL 5x``, ``RigL (uniform)``."""
         extra = dict(self.extra)
         rule = extra.pop("width_rule", "fixed")
-        label = NAMES.get(self.method, self.method)
+        label = method_label(self.method)
         if rule == "small_dense":
             label = "Small-Dense"
         elif rule == "big_sparse":
             label = f"Big-Sparse {label}"
         if self.multiplier != 1:
             label += f" {self.multiplier:g}x"
-        if show_distribution and self.method != "dense":
+        if show_distribution and not is_dense(self.method):
             label += f" ({'ERK' if self.distribution == 'erk' else self.distribution})"
         label += "".join(f" {k}={v}" for k, v in extra.items())
         return label
@@ -175,13 +167,14 @@ def expand(base: ExperimentConfig, settings: Mapping[str, Any]) -> Sweep:
     entries = settings.get("runs")
     if entries is None:
         methods = settings.get("methods", ["static", "set", "rigl"])
-        entries = [{"method": "dense"}] if "dense" not in methods else []
+        dense = dense_baseline()
+        entries = [{"method": dense}] if not any(map(is_dense, methods)) else []
         entries += [
             {"method": m, "distribution": d, "multiplier": float(x)}
             for m in methods
             for d in settings.get("distributions", [base.distribution])
             for x in settings.get("multipliers", [1])
-            if not (m == "dense" and x != 1)
+            if not (is_dense(m) and x != 1)
         ]
     runs: list[RunSpec] = []
     for entry in entries:
@@ -200,7 +193,7 @@ def _entry_runs(
     distribution = entry.pop("distribution", base.distribution)
     multiplier = float(entry.pop("multiplier", 1.0))
     levels = [float(s) for s in entry.pop("sparsities", sparsities)]
-    if method == "dense" and entry.get("width_rule") != "small_dense":
+    if is_dense(method) and entry.get("width_rule") != "small_dense":
         levels, distribution = [0.0], base.distribution  # dense: once per seed
     extra = tuple(sorted(entry.items()))
     runs = [

@@ -12,6 +12,15 @@ class Dense(Sparsifier):
     """No-op baseline with the same interface (masks are all True, sparsity is 0)."""
 
     dense_start = True
+    sparse = False
+    label = "Dense"
+
+    @classmethod
+    def train_step_flops(
+        cls, f_sparse: float, f_dense: float, *, update_interval: int, **facts: float
+    ) -> float:
+        """``3 f_D``: forward and both backward products dense."""
+        return 3 * f_dense
 
     def __init__(self, model: Any, optimizer: Any, **kwargs: Any) -> None:
         kwargs["sparsity"] = 0.0

@@ -9,6 +9,12 @@ import torch
 from torch import Tensor
 
 from rigl.config import resolve_step
+from rigl.flops_train import (
+    PRUNING_BEGIN,
+    PRUNING_END,
+    PRUNING_INTERVAL,
+    pruning_flops_fraction,
+)
 from rigl.schedules import PruningSchedule
 from rigl.sparsifier import Sparsifier, register_method
 from rigl.storage import MaskedWeight
@@ -22,6 +28,38 @@ class GMP(Sparsifier):
     of ``end_step``. Pruned weights never return."""
 
     dense_start = True
+    aliases = ("pruning",)
+    label = "Pruning"
+
+    @classmethod
+    def train_step_flops(
+        cls,
+        f_sparse: float,
+        f_dense: float,
+        *,
+        update_interval: int,
+        pruning_begin: float = PRUNING_BEGIN,
+        pruning_end: float = PRUNING_END,
+        pruning_interval: float = PRUNING_INTERVAL,
+        **facts: float,
+    ) -> float:
+        """``3 f(t)`` averaged over the cubic schedule (see
+        :func:`rigl.flops_train.pruning_flops_fraction`; the facts are fractions of the
+        run, by default the official ImageNet schedule); ``f_sparse`` is the cost at the
+        final sparsity."""
+        r = pruning_flops_fraction(pruning_begin, pruning_end, pruning_interval)
+        return 3 * (f_dense - r * (f_dense - f_sparse))
+
+    def train_flops_facts(self) -> dict[str, float]:
+        """This run's pruning schedule as fractions of ``total_steps``."""
+        if self.total_steps is None:
+            return {}
+        begin, end, total = self.schedule.begin_step, self.schedule.end_step, self.total_steps
+        return {
+            "pruning_begin": begin / total,
+            "pruning_end": min(1.0, max(end, begin + 1) / total),
+            "pruning_interval": self.schedule.update_interval / total,
+        }
 
     def build_schedule(self, **args: Any) -> PruningSchedule:
         end = resolve_step(args["end_step"], self.total_steps, "end_step")

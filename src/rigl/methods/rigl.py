@@ -35,6 +35,15 @@ class RigL(SET):
     update_before_step = True
     default_skip_optimizer_step = True
     supports_sparse_backend = True
+    label = "RigL"
+
+    @classmethod
+    def train_step_flops(
+        cls, f_sparse: float, f_dense: float, *, update_interval: int, **facts: float
+    ) -> float:
+        """``(3 f_S ΔT + 2 f_S + f_D) / (ΔT + 1)``: a dense gradient once every ΔT steps."""
+        dt = update_interval
+        return (3 * f_sparse * dt + 2 * f_sparse + f_dense) / (dt + 1)
 
     def __init__(self, *args: Any, grow_candidates: float | None = None, **kwargs: Any) -> None:
         if grow_candidates is not None:

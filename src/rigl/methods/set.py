@@ -16,6 +16,7 @@ class SET(Sparsifier):
     """Sparse Evolutionary Training: the optimizer step is taken, then the mask changes."""
 
     supports_sparse_backend = True
+    label = "SET"  # training cost: 3 f_S (random growth is negligible)
 
     def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
         # Scores are a pure function of (update seed, row), so a storage may read any row

@@ -19,6 +19,14 @@ class SNFS(SET):
     growth picks the largest ``|m|``. Costs a dense gradient every step (``2 f_S + f_D``)."""
 
     supports_sparse_backend = False  # the average is dense-shaped
+    label = "SNFS"
+
+    @classmethod
+    def train_step_flops(
+        cls, f_sparse: float, f_dense: float, *, update_interval: int, **facts: float
+    ) -> float:
+        """``2 f_S + f_D``: the dense gradient is needed every step for its momentum."""
+        return 2 * f_sparse + f_dense
 
     def __init__(self, *args: Any, momentum: float = 0.9, **kwargs: Any) -> None:
         self.momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)

@@ -19,6 +19,7 @@ class SNIP(Sparsifier):
 
     dense_start = True
     update_before_step = True
+    label = "SNIP"  # training cost: 3 f_S (the one dense saliency step is negligible)
 
     def build_schedule(self, **args: Any) -> None:
         return None
