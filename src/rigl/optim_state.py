@@ -61,18 +61,19 @@ def check_optimizer_kind(optimizer: torch.optim.Optimizer | None, targets: Seque
 
 def weight_states(
     optimizer: torch.optim.Optimizer | None, param: Tensor
-) -> list[tuple[Tensor, float | Tensor]]:
-    """``(state tensor, fresh value)`` for every state tensor of ``param`` shaped like it."""
+) -> dict[str, tuple[Tensor, float | Tensor]]:
+    """``{key: (state tensor, fresh value)}`` for every state tensor of ``param`` shaped like
+    it (the fresh value: what the optimizer starts that state at)."""
     if optimizer is None:
-        return []
+        return {}
     state = optimizer.state.get(param)
     if not state:
-        return []
-    return [
-        (value, fresh_value(optimizer, param, key))
+        return {}
+    return {
+        key: (value, fresh_value(optimizer, param, key))
         for key, value in state.items()
         if isinstance(value, Tensor) and value.shape == param.shape
-    ]
+    }
 
 
 def fresh_value(optimizer: torch.optim.Optimizer, param: Tensor, key: str) -> float | Tensor:
@@ -90,7 +91,7 @@ def reset_optimizer_state(
 ) -> None:
     """Set every weight-shaped optimizer state tensor of ``param`` to its fresh value at
     ``where`` (a bool tensor shaped like ``param``); scalar state (Adam's ``step``) is kept."""
-    for value, fresh in weight_states(optimizer, param):
+    for value, fresh in weight_states(optimizer, param).values():
         if value.is_sparse:  # SGD momentum of a sparse gradient: zero-initialised state
             value.mul_(~where)
         else:

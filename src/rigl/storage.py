@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl.errors import ConfigError
-from rigl.optim_state import fresh_value, reset_drifting_state, reset_optimizer_state
+from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
 from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
@@ -251,15 +251,12 @@ class MaskedWeight:
                 f"{outside} inactive weights are non-zero (an optimizer step taken outside "
                 "the sparsifier, or weights written after it?)"
             )
-        state = optimizer.state.get(self.param, {}) if optimizer is not None else {}
-        for key, value in state.items():
-            if isinstance(value, Tensor) and value.shape == self.param.shape:
-                fresh = fresh_value(optimizer, self.param, key)
-                stale = value.to_dense()[inactive] != fresh  # what the optimizer starts at
-                count = int(stale.count_nonzero())
-                if count:
-                    found.append(
-                        f"optimizer state {key!r} is not its initial value ({fresh}) at "
-                        f"{count} inactive positions"
-                    )
+        for key, (value, fresh) in weight_states(optimizer, self.param).items():
+            stale = value.to_dense()[inactive] != fresh  # what the optimizer starts at
+            count = int(stale.count_nonzero())
+            if count:
+                found.append(
+                    f"optimizer state {key!r} is not its initial value ({fresh}) at "
+                    f"{count} inactive positions"
+                )
         return found

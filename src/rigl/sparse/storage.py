@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rigl.config import ConfigError
-from rigl.optim_state import fresh_value
+from rigl.optim_state import weight_states
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
@@ -191,7 +191,7 @@ class SparseWeight:
         slot = slot.clamp(min=0)
         values = self.param.detach()
         new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
-        states = _weight_states(optimizer, self.param)
+        states = weight_states(optimizer, self.param)
         new_states = {
             key: torch.where(survived, s[slot], fresh) for key, (s, fresh) in states.items()
         }
@@ -297,21 +297,6 @@ def _mean_over_ranks(grad: Tensor) -> Tensor:
         dist.all_reduce(grad)
         grad /= dist.get_world_size()
     return grad
-
-
-def _weight_states(
-    optimizer: torch.optim.Optimizer | None, param: Tensor
-) -> dict[str, tuple[Tensor, float | Tensor]]:
-    """``{key: (state tensor, fresh value)}`` for the optimizer's state tensors of ``param``
-    with one entry per active weight (the fresh value: what the optimizer starts it at)."""
-    if optimizer is None:
-        return {}
-    state = optimizer.state.get(param, {})
-    return {
-        k: (v, fresh_value(optimizer, param, k))
-        for k, v in state.items()
-        if isinstance(v, Tensor) and v.shape == param.shape
-    }
 
 
 def _old_slots(old_flat: Tensor, new_flat: Tensor) -> Tensor:
