@@ -44,9 +44,7 @@ RECORD_KEYS = (
 
 def _outcome(final: dict[str, Any]) -> str:
     """A finished run in one phrase: its test metric and wall time."""
-    bpc = final.get("test_bpc")
-    shown = f"{bpc:.3f} bits/char" if bpc is not None else f"{100 * final['test_accuracy']:.2f}%"
-    return f"test {shown} ({final['wall_time_s']:.0f} s)"
+    return f"test {results.metric_of([final]).text(final)} ({final['wall_time_s']:.0f} s)"
 
 
 def _worker_init(parent: int) -> None:

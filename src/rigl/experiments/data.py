@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from rigl.config import ConfigError
+from rigl.errors import warn
 from rigl.experiments.data_files import (
     ChecksumError,
     CorruptFileError,
@@ -369,11 +370,10 @@ def _pydoc(*, root: Path, seed: int, seq_len: int = 128, stride: int | None = No
     text = pydoc_topics_text()
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest not in PYDOC_SHA256:
-        warnings.warn(
+        warn(
             f"pydoc_data.topics of Python {sys.version.split()[0]} differs from the pinned "
             f"corpus (Python {', '.join(sorted(set(PYDOC_SHA256.values())))}; sha256 "
-            f"{digest[:16]}...): results are not comparable with the README's",
-            stacklevel=3,
+            f"{digest[:16]}...): results are not comparable with the README's"
         )
     ids, vocab = text_ids(text)
     info = {"source": "pydoc_data.topics", "python": sys.version.split()[0], "sha256": digest}

@@ -32,14 +32,20 @@ class Metric:
     label: str  # table header and axis label
     scale: float
     higher_is_better: bool
+    digits: int  # decimals shown
+    unit: str  # after a single value, e.g. in progress lines
 
     def shown(self, cell: dict[str, Any]) -> tuple[float, float]:
         """(mean, std) of a cell in the shown unit."""
         return self.scale * cell[f"{self.name}_mean"], self.scale * cell[f"{self.name}_std"]
 
+    def text(self, final: dict[str, Any]) -> str:
+        """One run's value (``final.json``) in the shown unit, e.g. ``85.4%``."""
+        return f"{self.scale * final[self.key]:.{self.digits}f}{self.unit}"
 
-ACCURACY = Metric("accuracy", "test_accuracy", "test accuracy (%)", 100.0, True)
-BPC = Metric("bpc", "test_bpc", "test bits per character", 1.0, False)
+
+ACCURACY = Metric("accuracy", "test_accuracy", "test accuracy (%)", 100.0, True, 1, "%")
+BPC = Metric("bpc", "test_bpc", "test bits per character", 1.0, False, 3, " bits/char")
 METRICS = (ACCURACY, BPC)
 
 
@@ -114,8 +120,8 @@ def _shown(cell: dict[str, Any] | None, metric: Metric) -> str:
     if cell is None:
         return "-"
     mean, std = metric.shown(cell)
-    digits = 1 if metric.scale == 100.0 else 3
-    return f"{mean:.{digits}f}" if cell["n"] == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    d = metric.digits
+    return f"{mean:.{d}f}" if cell["n"] == 1 else f"{mean:.{d}f} ± {std:.{d}f}"
 
 
 def _ratio(cell: dict[str, Any] | None, key: str) -> str:
