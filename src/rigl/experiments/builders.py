@@ -151,7 +151,8 @@ class Run:
 
 
 def check_packages(config: ExperimentConfig) -> None:
-    """A package the config asks for but is missing: an error before data or files."""
+    """A package the config asks for but is missing: an error before data or files
+    (:func:`rigl.experiments.train.train` calls it before it makes the run folder)."""
     if config.tensorboard is True:
         TensorBoardLog.writer_class(required=True)
 
@@ -170,7 +171,6 @@ def build(
     from rigl.experiments.data import load_dataset
 
     env = env or DistEnv()
-    check_packages(config)
     device = env.device if env.enabled else make_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
