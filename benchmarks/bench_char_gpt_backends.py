@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import rigl
-from rigl.experiments.char_gpt import CharGPT
-from rigl.experiments.data import load_dataset
+from rigl.experiments.data.datasets import load_dataset
+from rigl.experiments.models.char_gpt import CharGPT
 from stamp import threads_and_clock, write_result
 
 VOCAB = 103

@@ -28,8 +28,8 @@ import torch
 
 import rigl
 from big_sparse import BigSparseConfig, meta_mlp, rescale_to_active_fan_in, sparse_kwargs, train
-from rigl.experiments.data import load_dataset
-from rigl.experiments.models import MLP
+from rigl.experiments.data.datasets import load_dataset
+from rigl.experiments.models.zoo import MLP
 from stamp import RESULTS, write_result
 
 

@@ -80,7 +80,7 @@ def _serve() -> None:  # pragma: no cover - the driver process
     import torch
 
     import rigl.cli
-    import rigl.experiments.train  # noqa: F401  (imported once, before the forks)
+    import rigl.experiments.training.train  # noqa: F401  (imported once, before the forks)
 
     torch.set_num_threads(1)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports torch._dynamo

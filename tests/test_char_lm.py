@@ -13,8 +13,8 @@ import torch
 
 import rigl
 from conftest import tiny_run_config
-from rigl.experiments.char_gpt import CharGPT
-from rigl.experiments.data import PYDOC_SHA256, load_dataset, pydoc_topics_text
+from rigl.experiments.data.datasets import PYDOC_SHA256, load_dataset, pydoc_topics_text
+from rigl.experiments.models.char_gpt import CharGPT
 
 
 def test_pydoc_corpus_is_the_pinned_one_with_next_character_targets():
@@ -39,7 +39,7 @@ def test_pydoc_corpus_is_the_pinned_one_with_next_character_targets():
 
 
 def test_a_changed_corpus_is_warned_about(monkeypatch):
-    monkeypatch.setattr("rigl.experiments.data.PYDOC_SHA256", {"0" * 64: "none"})
+    monkeypatch.setattr("rigl.experiments.data.datasets.PYDOC_SHA256", {"0" * 64: "none"})
     with pytest.warns(UserWarning, match="differs from the pinned corpus"):
         load_dataset("pydoc", seq_len=16)
 
@@ -99,7 +99,7 @@ def test_rigl_train_on_the_language_model_reports_bits_per_character(tmp_path):
 
 
 def test_a_sweep_of_language_models_is_tabled_and_plotted_in_bits_per_character(tmp_path):
-    from rigl.experiments import plots, results
+    from rigl.experiments.sweeps import plots, results
 
     def record(method, sparsity, seed, bpc):
         return {

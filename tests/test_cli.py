@@ -18,7 +18,7 @@ import yaml
 
 from conftest import tiny_run_config
 from rigl.cli import main
-from rigl.experiments.data import load_dataset
+from rigl.experiments.data.datasets import load_dataset
 from rigl.experiments.runio import read_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
@@ -89,7 +89,7 @@ def test_train_writes_every_documented_file(tmp_path, data_root, monkeypatch, ca
 
 def test_callbacks_and_named_recorders_see_every_step(tmp_path, data_root):
     from rigl.experiments.config import load_config
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     calls = []
 

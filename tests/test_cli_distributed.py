@@ -16,23 +16,23 @@ from conftest import tiny_run_config
 from rigl import distributed
 from rigl.cli import build_parser, main
 from rigl.config import ConfigError
-from rigl.experiments import compare
 from rigl.experiments.config import load_config
-from rigl.experiments.runfolder import LOCK, MARKER
 from rigl.experiments.runio import read_csv
-from rigl.experiments.train import check_data_parallel, train
+from rigl.experiments.sweeps import compare
+from rigl.experiments.training.folder import LOCK, MARKER
+from rigl.experiments.training.train import check_data_parallel, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 TORCHRUN += ["--standalone", "-m", "rigl.cli"]
 RUN_FILES = {"config.yaml", "run.json", "metrics.csv", "topology.csv", "checkpoint.pt"}
-RUN_FILES |= {MARKER, LOCK}  # the run folder's marker and lock (rigl.experiments.runfolder)
+RUN_FILES |= {MARKER, LOCK}  # the run folder's marker and lock (rigl.experiments.training.folder)
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from rigl.experiments.data import load_dataset
+    from rigl.experiments.data.datasets import load_dataset
 
     root = tmp_path_factory.mktemp("data")
     load_dataset("mnist1d", root=root, num_samples=300)  # the cache, before several processes
@@ -166,7 +166,7 @@ def test_data_parallel_config_errors(tmp_path, data_root, monkeypatch, capsys):
 def test_crop_flip_of_shards_is_crop_flip_of_the_global_batch():
     """Each rank augments its shard with the draws of the whole batch: the shards
     together get one process's crops, and every rank's generator stays in step."""
-    from rigl.experiments.builders import crop_flip
+    from rigl.experiments.training.builders import crop_flip
 
     x = torch.randn(6, 3, 8, 8)
     torch.manual_seed(5)

@@ -157,9 +157,9 @@ def test_bad_config_files_model_options_and_report_out_give_one_line_errors(tmp_
 
 # -- item 18: a dataset without a config takes its tuned config --------------------------------
 def test_compare_with_a_dataset_and_no_config_uses_the_tuned_base(capsys):
-    from rigl.experiments.compare import plan_from_args
     from rigl.experiments.config import ExperimentConfig, load_config
-    from rigl.experiments.sweep import find_preset
+    from rigl.experiments.sweeps.compare import plan_from_args
+    from rigl.experiments.sweeps.sweep import find_preset
 
     args = ["compare", "--dataset", "mnist1d", "--methods", "static,set,rigl",
             "--sparsities", "0.95", "--seeds", "2"]  # fmt: skip
@@ -173,8 +173,8 @@ def test_compare_with_a_dataset_and_no_config_uses_the_tuned_base(capsys):
 
 def test_train_with_a_dataset_and_no_config_uses_the_tuned_base_and_flags_win():
     from rigl.experiments.config import load_config
-    from rigl.experiments.sweep import find_preset
-    from rigl.experiments.train import config_from_args
+    from rigl.experiments.sweeps.sweep import find_preset
+    from rigl.experiments.training.train import config_from_args
 
     parse = build_parser(["train"]).parse_args
     config = config_from_args(parse(["train", "--dataset", "mnist5k", "--quiet", "--lr", "0.05"]))
@@ -187,7 +187,7 @@ def test_train_with_a_dataset_and_no_config_uses_the_tuned_base_and_flags_win():
 
 def test_every_preset_base_is_the_tuned_config_of_its_dataset():
     from rigl.experiments.config import read_mapping
-    from rigl.experiments.sweep import CONFIG_DIRS, TUNED_CONFIGS, find_preset, tuned_config
+    from rigl.experiments.sweeps.sweep import CONFIG_DIRS, TUNED_CONFIGS, find_preset, tuned_config
 
     for dataset, name in TUNED_CONFIGS.items():
         assert read_mapping(find_preset(name))["dataset"] == dataset

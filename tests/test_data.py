@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from rigl.config import ConfigError
-from rigl.experiments import data, data_files
-from rigl.experiments.data import (
+from rigl.experiments.data import datasets as data
+from rigl.experiments.data import files as data_files
+from rigl.experiments.data.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     ChecksumError,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rigl import ConfigError
-from rigl.experiments.builders import lr_factor
 from rigl.experiments.config import ExperimentConfig, from_dict, load_config, parse_value
-from rigl.experiments.results import markdown, summarise
-from rigl.experiments.sweep import RunSpec, expand, find_preset, read_sweep_file
-from rigl.experiments.train import epoch_order
+from rigl.experiments.sweeps.results import markdown, summarise
+from rigl.experiments.sweeps.sweep import RunSpec, expand, find_preset, read_sweep_file
+from rigl.experiments.training.builders import lr_factor
+from rigl.experiments.training.train import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_presets_ship_inside_the_package():
     """src/rigl/configs links to the repository's configs/, so a wheel (non-editable
     install) carries the presets (pyproject package-data ``configs/*.yaml``)."""
     import rigl
-    from rigl.experiments.sweep import find_preset
+    from rigl.experiments.sweeps.sweep import find_preset
 
     shipped = Path(rigl.__file__).resolve().parent / "configs"
     assert (shipped / "main.yaml").is_file() and (shipped / "mnist5k.yaml").is_file()

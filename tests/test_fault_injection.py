@@ -25,9 +25,9 @@ import torch
 
 from conftest import tiny_run_config
 from kill_driver import KillDriver
-from rigl.experiments.data import load_dataset
-from rigl.experiments.runfolder import LOCK
+from rigl.experiments.data.datasets import load_dataset
 from rigl.experiments.runio import read_csv
+from rigl.experiments.training.folder import LOCK
 
 TIMING = {"elapsed_s", "wall_time_s", "cpu_time_s"}  # the only numbers a kill may change
 

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import rigl
 from rigl.experiments import flops_cli
-from rigl.experiments.models import build_model
+from rigl.experiments.models.zoo import build_model
 from rigl.flops import count_flops, pruning_flops_fraction, train_flops_ratio
 from rigl.flops_size import big_sparse_width, model_size, small_dense_width, width_for_params
 

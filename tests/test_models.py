@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rigl.experiments.models import (
+from rigl.experiments.models.zoo import (
     build_model,
     example_input,
     list_models,

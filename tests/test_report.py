@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import rigl
 from conftest import TinyMLP
 from rigl.cli import main
-from rigl.experiments.recorder import MaskRecorder
-from rigl.experiments.report_data import RunData, load_run, read_rows, survival_curve
-from rigl.experiments.report_interp import interpolate_state
-from rigl.experiments.report_plots import first_layer_figure
+from rigl.experiments.reports.figures import first_layer_figure
+from rigl.experiments.reports.interp import interpolate_state
+from rigl.experiments.reports.rundata import RunData, load_run, read_rows, survival_curve
+from rigl.experiments.training.recorder import MaskRecorder
 
 FIGURES = ["first_layer.png", "density.png", "dynamics.png", "training.png", "interpolation.png"]
 
@@ -161,7 +161,7 @@ def tiny_config(tmp_path, **changes):
 
 
 def test_killed_and_resumed_run_records_the_same_dynamics(tmp_path):
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     class Killed(Exception):
         pass
@@ -188,7 +188,7 @@ def test_resume_from_a_checkpoint_just_before_an_update_records_that_update(tmp_
     mid-epoch): the resumed run's first step is the update of step 40. The recorder used
     to attach its update hook after that step, so the update was missed (merged into the
     next one's row, or lost when it was the last)."""
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     class Killed(Exception):
         pass
@@ -213,7 +213,7 @@ def test_resume_from_a_checkpoint_just_before_an_update_records_that_update(tmp_
 
 
 def test_report_from_tiny_runs(tmp_path):
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     runs = []
     for method in ("static", "rigl"):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rigl.experiments.report import _constant_share, _run_table, page_title, write_html
-from rigl.experiments.report_data import RunData, unique_labels
-from rigl.experiments.report_plots import draw_first_layer
-from rigl.experiments.results import markdown, summarise
+from rigl.experiments.reports.figures import draw_first_layer
+from rigl.experiments.reports.report import _constant_share, _run_table, page_title, write_html
+from rigl.experiments.reports.rundata import RunData, unique_labels
+from rigl.experiments.sweeps.results import markdown, summarise
 
 RIGL_90 = {"dataset": "mnist1d", "model": "mlp", "method": "rigl", "distribution": "erk",
            "sparsity": 0.9}  # fmt: skip

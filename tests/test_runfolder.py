@@ -19,8 +19,8 @@ import torch
 
 from conftest import tiny_run_config
 from rigl.cli import main
-from rigl.experiments.runfolder import LOCK, MARKER
 from rigl.experiments.runio import KILL_AT, read_csv
+from rigl.experiments.training.folder import LOCK, MARKER
 
 pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
 
@@ -60,7 +60,7 @@ def killed_run(folder: Path, data_root: Path, step: int = 8, **changes) -> Path:
             raise Killed
 
     from rigl.experiments.config import load_config
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     config = tiny_run_config(folder, data_root, **changes)
     with pytest.raises(Killed):
@@ -133,7 +133,7 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path, da
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from rigl.experiments.runfolder import lock; lock(Path(sys.argv[1])); "
+         "from rigl.experiments.training.folder import lock; lock(Path(sys.argv[1])); "
          "print('locked', flush=True); time.sleep(120)", str(run)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -26,16 +26,22 @@ from rigl.config import ConfigError
 from rigl.errors import RunError
 
 COMMANDS: dict[str, tuple[str, str]] = {  # name -> (module, one-line summary)
-    "train": ("rigl.experiments.train", "train one model (a config file, flags override it)"),
+    "train": (
+        "rigl.experiments.training.train",
+        "train one model (a config file, flags override it)",
+    ),
     "compare": (
-        "rigl.experiments.compare",
+        "rigl.experiments.sweeps.compare",
         "train a grid of methods x sparsities x seeds and tabulate the results",
     ),
     "flops": (
         "rigl.experiments.flops_cli",
         "per-layer FLOPs, parameters and training cost of a sparse model",
     ),
-    "report": ("rigl.experiments.report", "figures and an HTML page for one or more run folders"),
+    "report": (
+        "rigl.experiments.reports.report",
+        "figures and an HTML page for one or more run folders",
+    ),
 }
 
 

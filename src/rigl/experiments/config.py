@@ -55,7 +55,7 @@ class ExperimentConfig:
     dataset's tuned config, ``configs/*.yaml``, sets most keys for real runs)."""
 
     # -- data ------------------------------------------------------------------------
-    dataset: str = setting("mnist1d", "dataset", "rigl.experiments.data:list_datasets")
+    dataset: str = setting("mnist1d", "dataset", "rigl.experiments.data.datasets:list_datasets")
     data_root: str | None = setting(
         None, "folder of the dataset files (null: $RIGL_DATA_DIR, else ~/.cache/rigl)"
     )
@@ -66,7 +66,7 @@ class ExperimentConfig:
         "none", "crop_flip: random crops of the 4-pixel-padded image, horizontal flips", AUGMENTS
     )
     # -- model -----------------------------------------------------------------------
-    model: str = setting("mlp", "model", "rigl.experiments.models:list_models")
+    model: str = setting("mlp", "model", "rigl.experiments.models.zoo:list_models")
     width: float = setting(1.0, "multiplier of the model's hidden widths")
     width_rule: str = setting(
         "fixed",
@@ -130,7 +130,7 @@ class ExperimentConfig:
     recorders: list[str] = setting(
         ["topology"],
         "logs: topology (topology.csv), dynamics (what rigl report draws)",
-        "rigl.experiments.callbacks:list_recorders",
+        "rigl.experiments.training.callbacks:list_recorders",
     )
     tensorboard: bool | None = setting(
         None,
@@ -148,7 +148,7 @@ class ExperimentConfig:
 
     def _check_values(self) -> None:
         import rigl
-        from rigl.experiments import models
+        from rigl.experiments.models.zoo import check_options
 
         for f in dataclasses.fields(self):  # names from a fixed set or a registry
             allowed = choices_of(f)
@@ -156,7 +156,7 @@ class ExperimentConfig:
                 value = getattr(self, f.name)
                 for item in value if isinstance(value, list) else [value]:
                     _choice(f.name, item, allowed)
-        models.check_options(self.model, self.model_options)
+        check_options(self.model, self.model_options)
         if self.backend == "sparse" and not rigl.get_method(self.method).supports_sparse_backend:
             raise ConfigError(
                 f"backend='sparse' with method={self.method!r}: the compressed backend runs "

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import rigl
-from rigl.experiments.models import build_model, example_input, list_models, model_defaults
+from rigl.experiments.models.zoo import build_model, example_input, list_models, model_defaults
 from rigl.flops import CONVENTIONS, FlopsReport, count_flops, train_flops_ratio
 from rigl.flops_size import SizeReport, model_size
 from rigl.registry import is_dense

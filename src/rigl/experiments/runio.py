@@ -3,7 +3,7 @@
 Every file a run writes goes through a temporary file ``.NAME.*.tmp`` in the same folder
 followed by ``os.replace``, so a run killed at any moment leaves either the old or the new
 file, never half of one (the next start of the run deletes such leftover temporary files,
-see :mod:`rigl.experiments.runfolder`).
+see :mod:`rigl.experiments.training.folder`).
 
 Testing hook: :func:`kill_point` lets fault-injection tests SIGKILL a run at named points.
 """

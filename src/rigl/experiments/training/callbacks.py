@@ -10,7 +10,7 @@ Recorders named in the config's ``recorders`` list are built by their registered
 factory ``factory(run_dir, config, input_shape) -> callback``; adding one is one
 ``@register_recorder("name", outputs=[...])`` line, and the loop is never touched. The
 ``outputs`` (file names in the run folder) are listed in the folder's marker: they are
-what ``--overwrite`` deletes (see :mod:`rigl.experiments.runfolder`).
+what ``--overwrite`` deletes (see :mod:`rigl.experiments.training.folder`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ RecorderFactory = Callable[[Path, Any, tuple[int, ...]], Callback]
 
 _RECORDERS: dict[str, RecorderFactory | str] = {
     # name -> factory, or "module:function" imported on first use
-    "dynamics": "rigl.experiments.callbacks:_dynamics_recorder",
+    "dynamics": "rigl.experiments.training.callbacks:_dynamics_recorder",
 }
 _OUTPUTS: dict[str, tuple[str, ...]] = {  # name -> the files it writes in the run folder
     "dynamics": ("dynamics.csv", "lifetimes.csv", "alive.csv", "first_layer.npz"),
@@ -166,7 +166,8 @@ def _topology_recorder(run_dir: Path, config: Any, input_shape: tuple[int, ...])
 
 
 def _dynamics_recorder(run_dir: Path, config: Any, input_shape: tuple[int, ...]) -> Callback:
-    from rigl.experiments.recorder import MaskRecorder  # the report's mask-dynamics recorder
+    # the report's mask-dynamics recorder
+    from rigl.experiments.training.recorder import MaskRecorder
 
     return MaskRecorder(run_dir, input_shape=tuple(input_shape))
 

@@ -22,9 +22,9 @@ import rigl
 from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
-from rigl.experiments import measures
-from rigl.experiments.callbacks import MetricsLog, TensorBoardLog, make_recorders
 from rigl.experiments.config import ExperimentConfig
+from rigl.experiments.training import measures
+from rigl.experiments.training.callbacks import MetricsLog, TensorBoardLog, make_recorders
 from rigl.registry import is_dense
 
 
@@ -66,7 +66,7 @@ class Run:
 
     config: ExperimentConfig
     out: Path
-    data: Any  # rigl.experiments.data.DatasetSplits
+    data: Any  # rigl.experiments.data.datasets.DatasetSplits
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -152,7 +152,7 @@ class Run:
 
 def check_packages(config: ExperimentConfig) -> None:
     """A package the config asks for but is missing: an error before data or files
-    (:func:`rigl.experiments.train.train` calls it before it makes the run folder)."""
+    (:func:`rigl.experiments.training.train.train` calls it before it makes the run folder)."""
     if config.tensorboard is True:
         TensorBoardLog.writer_class(required=True)
 
@@ -168,7 +168,7 @@ def build(
     """The run of ``config``; ``data``: the dataset if already loaded. With a distributed
     ``env`` the device is the rank's (``cuda:LOCAL_RANK`` or the CPU) and only the main
     process gets callbacks (``extra_callbacks`` included)."""
-    from rigl.experiments.data import load_dataset
+    from rigl.experiments.data.datasets import load_dataset
 
     env = env or DistEnv()
     device = env.device if env.enabled else make_device(config.device)
@@ -266,7 +266,7 @@ def make_device(name: str) -> torch.device:
 
 
 def make_model(config: ExperimentConfig, data: Any, width: float) -> nn.Module:
-    from rigl.experiments.models import build_model
+    from rigl.experiments.models.zoo import build_model
 
     return build_model(
         config.model,

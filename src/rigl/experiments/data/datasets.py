@@ -44,7 +44,7 @@ from torch.utils.data import TensorDataset
 
 from rigl.config import ConfigError
 from rigl.errors import warn
-from rigl.experiments.data_files import (
+from rigl.experiments.data.files import (
     ChecksumError,
     CorruptFileError,
     DataNotFoundError,

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from rigl.experiments.results import ACCURACY, DENSE, Metric, cell_for
+from rigl.experiments.sweeps.results import ACCURACY, DENSE, Metric, cell_for
 
 
 def plot_all(

@@ -77,7 +77,7 @@ def interpolation_curve(
 def interpolation_figure(points: list[InterpPoint], labels: tuple[str, str], path) -> None:
     from matplotlib.figure import Figure
 
-    from rigl.experiments.report_plots import _plain_log_labels, _save
+    from rigl.experiments.reports.figures import _plain_log_labels, _save
 
     fig = Figure(figsize=(9, 3.3), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -120,10 +120,10 @@ def pick_pair(runs: list) -> tuple | None:
 
 def load_pair(run_a, run_b, max_examples: int | None = None):
     """Model (built from ``run_b``'s config), both final states and the train/test tensors."""
-    from rigl.experiments.builders import make_model
     from rigl.experiments.config import from_dict
-    from rigl.experiments.data import load_dataset
-    from rigl.experiments.report_data import load_checkpoint, model_state
+    from rigl.experiments.data.datasets import load_dataset
+    from rigl.experiments.reports.rundata import load_checkpoint, model_state
+    from rigl.experiments.training.builders import make_model
 
     config = from_dict(run_b.config)
     data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)

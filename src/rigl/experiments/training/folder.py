@@ -48,7 +48,7 @@ RESUMABLE_CHANGES = ("out", "device", "check_consistency_every", "tensorboard")
 
 def run_files(config: ExperimentConfig) -> list[str]:
     """The files (and folders) a run of ``config`` writes in its run folder."""
-    from rigl.experiments.callbacks import recorder_outputs
+    from rigl.experiments.training.callbacks import recorder_outputs
 
     files = [*RUN_FILES, *recorder_outputs(config.recorders)]
     return files + (["tb"] if config.tensorboard is not False else [])  # null: where installed

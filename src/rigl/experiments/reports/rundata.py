@@ -234,7 +234,7 @@ def constant_inputs(config: dict[str, Any]) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=4)
 def _constant_inputs(key: str) -> np.ndarray | None:
-    from rigl.experiments.data import load_dataset
+    from rigl.experiments.data.datasets import load_dataset
 
     name, root, options = json.loads(key)
     try:

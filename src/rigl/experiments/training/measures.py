@@ -14,7 +14,7 @@ from rigl.experiments.config import ExperimentConfig
 
 
 def make_model(config: ExperimentConfig, data: Any, width: float) -> nn.Module:
-    from rigl.experiments.builders import make_model as build
+    from rigl.experiments.training.builders import make_model as build
 
     return build(config, data, width)
 

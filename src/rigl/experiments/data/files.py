@@ -1,7 +1,7 @@
 """On-disk dataset formats: IDX (MNIST, Fashion-MNIST), CIFAR-10 python batches, UTF-8 text,
 checksums, download.
 
-Everything here returns plain numpy arrays; ``rigl.experiments.data`` turns them into
+Everything here returns plain numpy arrays; ``rigl.experiments.data.datasets`` turns them into
 tensors. Readers validate what they read and raise :class:`CorruptFileError` naming the
 file and what is wrong; a missing file raises :class:`DataNotFoundError` saying which
 files belong in which folder and where to get them.

@@ -1,7 +1,7 @@
 """`rigl train`: one sparse training run from a config, resumable to the same result.
 
 ``train(config)`` reads top to bottom: lock and prepare the run folder
-(:mod:`~rigl.experiments.runfolder`) -> :func:`build` -> :func:`train_one_epoch` /
+(:mod:`~rigl.experiments.training.folder`) -> :func:`build` -> :func:`train_one_epoch` /
 :func:`end_epoch` until the step budget is spent -> :func:`finish` (final checkpoint,
 ``final.json``).
 
@@ -39,11 +39,7 @@ from torch import Tensor
 from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
-from rigl.experiments import builders, measures, runfolder
-from rigl.experiments.builders import Run
-from rigl.experiments.checkpoint import load_checkpoint, read_checkpoint
 from rigl.experiments.config import ExperimentConfig, load_config
-from rigl.experiments.runfolder import CHECKPOINT, FINAL
 from rigl.experiments.runio import (
     atomic_torch_save,
     kill_point,
@@ -51,6 +47,10 @@ from rigl.experiments.runio import (
     read_json,
     write_json,
 )
+from rigl.experiments.training import builders, folder, measures
+from rigl.experiments.training.builders import Run
+from rigl.experiments.training.checkpoint import load_checkpoint, read_checkpoint
+from rigl.experiments.training.folder import CHECKPOINT, FINAL
 
 EVAL_BATCH = 1024
 
@@ -304,13 +304,13 @@ def train(
 
         def prepare() -> tuple[dict[str, Any] | None, bool]:  # rank 0; the others wait
             if env.enabled:  # load (and cache) the data before the other ranks read it
-                from rigl.experiments.data import load_dataset
+                from rigl.experiments.data.datasets import load_dataset
 
                 data = load_dataset(config.dataset, root=config.data_root, **config.dataset_options)
                 check_data_parallel(config, env, len(data.train))
                 loaded["data"] = data
             out = held.enter_context(
-                runfolder.open_run(config, resume=resume, overwrite=overwrite)
+                folder.open_run(config, resume=resume, overwrite=overwrite)
             ).path
             if (out / FINAL).exists():
                 return read_json(out / FINAL), False
@@ -411,7 +411,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     from dataclasses import fields
 
-    from rigl.experiments.sweep import tuned_base
+    from rigl.experiments.sweeps.sweep import tuned_base
 
     overrides = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if f.name in args}
     path = args.config

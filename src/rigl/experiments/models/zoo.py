@@ -443,11 +443,11 @@ def char_gru(*, num_classes, input_shape, width, embed_dim=128, hidden_size=512,
 def char_gpt(
     *, num_classes, input_shape, width, d_model=128, n_layer=2, n_head=4, mlp_ratio=4
 ) -> nn.Module:
-    """Pre-LayerNorm GPT with tied embeddings (:mod:`rigl.experiments.char_gpt`).
+    """Pre-LayerNorm GPT with tied embeddings (:mod:`rigl.experiments.models.char_gpt`).
 
     ``num_classes`` is the vocabulary size; ``input_shape`` is ``(seq_len,)``, the context.
     """
-    from rigl.experiments.char_gpt import CharGPT
+    from rigl.experiments.models.char_gpt import CharGPT
 
     d = scaled(d_model, width)
     return CharGPT(num_classes, input_shape[0], d, n_layer, n_head, mlp_ratio)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from rigl.experiments.report_data import (
+from rigl.experiments.reports.rundata import (
     RunData,
     column,
     layer_series,

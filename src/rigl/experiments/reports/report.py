@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from rigl.config import ConfigError
-from rigl.experiments import report_plots
-from rigl.experiments.report_data import (
+from rigl.experiments.reports import figures
+from rigl.experiments.reports.rundata import (
     RunData,
     constant_inputs,
     find_key,
@@ -139,10 +139,10 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     unique_labels(runs + list(pair or []))
     makers = {
-        "first_layer.png": report_plots.first_layer_figure,
-        "density.png": report_plots.density_figure,
-        "dynamics.png": report_plots.dynamics_figure,
-        "training.png": report_plots.training_figure,
+        "first_layer.png": figures.first_layer_figure,
+        "density.png": figures.density_figure,
+        "dynamics.png": figures.dynamics_figure,
+        "training.png": figures.training_figure,
     }
     made = [name for name, make in makers.items() if make(runs, out / name)]
     notes: list[str] = []
@@ -155,7 +155,7 @@ def build_report(
 def _interpolation(runs, pair, out, points, max_examples, made) -> list[str]:
     import numpy as np
 
-    from rigl.experiments import report_interp as interp
+    from rigl.experiments.reports import interp
 
     chosen = tuple(pair) if pair else interp.pick_pair(runs)
     if chosen is None:

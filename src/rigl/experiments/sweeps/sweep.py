@@ -34,8 +34,8 @@ from rigl.registry import dense_baseline, is_dense, method_label
 SWEEP_KEYS = ("sparsities", "seeds", "methods", "distributions", "multipliers", "runs")
 CONFIG_DIRS = (
     Path.cwd() / "configs",
-    Path(__file__).resolve().parents[3] / "configs",  # the repository's configs/ (editable install)
-    Path(__file__).resolve().parents[1] / "configs",  # configs shipped inside the package
+    Path(__file__).resolve().parents[4] / "configs",  # the repository's configs/ (editable install)
+    Path(__file__).resolve().parents[2] / "configs",  # configs shipped inside the package
 )
 
 

@@ -28,11 +28,11 @@ from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
 from rigl.errors import RunError
-from rigl.experiments import results, sweep
 from rigl.experiments.config import ExperimentConfig, from_dict
-from rigl.experiments.runfolder import FINAL, check_same_config
 from rigl.experiments.runio import provenance, read_json, write_json
-from rigl.experiments.sweep import RunSpec, Sweep
+from rigl.experiments.sweeps import results, sweep
+from rigl.experiments.sweeps.sweep import RunSpec, Sweep
+from rigl.experiments.training.folder import FINAL, check_same_config
 from rigl.registry import is_dense
 
 RECORD_KEYS = (
@@ -79,7 +79,7 @@ def _watch_parent(parent: int) -> None:
 
 def _train_one(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any] | None, str]:
     """Train one run in a worker: (index, final.json or None, error message)."""
-    from rigl.experiments.train import train
+    from rigl.experiments.training.train import train
 
     index, config_dict = item
     try:
@@ -113,7 +113,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train every run not yet finished; returns one record per run (in plan order).
     With a distributed ``env``, every rank trains the runs in turn (no process pool)."""
-    from rigl.experiments.train import main_first
+    from rigl.experiments.training.train import main_first
 
     env = env or DistEnv()
     configs = {spec: spec.config(plan.base, out) for spec in plan.runs}
@@ -127,7 +127,7 @@ def run_sweep(
     say(f"{len(plan.runs)} runs, {len(plan.runs) - len(todo)} already finished, {how}")
     failures = []
     if todo and env.enabled:
-        from rigl.experiments.train import train
+        from rigl.experiments.training.train import train
 
         for done, spec in enumerate(todo, start=1):
             final = train(configs[spec], resume=True, quiet=True)  # every rank, in step
@@ -163,7 +163,7 @@ def run_sweep(
 def _warm_data(configs: list[ExperimentConfig]) -> None:
     """Load each dataset once here, so that workers read the cache instead of all
     generating it at the same time (MNIST-1D is generated on first use)."""
-    from rigl.experiments.data import load_dataset
+    from rigl.experiments.data.datasets import load_dataset
 
     seen = set()
     for c in configs:
@@ -190,8 +190,8 @@ def record(spec: RunSpec, final: dict[str, Any], out: Path, plan: Sweep) -> dict
 
 def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] | None = None):
     """Run the sweep and write results.json, results.md and the plots; returns the table."""
-    from rigl.experiments import plots
-    from rigl.experiments.builders import make_device
+    from rigl.experiments.sweeps import plots
+    from rigl.experiments.training.builders import make_device
 
     make_device(plan.base.device)  # a clear error before CUDA is touched
     env = distributed.init_from_env(device=plan.base.device)  # no-op in a single process

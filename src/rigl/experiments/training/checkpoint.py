@@ -1,6 +1,6 @@
 """Reading a `rigl train` checkpoint to resume from it, checked before anything is changed.
 
-:func:`rigl.experiments.train.save_checkpoint` writes ``checkpoint.pt`` atomically, so a
+:func:`rigl.experiments.training.train.save_checkpoint` writes ``checkpoint.pt`` atomically, so a
 killed run never leaves half of one; a damaged, foreign or other run's file can still be
 found there (a copy, a full disk, a hand edit). :func:`read_checkpoint` turns each of those
 into a ``ConfigError`` naming the file and the way out, before any state is loaded and
@@ -16,7 +16,7 @@ import torch
 
 from rigl.config import ConfigError
 from rigl.experiments.config import ExperimentConfig
-from rigl.experiments.runfolder import config_changes
+from rigl.experiments.training.folder import config_changes
 
 # what save_checkpoint writes and load_checkpoint reads
 KEYS = (
@@ -66,7 +66,7 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
 
 
 def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
-    """Continue ``run`` (a :class:`rigl.experiments.builders.Run`) from ``state``."""
+    """Continue ``run`` (a :class:`rigl.experiments.training.builders.Run`) from ``state``."""
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,1 @@
+"""Figures and an HTML page for run folders (``rigl report``)."""

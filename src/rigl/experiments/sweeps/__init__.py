@@ -1,0 +1,1 @@
+"""Many runs (``rigl compare``): the sweep grid, the comparison driver, its table and plots."""
