@@ -43,7 +43,7 @@ import rigl
 from rigl.experiments.config import read_mapping
 from rigl.experiments.data.datasets import load_dataset
 from rigl.experiments.models.zoo import MLP
-from rigl.experiments.training.train import epoch_order, iterate_batches
+from rigl.experiments.training.batches import epoch_order, iterate_batches
 from rigl.topology import update_generator
 from stamp import RESULTS, stamp, write_result
 

@@ -20,7 +20,8 @@ from rigl.experiments.config import load_config
 from rigl.experiments.runio import read_csv
 from rigl.experiments.sweeps import compare
 from rigl.experiments.training.folder import LOCK, MARKER
-from rigl.experiments.training.train import check_data_parallel, train
+from rigl.experiments.training.ranks import check_data_parallel
+from rigl.experiments.training.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:no topology update will happen")
 

@@ -13,8 +13,8 @@ from rigl import ConfigError
 from rigl.experiments.config import ExperimentConfig, from_dict, load_config, parse_value
 from rigl.experiments.sweeps.results import markdown, summarise
 from rigl.experiments.sweeps.sweep import RunSpec, expand, find_preset, read_sweep_file
+from rigl.experiments.training.batches import epoch_order
 from rigl.experiments.training.builders import lr_factor
-from rigl.experiments.training.train import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -113,7 +113,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train every run not yet finished; returns one record per run (in plan order).
     With a distributed ``env``, every rank trains the runs in turn (no process pool)."""
-    from rigl.experiments.training.train import main_first
+    from rigl.experiments.training.ranks import main_first
 
     env = env or DistEnv()
     configs = {spec: spec.config(plan.base, out) for spec in plan.runs}

@@ -1,7 +1,8 @@
-"""Reading a `rigl train` checkpoint to resume from it, checked before anything is changed.
+"""A `rigl train` checkpoint: written to continue bit-identically, read (to resume) checked
+before anything is changed.
 
-:func:`rigl.experiments.training.train.save_checkpoint` writes ``checkpoint.pt`` atomically, so a
-killed run never leaves half of one; a damaged, foreign or other run's file can still be
+:func:`save_checkpoint` writes ``checkpoint.pt`` atomically, so a killed run never leaves
+half of one; a damaged, foreign or other run's file can still be
 found there (a copy, a full disk, a hand edit). :func:`read_checkpoint` turns each of those
 into a ``ConfigError`` naming the file and the way out, before any state is loaded and
 before any log is cut back.
@@ -16,7 +17,10 @@ import torch
 
 from rigl.config import ConfigError
 from rigl.experiments.config import ExperimentConfig
-from rigl.experiments.training.folder import config_changes
+from rigl.experiments.runio import atomic_torch_save, kill_point
+from rigl.experiments.training.builders import Run
+from rigl.experiments.training.folder import CHECKPOINT, config_changes
+from rigl.experiments.training.ranks import sum_over_ranks
 
 # what save_checkpoint writes and load_checkpoint reads
 KEYS = (
@@ -86,3 +90,36 @@ def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
             callback.load_state_dict(cb_state)
     run.elapsed_before = float(state["elapsed_s"])
     run.cpu_before = float(state.get("cpu_time_s", 0.0))
+
+
+def save_checkpoint(run: Run) -> None:
+    """Everything needed to continue bit-identically, written atomically (by rank 0:
+    every rank holds the same state)."""
+    cpu_time = cpu_time_of_all_ranks(run)
+    if not run.env.is_main:
+        return
+    state = {
+        "config": run.config.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "sparsifier": run.sparsifier.state_dict(),
+        "step": run.step,
+        "epoch": run.epoch,
+        "batch": run.batch,  # batches of `epoch` consumed; its order is epoch_order(seed, epoch)
+        "data_order": {"seed": run.config.seed, "epoch": run.epoch, "batches_done": run.batch},
+        "torch_rng": torch.get_rng_state(),
+        "epoch_stats": run.stats.state_dict(),
+        "last_eval": run.last_eval,
+        "callbacks": [getattr(cb, "state_dict", dict)() for cb in run.callbacks],
+        "elapsed_s": run.elapsed(),
+        "cpu_time_s": cpu_time,
+    }
+    atomic_torch_save(run.out / CHECKPOINT, state)
+    kill_point("checkpoint")
+
+
+def cpu_time_of_all_ranks(run: Run) -> float:
+    """CPU seconds of the run's processes: earlier ones (resume) plus every rank's own."""
+    own = run.cpu_time() - run.cpu_before
+    return run.cpu_before + sum_over_ranks([own], run.env)[0]

@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import pickle
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,48 +39,29 @@ from rigl.config import ConfigError
 from rigl.distributed import DistEnv
 from rigl.experiments.config import ExperimentConfig, load_config
 from rigl.experiments.runio import (
-    atomic_torch_save,
     kill_point,
     provenance,
     read_json,
     write_json,
 )
 from rigl.experiments.training import builders, folder, measures
+from rigl.experiments.training.batches import epoch_order, iterate_batches
 from rigl.experiments.training.builders import Run
-from rigl.experiments.training.checkpoint import load_checkpoint, read_checkpoint
+from rigl.experiments.training.checkpoint import (
+    cpu_time_of_all_ranks,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from rigl.experiments.training.folder import CHECKPOINT, FINAL
+from rigl.experiments.training.ranks import (
+    check_data_parallel,
+    main_first,
+    same_on_every_rank,
+    sum_over_ranks,
+)
 
 EVAL_BATCH = 1024
-
-
-# -- data order ----------------------------------------------------------------------------
-def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
-    """The permutation of the ``n`` training examples used in ``epoch``: a function of
-    ``(seed, epoch)`` only, so it can be recomputed when resuming mid-epoch."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randperm(n, generator=generator)
-
-
-def iterate_batches(
-    dataset: Any,
-    order: Tensor,
-    batch_size: int,
-    start: int,
-    stop: int,
-    env: DistEnv | None = None,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Batches ``start .. stop-1`` of ``dataset`` in ``order``; with a distributed ``env``,
-    this rank's shard of each (the global batches are the same on every rank)."""
-    tensors = getattr(dataset, "tensors", None)
-    for b in range(start, stop):
-        index = order[b * batch_size : (b + 1) * batch_size]
-        if env is not None and env.enabled:
-            index = distributed.shard(index, env)
-        if tensors is not None:
-            yield tensors[0][index], tensors[1][index]
-        else:
-            yield torch.utils.data.default_collate([dataset[int(i)] for i in index])
 
 
 # -- one epoch ------------------------------------------------------------------------------
@@ -94,15 +73,6 @@ def loss_and_correct(logits: Tensor, target: Tensor) -> tuple[Tensor, int, int]:
     loss = F.cross_entropy(logits, target)
     correct = int((logits.argmax(dim=1) == target).sum())
     return loss, correct, target.numel()
-
-
-def sum_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
-    """Element-wise sums over the ranks (one all-reduce; the values themselves in one process)."""
-    if not env.enabled:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def train_one_epoch(run: Run, progress: Any = None) -> None:
@@ -186,102 +156,7 @@ def end_epoch(run: Run) -> dict[str, Any]:
     return metrics
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-def save_checkpoint(run: Run) -> None:
-    """Everything needed to continue bit-identically, written atomically (by rank 0:
-    every rank holds the same state)."""
-    cpu_time = cpu_time_of_all_ranks(run)
-    if not run.env.is_main:
-        return
-    state = {
-        "config": run.config.to_dict(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "sparsifier": run.sparsifier.state_dict(),
-        "step": run.step,
-        "epoch": run.epoch,
-        "batch": run.batch,  # batches of `epoch` consumed; its order is epoch_order(seed, epoch)
-        "data_order": {"seed": run.config.seed, "epoch": run.epoch, "batches_done": run.batch},
-        "torch_rng": torch.get_rng_state(),
-        "epoch_stats": run.stats.state_dict(),
-        "last_eval": run.last_eval,
-        "callbacks": [getattr(cb, "state_dict", dict)() for cb in run.callbacks],
-        "elapsed_s": run.elapsed(),
-        "cpu_time_s": cpu_time,
-    }
-    atomic_torch_save(run.out / CHECKPOINT, state)
-    kill_point("checkpoint")
-
-
-def cpu_time_of_all_ranks(run: Run) -> float:
-    """CPU seconds of the run's processes: earlier ones (resume) plus every rank's own."""
-    own = run.cpu_time() - run.cpu_before
-    return run.cpu_before + sum_over_ranks([own], run.env)[0]
-
-
 # -- the whole run -------------------------------------------------------------------------
-def check_data_parallel(config: ExperimentConfig, env: DistEnv, n_train: int | None = None) -> None:
-    """What a torchrun job needs: a global batch (and a last, partial one in an epoch) that
-    splits over the ranks."""
-    if not env.enabled:
-        return
-    n = env.world_size
-    if config.batch_size % n:
-        fixed = (config.batch_size // n + 1) * n
-        raise same_on_every_rank(
-            ConfigError(
-                f"batch_size={config.batch_size} is the global batch and must be divisible "
-                f"by the world size ({n} processes): set batch_size to a multiple of {n} "
-                f"(e.g. --batch_size {fixed}) or launch a number of processes that divides it"
-            )
-        )
-    rest = n_train % config.batch_size if n_train is not None else 0
-    if 0 < rest < n:
-        raise same_on_every_rank(
-            ConfigError(
-                f"batch_size={config.batch_size}: the last batch of each epoch has {rest} "
-                f"of the {n_train} training examples, fewer than the world size ({n} "
-                "processes); choose a batch_size that leaves no such batch"
-            )
-        )
-
-
-def same_on_every_rank(exc: BaseException) -> BaseException:
-    """Mark ``exc`` as raised alike on every rank (the CLI reports it from rank 0 only)."""
-    exc.rigl_every_rank = True  # type: ignore[attr-defined]
-    return exc
-
-
-def _portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling (to be sent to the other ranks), else its message."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
-def main_first(env: DistEnv, fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the main process while the others wait; then its result, or its
-    exception, on every rank (an error found by rank 0 is raised everywhere, not a hang)."""
-    if not env.enabled:
-        return fn()
-    box: list[Any] = [(None, None)]
-    if env.is_main:
-        try:
-            box = [(fn(), None)]
-        except Exception as exc:
-            same_on_every_rank(exc)
-            torch.distributed.broadcast_object_list([(None, _portable(exc))], src=0)
-            raise
-    torch.distributed.broadcast_object_list(box, src=0)
-    result, error = box[0]
-    if error is not None:
-        raise same_on_every_rank(error)
-    return result
-
-
 def train(
     config: ExperimentConfig,
     *,
