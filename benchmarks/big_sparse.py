@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rigl
-from rigl.experiments.config import read_mapping
+from rigl.experiments.configfile import read_mapping
 from rigl.experiments.data.datasets import load_dataset
 from rigl.experiments.models.zoo import MLP
 from rigl.experiments.training.batches import epoch_order, iterate_batches

@@ -186,7 +186,7 @@ def test_train_with_a_dataset_and_no_config_uses_the_tuned_base_and_flags_win():
 
 
 def test_every_preset_base_is_the_tuned_config_of_its_dataset():
-    from rigl.experiments.config import read_mapping
+    from rigl.experiments.configfile import read_mapping
     from rigl.experiments.sweeps.sweep import CONFIG_DIRS, TUNED_CONFIGS, find_preset, tuned_config
 
     for dataset, name in TUNED_CONFIGS.items():

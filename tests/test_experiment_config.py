@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rigl import ConfigError
-from rigl.experiments.config import ExperimentConfig, from_dict, load_config, parse_value
+from rigl.experiments.config import ExperimentConfig, from_dict, load_config
+from rigl.experiments.configfile import parse_value
 from rigl.experiments.sweeps.results import markdown, summarise
 from rigl.experiments.sweeps.sweep import RunSpec, expand, find_preset, read_sweep_file
 from rigl.experiments.training.batches import epoch_order

@@ -43,7 +43,8 @@ def choices_of(f: dataclasses.Field) -> list[str] | None:
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     """A flag ``--key VALUE`` (also ``--key-with-dashes``) per config field, with the field's
     help, default and allowed values; a flag given overrides the config file."""
-    from rigl.experiments.config import ExperimentConfig, parse_value
+    from rigl.experiments.config import ExperimentConfig
+    from rigl.experiments.configfile import parse_value
 
     hints = typing.get_type_hints(ExperimentConfig)
     group = parser.add_argument_group(

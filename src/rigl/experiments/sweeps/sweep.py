@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from rigl.config import ConfigError
-from rigl.experiments.config import ExperimentConfig, from_dict, read_mapping
+from rigl.experiments.config import ExperimentConfig, from_dict
+from rigl.experiments.configfile import read_mapping
 from rigl.registry import dense_baseline, is_dense, method_label
 
 SWEEP_KEYS = ("sparsities", "seeds", "methods", "distributions", "multipliers", "runs")
