@@ -18,9 +18,9 @@ import torch
 from rigl.config import ConfigError
 from rigl.experiments.config import ExperimentConfig
 from rigl.experiments.runio import atomic_torch_save, kill_point
-from rigl.experiments.training.builders import Run
 from rigl.experiments.training.folder import CHECKPOINT, config_changes
 from rigl.experiments.training.ranks import sum_over_ranks
+from rigl.experiments.training.state import Run
 
 # what save_checkpoint writes and load_checkpoint reads
 KEYS = (
@@ -70,7 +70,7 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
 
 
 def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
-    """Continue ``run`` (a :class:`rigl.experiments.training.builders.Run`) from ``state``."""
+    """Continue ``run`` (a :class:`rigl.experiments.training.state.Run`) from ``state``."""
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])

@@ -46,7 +46,6 @@ from rigl.experiments.runio import (
 )
 from rigl.experiments.training import builders, folder, measures
 from rigl.experiments.training.batches import epoch_order, iterate_batches
-from rigl.experiments.training.builders import Run
 from rigl.experiments.training.checkpoint import (
     cpu_time_of_all_ranks,
     load_checkpoint,
@@ -60,6 +59,7 @@ from rigl.experiments.training.ranks import (
     same_on_every_rank,
     sum_over_ranks,
 )
+from rigl.experiments.training.state import Run
 
 EVAL_BATCH = 1024
 
