@@ -9,6 +9,9 @@ files belong in which folder and where to get them.
 IDX format (LeCun et al., http://yann.lecun.com/exdb/mnist/): a 4-byte magic number
 ``0x00 0x00 <dtype code> <ndim>``, then ``ndim`` big-endian uint32 dimension sizes, then
 the values in row-major order, big-endian.
+
+Longer than ~300 lines: one short reader per format plus their checksums and downloads,
+which share the error types, the official-file tables and the atomic write.
 """
 
 from __future__ import annotations

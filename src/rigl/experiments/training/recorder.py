@@ -19,6 +19,10 @@ run keeps what it recorded:
 Steps: an update is labelled with the index of the optimizer step during which it
 happened (``sparsifier.step_count - 1`` right after it), as in the schedule
 (``t % ΔT == 0``); snapshots are labelled with the number of steps completed.
+
+Longer than ~300 lines: nearly all of it is one class, whose per-layer state (birth steps,
+origins, ever-active masks) feeds all four files; split, that state would be shared
+between modules.
 """
 
 from __future__ import annotations
