@@ -82,7 +82,7 @@ def one(width: int, n_active: int, batch: int, candidates: float, steps: int) ->
         t0 = time.perf_counter()
         with torch.no_grad():
             plan = sp.plan_layer(0, weight, 100, update_generator(0, 100, 0))
-            weight.set_topology(plan, opt)
+            weight.install(plan, opt)
         grow[f"{label}_grow_s"] = time.perf_counter() - t0
         grow[f"peak_rss_{label}_mb"] = peak_rss_mb()
     return {

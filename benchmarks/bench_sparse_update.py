@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import rigl
-from rigl.sparse.storage import _blocks
+from rigl.blockwise import row_blocks
 from stamp import threads_and_clock, write_result
 
 WIDTH, BATCH, INTERVAL, TARGET = 4096, 128, 100, 0.05
@@ -102,7 +102,7 @@ def closures(
         backward(True)
         start = CLOCK()
         for w in sp.weights:
-            for r0, r1 in _blocks(w.rows, w.cols):
+            for r0, r1 in row_blocks(w.rows, w.grid.block_rows):
                 w.gradient_rows(r0, r1).abs()
         return CLOCK() - start
 

@@ -305,7 +305,7 @@ def run_exact_grow_probe(cfg: BigSparseConfig) -> dict[str, Any]:
         result[f"{label}_peak_rss_mb"] = peak_rss_mb()  # the exact grow's peak comes first
         print(f"  {label} grow: {result[f'{label}_grow_s']:.1f} s", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    weight.set_topology(plan, optimizer)
+    weight.install(plan, optimizer)
     result["set_topology_s"] = time.perf_counter() - t0
     result["gradient_macs"] = weight.numel * cfg.batch_size
     result["peak_rss_mb"] = peak_rss_mb()

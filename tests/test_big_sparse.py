@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import rigl
 from rigl import topology
+from rigl.blockwise import blockwise_topk
 from rigl.sparse import SparseLinear
 from rigl.sparse import storage as sparse_storage
 from rigl.topology import random_indices, random_indices_outside, topk_indices, update_generator
@@ -74,8 +75,7 @@ def test_random_indices_outside_are_uniform_over_the_free_positions(n):
 
 @pytest.mark.parametrize("block_elements", [7, 64, 1000, 1 << 20])
 @pytest.mark.parametrize("k", [1, 25, 300])
-def test_blockwise_topk_equals_one_topk(monkeypatch, block_elements, k):
-    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", block_elements)
+def test_blockwise_topk_equals_one_topk(block_elements, k):
     g = torch.Generator().manual_seed(k)
     rows, cols = 40, 30
     score = torch.randint(0, 6, (rows * cols,), generator=g).float()  # many exact ties
@@ -84,8 +84,9 @@ def test_blockwise_topk_equals_one_topk(monkeypatch, block_elements, k):
     masked[kept] = -torch.inf
     expected = topk_indices(masked, k, torch.Generator().manual_seed(9))  # ties: seeded draws
     grow = lambda r0, r1: score[r0 * cols : r1 * cols]  # noqa: E731
-    got = sparse_storage._blockwise_topk(
-        grow, rows, cols, kept, k, torch.Generator().manual_seed(9), "w"
+    block_rows = max(1, block_elements // cols)  # as the compressed storage's grid has it
+    got = blockwise_topk(
+        grow, rows, cols, kept, k, torch.Generator().manual_seed(9), "w", block_rows
     )
     assert torch.equal(torch.sort(got).values, torch.sort(expected).values)
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import rigl
+from rigl.blockwise import blockwise_topk
 from rigl.sparse import SparseLinear, kernels
 from rigl.sparse import storage as sparse_storage
 from rigl.sparse.convert import to_dense
@@ -121,9 +122,8 @@ def _skewed_scores(kind: str, rows: int, cols: int, g: torch.Generator) -> torch
     "kind", ["uniform", "ties", "first_rows_high", "last_rows_high", "dead_inputs", "kept_high"]
 )
 @pytest.mark.parametrize("k", [1, 300, 6000, 60000])
-def test_blockwise_topk_with_sampled_cuts_equals_one_topk(monkeypatch, kind, k):
+def test_blockwise_topk_with_sampled_cuts_equals_one_topk(kind, k):
     """Blocks of 2**16 scores: large enough for the sampled guesses (and their rescans)."""
-    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", 1 << 16)
     g = torch.Generator().manual_seed(k)
     rows, cols = 512, 512
     score = _skewed_scores(kind, rows, cols, g)
@@ -140,8 +140,8 @@ def test_blockwise_topk_with_sampled_cuts_equals_one_topk(monkeypatch, kind, k):
         calls.append(r0)
         return score[r0:r1].reshape(-1)  # a view: must not be written
 
-    got = sparse_storage._blockwise_topk(
-        grow, rows, cols, kept, k, torch.Generator().manual_seed(9), "w"
+    got = blockwise_topk(
+        grow, rows, cols, kept, k, torch.Generator().manual_seed(9), "w", (1 << 16) // cols
     )
     assert torch.equal(torch.sort(got).values, torch.sort(expected).values)
     assert torch.equal(score, before)
@@ -175,8 +175,8 @@ def test_non_finite_grow_scores_are_reported():
     score[200, 7] = float("nan")
     kept = torch.arange(0, 90000, 7)
     with pytest.raises(NonFiniteScore, match="non-finite scores in w"):
-        sparse_storage._blockwise_topk(
-            lambda r0, r1: score[r0:r1].reshape(-1), 300, 300, kept, 50, torch.Generator(), "w"
+        blockwise_topk(
+            lambda r0, r1: score[r0:r1].reshape(-1), 300, 300, kept, 50, torch.Generator(), "w", 300
         )
 
 

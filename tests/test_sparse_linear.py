@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import rigl
+from rigl.blockwise import blockwise_topk
 from rigl.sparse import SparseLinear, kernels
-from rigl.sparse import storage as sparse_storage
 
 KERNELS = [
     "torch",
@@ -118,7 +118,7 @@ def test_state_dict_round_trip_with_other_nnz():
     torch.testing.assert_close(dst(x), src(x))
 
 
-def test_grad_rows_and_grow_candidates_match_dense_gradient(monkeypatch):
+def test_grad_rows_and_grow_candidates_match_dense_gradient():
     dense, mask = dense_and_mask(24, 20, 0.3)
     sparse = SparseLinear.from_dense(dense, mask)
     x, dy = torch.randn(16, 24), torch.randn(16, 20)
@@ -128,8 +128,7 @@ def test_grad_rows_and_grow_candidates_match_dense_gradient(monkeypatch):
     full = dense.weight.grad
     torch.testing.assert_close(sparse.grad_rows(3, 11), full[3:11], rtol=1e-4, atol=1e-5)
     # RigL's grow on this layer: the blockwise top-k of |grad_rows| outside the active set
-    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", 7 * 24)  # blocks of 7 rows
-    pos = sparse_storage._blockwise_topk(
+    pos = blockwise_topk(
         lambda r0, r1: sparse.grad_rows(r0, r1).abs(),
         20,
         24,
@@ -137,6 +136,7 @@ def test_grad_rows_and_grow_candidates_match_dense_gradient(monkeypatch):
         10,
         torch.Generator().manual_seed(0),
         "w",
+        block_rows=7,
     )
     expect = full.abs().masked_fill(mask, -1).reshape(-1).topk(10)
     assert set(pos.tolist()) == set(expect.indices.tolist())

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from rigl import topology
+from rigl.selection import drop_and_grow, magnitude_prune
 from rigl.topology import (
-    drop_and_grow,
-    magnitude_prune,
     random_mask,
     topk_indices,
     topk_mask,

@@ -121,3 +121,54 @@ def _group_of(optimizer: torch.optim.Optimizer, param: Tensor) -> dict[str, Any]
         if any(p is param for p in group["params"]):
             return group
     raise KeyError("parameter is not in the optimizer")
+
+
+def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequence[Any]) -> None:
+    """Every sparsified parameter (``targets[i].param``, named ``.name``) is in ``optimizer``."""
+    if optimizer is None:
+        return
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [t.name for t in targets if id(t.param) not in in_optimizer]
+    if missing:
+        raise ConfigError(
+            f"parameters {missing} are sparsified but not in the optimizer; create the "
+            "sparsifier with the optimizer that trains this model"
+        )
+
+
+def check_state_sizes(optimizer: torch.optim.Optimizer | None, weights: Sequence[Any]) -> None:
+    """A compressed layer's active count can change outside the sparsifier (its
+    ``model.load_state_dict`` or ``load_sparse`` without the sparsifier): its optimizer
+    state is then of the old size, which the optimizer would fail on. (A 1-D state of a
+    1-D parameter has its shape in every torch optimizer; masked weights are >= 2-D.)"""
+    if optimizer is None:
+        return
+    for weight in weights:
+        param = weight.param
+        for key, value in optimizer.state.get(param, {}).items():
+            if not isinstance(value, Tensor) or value.dim() != 1 or param.dim() != 1:
+                continue
+            if value.shape != param.shape:
+                raise ConfigError(
+                    f"the optimizer state of {weight.name} ({key!r}: {value.numel()} "
+                    f"entries) does not match its {param.numel()} active weights: the "
+                    "topology was replaced (model.load_state_dict, or load_sparse without "
+                    "the sparsifier) but not the optimizer state. Also load the optimizer "
+                    "state saved with the model, or load the topology through "
+                    "sparsifier.load_state_dict() / load_sparse(path, model, sparsifier), "
+                    "which move the optimizer state along"
+                )
+
+
+def unscale_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Unscale the gradients of ``optimizer`` and say whether one is inf/NaN, i.e. whether
+    ``scaler.step`` is going to skip the optimizer step (the same test the scaler makes)."""
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as exc:  # the caller unscaled already (to clip): fine
+        if "already been called" not in str(exc):
+            raise
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    grads = [g.coalesce().values() if g is not None and g.is_sparse else g for g in grads]
+    finite = [torch.isfinite(g).all() for g in grads if g is not None]
+    return bool(finite) and not bool(torch.stack(finite).all())

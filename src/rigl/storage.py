@@ -1,57 +1,31 @@
-"""Sparse weight storage: the seam between algorithms and tensors.
+"""Masked-dense storage: the ordinary dense parameter times a bool mask.
 
-An algorithm asks a sparse weight for drop scores (magnitudes), gives it grow scores
-and asks it to rewire; how the weight is stored is the weight's business. This module
-holds the masked-dense storage: the ordinary dense parameter times a bool mask.
+One of the two implementations of :class:`rigl.seam.SparseStorage` (the other is the
+compressed :class:`rigl.sparse.storage.SparseWeight`). The algorithms read scores through
+the seam and hand back a :class:`rigl.rewiring.Rewiring`; turning it into a mask is this
+module's business.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
-from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
+from rigl.rewiring import Grid, NonFiniteScore, Rewiring, RowScores, check_finite
+from rigl.seam import RewireStats
+from rigl.topology import split_evenly
 
-# Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
-# ((r1 - r0) * cols,). A masked weight asks for all rows at once; a compressed weight scans
-# row blocks, so a dense score matrix never has to exist.
-RowScores = Callable[[int, int], Tensor]
-
-
-class NonFiniteScore(Exception):
-    """A score was inf/NaN: the whole topology update is skipped."""
-
-
-def check_finite(score: Tensor | None, name: str) -> None:
-    if score is None or score.numel() == 0:
-        return
-    if score.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): its stored values
-        score = score.coalesce().values()
-    # One pass: NaN propagates to both ends, an inf is one of them (isfinite().all() is two
-    # passes and a bool tensor, about 20x slower on a large score).
-    low, high = torch.aminmax(score.detach().reshape(-1))
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):
-        raise NonFiniteScore(f"non-finite scores in {name} (inf/NaN gradient?)")
-
-
-@dataclass(frozen=True)
-class RewireStats:
-    """What one topology update did to one layer."""
-
-    name: str
-    n_active: int
-    n_dropped: int  # active before, inactive after
-    n_grown: int  # inactive before, active after (equals n_dropped for DST methods)
+# re-exported: they lived here before the seam had its own module
+__all__ = ["MaskedWeight", "NonFiniteScore", "RewireStats", "RowScores", "check_finite"]
 
 
 class MaskedWeight:
-    """A dense ``nn.Parameter`` with a bool ``mask`` of the same shape.
+    """A dense ``nn.Parameter`` with a bool ``mask`` of the same shape (a
+    :class:`rigl.seam.SparseStorage`).
 
     Inactive entries are exactly zero after every :meth:`apply_mask`; the full dense
     gradient is available for growth (RigL's ``|∇θ L|``). With ``blocks`` > 1 the rows form
@@ -80,6 +54,7 @@ class MaskedWeight:
     def mask(self, mask: Tensor) -> None:
         self._mask = mask
         self._inactive = ~mask  # kept: every step fills the inactive positions
+        self._active: Tensor | None = None  # its flat positions, when first asked for
         self._n_active = int(mask.count_nonzero())
 
     @property
@@ -123,7 +98,7 @@ class MaskedWeight:
         else:
             grad.masked_fill_(self._inactive, 0.0)
 
-    # -- scores ---------------------------------------------------------------------
+    # -- scores (see rigl.seam.SparseStorage) ------------------------------------------
     @property
     def rows(self) -> int:
         return self.shape[0]
@@ -132,9 +107,24 @@ class MaskedWeight:
     def cols(self) -> int:
         return self.numel // self.shape[0]
 
-    def magnitude(self) -> Tensor:
-        """Drop score: ``|θ|``, flat."""
-        return self.param.detach().abs().flatten()
+    @property
+    def grid(self) -> Grid:
+        """Grow scores are read in one call: the dense gradient exists anyway."""
+        return Grid(self.rows, self.cols, self.blocks, None, self.name)
+
+    holds_dense_gradient = True
+
+    def active_positions(self) -> Tensor:
+        """Sorted int64 flat positions of the active weights (computed once per mask)."""
+        if self._active is None:
+            self._active = self._mask.reshape(-1).nonzero().squeeze(1)
+        return self._active
+
+    def active_values(self) -> Tensor:
+        return self.param.detach().reshape(-1)[self.active_positions()]
+
+    def active_gradient(self) -> Tensor:
+        return self._needed_gradient().reshape(-1)[self.active_positions()]
 
     def dense_gradient(self) -> Tensor | None:
         """The gradient on the current batch, shaped like the weight; a sparse gradient
@@ -144,50 +134,48 @@ class MaskedWeight:
             return None
         return grad.detach().to_dense() if grad.is_sparse else grad.detach()
 
-    def gradient(self) -> Tensor | None:
-        """Dense gradient of the (masked) weight on the current batch, flat."""
-        grad = self.dense_gradient()
-        return None if grad is None else grad.flatten()
-
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the dense gradient viewed as (rows, cols)."""
+        return self._needed_gradient().reshape(self.rows, self.cols)[r0:r1]
+
+    def gradient_at(self, flat: Tensor) -> Tensor:
+        """The dense gradient at the flat positions ``flat``."""
+        return self._needed_gradient().reshape(-1)[flat]
+
+    def _needed_gradient(self) -> Tensor:
         grad = self.dense_gradient()
         if grad is None:
             raise RuntimeError(
                 f"the gradient of {self.name} is needed on update steps; call "
                 "loss.backward() before sparsifier.step()"
             )
-        return grad.reshape(self.rows, self.cols)[r0:r1]
+        return grad
 
     # -- topology -------------------------------------------------------------------
-    def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
-        """New flat mask: drop the ``n_update`` smallest magnitudes, grow by ``grow``."""
-        score = grow(0, self.rows).reshape(-1)
-        check_finite(score, self.name)
-        return drop_and_grow(
-            self.mask.flatten(), self.magnitude(), score, n_update, tie_break, self.blocks
-        )
-
-    def prune(self, n_keep: int, score: Tensor, tie_break: TieBreak) -> Tensor:
-        """New flat mask keeping the ``n_keep`` active weights of largest ``score``."""
-        return magnitude_prune(self.mask.flatten(), score, n_keep, tie_break, self.blocks)
-
     @torch.no_grad()
-    def set_topology(
+    def install(
         self,
-        new_mask: Tensor,
+        rewiring: Rewiring,
         optimizer: torch.optim.Optimizer | None,
         grown_gradient: bool = False,
     ) -> RewireStats:
-        """Install ``new_mask``: grown weights start at zero with fresh optimizer state,
-        dropped weights become zero (their state fresh too); kept weights keep value,
-        state and gradient. Grown weights keep their gradient if ``grown_gradient``, else
-        it is zeroed; the dropped ones' is zeroed after the step (:meth:`apply_mask`)."""
-        new_mask = new_mask.reshape(self.shape).to(torch.bool)
+        """Install ``rewiring`` as a new mask: grown weights start at their
+        ``grown_values`` (zero by default) with fresh optimizer state, dropped weights
+        become zero (their state fresh too); kept weights keep value, state and gradient.
+        Grown weights keep their gradient if ``grown_gradient``, else it is zeroed; the
+        dropped ones' is zeroed after the step (:meth:`apply_mask`)."""
+        flat = self._mask.reshape(-1).clone()
+        flat[self.active_positions()[~rewiring.keep]] = False
+        flat[rewiring.grown] = True
+        new_mask = flat.reshape(self.shape)
         grown = new_mask & ~self.mask
         dropped = self.mask & ~new_mask
         self.param.masked_fill_(grown | dropped, 0.0)
         reset_optimizer_state(optimizer, self.param, grown | dropped)
+        if rewiring.grown_values is not None:  # a regrown position keeps its value
+            start = torch.zeros(self.numel, dtype=self.param.dtype, device=self.param.device)
+            start[rewiring.grown] = rewiring.grown_values.to(self.param.dtype)
+            self.param.copy_(torch.where(grown, start.reshape(self.shape), self.param))
         self.mask = new_mask
         grad = self.param.grad
         if grad is not None and not grown_gradient:

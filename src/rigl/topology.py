@@ -1,4 +1,6 @@
-"""Drop and grow on flat masks: pure tensor functions, no module, no optimizer.
+"""Top-k and random draws on flat positions: pure tensor functions, no module, no optimizer.
+
+The drop and grow built on them are :mod:`rigl.selection`.
 
 Ties are broken by priority: among equal scores the position with the larger priority
 wins. Priorities come from a tensor (golden tests) or are drawn, only for the tied
@@ -9,7 +11,6 @@ of the scores and the seed only, identical on every data-parallel worker.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -101,77 +102,9 @@ def topk_mask(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
     return chosen
 
 
-def _drop_smallest(mask: Tensor, drop_score: Tensor, n_drop: int, tie_break: TieBreak) -> Tensor:
-    """``mask`` without its ``n_drop`` active entries of smallest ``drop_score``.
-    Works on the active entries only: O(n_active), not O(N)."""
-    keep = mask.clone()
-    if n_drop <= 0:
-        return keep
-    active = mask.nonzero().squeeze(1)
-    local = topk_indices(-drop_score[active], n_drop, _subset(tie_break, active))
-    keep[active[local]] = False
-    return keep
-
-
-def drop_and_grow(
-    mask: Tensor,
-    drop_score: Tensor,
-    grow_score: Tensor,
-    n_update: int,
-    tie_break: TieBreak,
-    blocks: int = 1,
-) -> Tensor:
-    """One RigL/SET connectivity update of a flat bool ``mask``.
-
-    Drop the ``n_update`` active positions with the smallest ``drop_score``, then grow
-    the ``n_update`` positions with the largest ``grow_score`` among every position that
-    was not kept. The just-dropped positions are candidates too (RigL's
-    ``ArgTopK_{i ∉ θ \\ I_drop}``): a weight dropped and regrown in the same update stays
-    active. Grown and kept sets are disjoint, so the active count is exactly unchanged.
-
-    ``blocks`` > 1 splits the flat positions into that many equal contiguous blocks (the
-    q, k and v rows of a packed projection) and updates each on its own, with
-    ``split_evenly(n_update, blocks)`` drops and grows: every block keeps its count.
-    """
-    if blocks > 1:
-        return _per_block(drop_and_grow, blocks, n_update, tie_break, mask, drop_score, grow_score)
-    n_update = min(int(n_update), int(mask.count_nonzero()))
-    if n_update == 0:
-        return mask.clone()
-    keep = _drop_smallest(mask, drop_score, n_update, tie_break)
-    candidates = grow_score.masked_fill(keep, -torch.inf)
-    keep[topk_indices(candidates, n_update, tie_break)] = True
-    return keep
-
-
-def magnitude_prune(
-    mask: Tensor, score: Tensor, n_keep: int, tie_break: TieBreak, blocks: int = 1
-) -> Tensor:
-    """Keep the ``n_keep`` active positions of largest ``score`` (pruning never grows);
-    with ``blocks`` > 1, ``split_evenly(n_keep, blocks)`` in each block."""
-    if blocks > 1:
-        return _per_block(magnitude_prune, blocks, n_keep, tie_break, mask, score)
-    return _drop_smallest(mask, score, int(mask.count_nonzero()) - n_keep, tie_break)
-
-
 def split_evenly(n: int, parts: int) -> list[int]:
     """``n`` split into ``parts`` counts that differ by at most one, larger ones first."""
     return [n // parts + (1 if b < n % parts else 0) for b in range(parts)]
-
-
-def _per_block(
-    fn: Callable[..., Tensor], blocks: int, n: int, tie_break: TieBreak, *flat: Tensor
-) -> Tensor:
-    """``fn`` applied to each of ``blocks`` equal contiguous slices of the ``flat`` tensors,
-    with ``split_evenly(n, blocks)`` as its count; the results concatenated. A generator
-    tie-break draws block after block; a tensor one is sliced like the scores."""
-    size = flat[0].numel() // blocks
-    parts = []
-    for b, n_b in enumerate(split_evenly(int(n), blocks)):
-        part = slice(b * size, (b + 1) * size)
-        tie = tie_break[part] if isinstance(tie_break, Tensor) else tie_break
-        parts.append(fn(*(t[part] for t in flat), n_b, tie))
-    return torch.cat(parts)
 
 
 def random_mask(numel: int, n_active: int, generator: torch.Generator) -> Tensor:

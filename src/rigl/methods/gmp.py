@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from rigl import selection
 from rigl.config import resolve_step
 from rigl.flops_train import (
     PRUNING_BEGIN,
@@ -15,9 +15,10 @@ from rigl.flops_train import (
     PRUNING_INTERVAL,
     pruning_flops_fraction,
 )
+from rigl.rewiring import Rewiring
 from rigl.schedules import PruningSchedule
+from rigl.seam import SparseStorage
 from rigl.sparsifier import Sparsifier, register_method
-from rigl.storage import MaskedWeight
 
 
 @register_method("gmp")
@@ -71,10 +72,12 @@ class GMP(Sparsifier):
         )
 
     def plan_layer(
-        self, index: int, weight: MaskedWeight, step: int, generator: torch.Generator
-    ) -> Tensor | None:
+        self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
+    ) -> Rewiring | None:
         n_prunable = weight.numel - self.target_counts[index]
         n_keep = weight.numel - math.floor(self.schedule.progress(step) * n_prunable)
         if n_keep >= weight.n_active:
             return None
-        return weight.prune(n_keep, weight.magnitude(), generator)
+        return selection.prune(
+            weight.active_positions(), self.drop_score(weight), n_keep, weight.grid, generator
+        )

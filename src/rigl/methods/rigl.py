@@ -6,12 +6,13 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from rigl import selection
 from rigl.errors import check_real
 from rigl.methods.set import SET
+from rigl.rewiring import Rewiring, RowScores
+from rigl.seam import SparseStorage
 from rigl.sparsifier import register_method
-from rigl.storage import MaskedWeight, RowScores
 
 
 @register_method("rigl")
@@ -23,7 +24,7 @@ class RigL(SET):
     topology is updated first, then the step runs with the new mask).
 
     ``grow_candidates`` (default None: exact RigL) is for layers too large to scan: on a
-    compressed (``backend="sparse"``) layer that grows ``k`` connections, the gradient is
+    layer whose storage does not hold the dense gradient (``backend="sparse"``) that grows ``k`` connections, the gradient is
     computed only at ``ceil(grow_candidates * k)`` positions drawn uniformly among those
     not kept, and the ``k`` largest grow. 1 is SET with zero-initialised growth; large
     values approach exact RigL; where the candidates would be more than half of the
@@ -53,19 +54,25 @@ class RigL(SET):
         self.grow_candidates = grow_candidates
         super().__init__(*args, **kwargs)
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
+    def grow_score(self, weight: SparseStorage, generator: torch.Generator) -> RowScores:
         return lambda r0, r1: weight.gradient_rows(r0, r1).abs().reshape(-1)
 
     def plan_layer(
-        self, index: int, weight: Any, step: int, generator: torch.Generator
-    ) -> Tensor | None:
-        if self.grow_candidates is None or not hasattr(weight, "rewire_sampled"):
+        self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
+    ) -> Rewiring | None:
+        if self.grow_candidates is None or weight.holds_dense_gradient:
             return super().plan_layer(index, weight, step, generator)
         n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
         n_candidates = math.ceil(self.grow_candidates * n_update)
         free = weight.numel - weight.n_active + n_update
         if n_update == 0 or 2 * n_candidates > free:
             return super().plan_layer(index, weight, step, generator)  # little saving: exact
-        return weight.rewire_sampled(
-            n_update, lambda flat: weight.gradient_at(flat).abs(), n_candidates, generator
+        return selection.rewire_sampled(
+            weight.active_positions(),
+            self.drop_score(weight),
+            lambda flat: weight.gradient_at(flat).abs(),
+            weight.grid,
+            n_update,
+            n_candidates,
+            generator,
         )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rigl.rewiring import RowScores
+from rigl.seam import SparseStorage
 from rigl.sparsifier import Sparsifier, register_method
-from rigl.storage import MaskedWeight, RowScores
 
 CHUNK_ROWS = 64  # random scores are drawn per chunk of rows, seeded by (update, chunk)
 
@@ -18,7 +19,7 @@ class SET(Sparsifier):
     supports_sparse_backend = True
     label = "SET"  # training cost: 3 f_S (random growth is negligible)
 
-    def grow_score(self, weight: MaskedWeight, generator: torch.Generator) -> RowScores:
+    def grow_score(self, weight: SparseStorage, generator: torch.Generator) -> RowScores:
         # Scores are a pure function of (update seed, row), so a storage may read any row
         # block, in any order and more than once, and both backends see the same scores.
         base = int(torch.randint(0, 2**62, (1,), generator=generator))

@@ -9,8 +9,9 @@ from torch import Tensor
 
 from rigl.errors import check_real
 from rigl.methods.set import SET
+from rigl.rewiring import RowScores
 from rigl.sparsifier import register_method
-from rigl.storage import MaskedWeight, RowScores
+from rigl.storage import MaskedWeight
 
 
 @register_method("snfs")
@@ -36,6 +37,7 @@ class SNFS(SET):
     @torch.no_grad()
     def observe_gradients(self) -> None:
         for weight in self.weights:
+            assert isinstance(weight, MaskedWeight)  # supports_sparse_backend is False
             grad = weight.dense_gradient()
             if grad is None or not bool(torch.isfinite(grad).all()):
                 continue  # an inf/NaN gradient would poison the average for good

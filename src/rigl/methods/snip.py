@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from rigl import selection
+from rigl.rewiring import Rewiring
+from rigl.seam import SparseStorage
 from rigl.sparsifier import Sparsifier, register_method
-from rigl.storage import MaskedWeight
 
 
 @register_method("snip")
@@ -28,10 +29,9 @@ class SNIP(Sparsifier):
         return self.update_count == 0
 
     def plan_layer(
-        self, index: int, weight: MaskedWeight, step: int, generator: torch.Generator
-    ) -> Tensor | None:
-        grad = weight.gradient()
-        if grad is None:
-            raise RuntimeError(f"SNIP needs the gradient of {weight.name} on its first step")
-        score = (grad * weight.param.detach().flatten()).abs()
-        return weight.prune(self.target_counts[index], score, generator)
+        self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
+    ) -> Rewiring | None:
+        score = (weight.active_gradient() * weight.active_values()).abs()  # |∂L/∂θ · θ|
+        return selection.prune(
+            weight.active_positions(), score, self.target_counts[index], weight.grid, generator
+        )

@@ -1,21 +1,14 @@
-"""Compressed sparse storage behind the same seam as :class:`rigl.storage.MaskedWeight`.
+"""Compressed sparse storage: the second implementation of :class:`rigl.seam.SparseStorage`.
 
 A :class:`SparseWeight` wraps a :class:`~rigl.sparse.SparseLinear`: only the active values
-exist, so drop works on them directly, and growth scans the grow scores block by block of
-output rows, holding only the entries at or above a running cut. No dense score, mask or
-gradient matrix is built.
-
-Selection is the same function of (scores, seed) as on the masked backend, so the two
-backends choose identical masks: the k-th largest value ``v`` is found in a first pass;
-if entries tied at ``v`` must be chosen between, a second pass visits the tied entries in
-flat order and draws their priorities from the same generator (torch's CPU generator is
-split-consistent: ``rand(a)`` then ``rand(b)`` equals ``rand(a + b)``), keeping a running
-best by priority, so memory stays bounded even when millions of scores tie at zero.
+exist, so a drop score is a tensor of ``n_active`` entries, and the grow scores are read
+block of output rows by block (:attr:`SparseWeight.grid`), one matrix product each, by
+the bounded-memory scan of :mod:`rigl.blockwise`. No dense score, mask or gradient matrix
+is built. A :class:`~rigl.rewiring.Rewiring` is installed by merging two sorted runs (the
+kept positions and the grown ones) with the compiled ``merge_plan`` where it exists.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,17 +16,11 @@ from torch import Tensor
 
 from rigl.config import ConfigError
 from rigl.optim_state import weight_states
+from rigl.rewiring import Grid, Rewiring
+from rigl.seam import RewireStats
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
-from rigl.storage import RewireStats, RowScores, check_finite
-from rigl.topology import (
-    TieBreak,
-    _priority,
-    random_indices_outside,
-    sample_positions,
-    topk_indices,
-)
 
 # Grow scores per block (16 MB of float32): for a wide layer (65536 inputs) that is 64
 # rows, enough for the gradient GEMM of a block to run near full speed.
@@ -44,12 +31,12 @@ class SparseWeight:
     """The weight of a :class:`SparseLinear`, seen by the algorithms."""
 
     blocks = 1  # a packed q/k/v projection is never compressed
+    holds_dense_gradient = False  # each block of the dense gradient is a matrix product
 
     def __init__(self, name: str, layer: SparseLinear) -> None:
         self.name = name
         self.layer = layer
         self._active: tuple[object, Tensor] | None = None  # (index, its flat positions)
-        self._plan: tuple[Tensor, Tensor] | None = None  # (planned flat indices, drop mask)
 
     # -- shape and counts --------------------------------------------------------------
     @property
@@ -87,6 +74,11 @@ class SparseWeight:
         mask[self.layer.active_indices()] = True
         return mask.reshape(self.shape)
 
+    @property
+    def grid(self) -> Grid:
+        """Grow scores are read :data:`BLOCK_ELEMENTS` at a time (whole rows, at least one)."""
+        return Grid(self.rows, self.cols, 1, max(1, BLOCK_ELEMENTS // max(self.cols, 1)), self.name)
+
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
     def apply_mask(
         self, optimizer: torch.optim.Optimizer | None = None, gradient: bool = True
@@ -101,9 +93,26 @@ class SparseWeight:
         self.layer.keep_grow_inputs(update_due)
 
     # -- scores ------------------------------------------------------------------------
-    def magnitude(self) -> Tensor:
-        """``|θ|`` of the active weights, in flat-index order."""
-        return self.param.detach().abs()
+    def active_positions(self) -> Tensor:
+        """The layer's active flat positions, computed once per index (planning and
+        install both need them in an update)."""
+        index = self.layer._index
+        if self._active is None or self._active[0] is not index:
+            self._active = (index, self.layer.active_indices())
+        return self._active[1]
+
+    def active_values(self) -> Tensor:
+        """The values themselves: they are stored in flat order."""
+        return self.param.detach()
+
+    def active_gradient(self) -> Tensor:
+        grad = self.param.grad
+        if grad is None:
+            raise RuntimeError(
+                f"the gradient of {self.name} is needed on update steps; call "
+                "loss.backward() before sparsifier.step()"
+            )
+        return grad.detach()
 
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the dense gradient ``dy^T x``, accumulated over the update step's
@@ -116,81 +125,48 @@ class SparseWeight:
         return _mean_over_ranks(self.layer.grad_at(flat))
 
     # -- topology ----------------------------------------------------------------------
-    def rewire(self, n_update: int, grow: RowScores, tie_break: TieBreak) -> Tensor:
-        """New active flat indices: drop the ``n_update`` smallest, grow the best ``grow``."""
-        n_update = min(int(n_update), self.n_active)
-        kept, keep = self._kept_after_drop(n_update, tie_break)
-        grown = _blockwise_topk(grow, self.rows, self.cols, kept, n_update, tie_break, self.name)
-        return self._planned(kept, keep, grown)
-
-    def rewire_sampled(
-        self,
-        n_update: int,
-        scores_at: Callable[[Tensor], Tensor],
-        n_candidates: int,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """Like :meth:`rewire`, but grow the best ``n_update`` by ``scores_at(flat)`` among
-        ``n_candidates`` positions drawn uniformly from those not kept (the just-dropped
-        included): O(n_candidates) scores instead of a scan of every position."""
-        n_update = min(int(n_update), self.n_active)
-        kept, keep = self._kept_after_drop(n_update, generator)
-        free = self.numel - kept.numel()
-        candidates = random_indices_outside(
-            self.numel, min(max(n_candidates, n_update), free), kept.cpu(), generator
-        ).to(kept.device)
-        score = scores_at(candidates)
-        check_finite(score, self.name)
-        grown = candidates[topk_indices(score, n_update, generator)]
-        return self._planned(kept, keep, grown)
-
-    def _kept_after_drop(self, n_update: int, tie_break: TieBreak) -> tuple[Tensor, Tensor]:
-        """Sorted flat indices of the active weights left after dropping the ``n_update``
-        of smallest magnitude, and the drop mask over the active weights (True: kept)."""
-        active = self._active_indices()
-        keep = torch.ones(active.numel(), dtype=torch.bool, device=active.device)
-        keep[topk_indices(-self.magnitude(), n_update, tie_break)] = False
-        return active[keep], keep
-
-    def _active_indices(self) -> Tensor:
-        """The layer's active flat positions, computed once per index (drop and install
-        both need them in an update)."""
-        index = self.layer._index
-        if self._active is None or self._active[0] is not index:
-            self._active = (index, self.layer.active_indices())
-        return self._active[1]
-
-    def _planned(self, kept: Tensor, keep: Tensor, grown: Tensor) -> Tensor:
-        """``kept`` then ``grown``, remembered with the drop mask: :meth:`set_topology` then
-        merges the two sorted runs and knows the old slot of every kept weight."""
-        new_flat = torch.cat([kept, grown])
-        self._plan = (new_flat, keep)
-        return new_flat
-
     @torch.no_grad()
-    def set_topology(
+    def install(
         self,
-        new_flat: Tensor,
+        rewiring: Rewiring,
         optimizer: torch.optim.Optimizer | None,
         grown_gradient: bool = False,
     ) -> RewireStats:
-        """Install the active set ``new_flat``: positions that stay keep value, optimizer
-        state and gradient; new ones start at zero with fresh state (what the optimizer
-        starts it at) and, if ``grown_gradient``, the dense gradient there, else zero (as
-        on the masked backend)."""
-        old_flat = self._active_indices()
-        plan, self._plan, self._active = self._plan, None, None
-        if plan is not None and plan[0] is new_flat and plan[1].numel() == old_flat.numel():
-            n_kept = int(plan[1].count_nonzero())
-            grown = new_flat[n_kept:]
-            merged, slot = _merge_plan(old_flat, plan[1], grown, self.numel, self.layer.kernels)
-        else:
-            merged = _sort(new_flat.reshape(-1).to(torch.int64), self.numel)[0]
-            slot = _old_slots(old_flat, merged)
+        """Install ``rewiring``: the kept positions and the grown ones, two sorted runs,
+        are merged (knowing the old slot of every kept weight); see :meth:`_move`."""
+        old_flat = self.active_positions()
+        if rewiring.keep.numel() != old_flat.numel():
+            raise ValueError(
+                f"{self.name}: the rewiring keeps or drops {rewiring.keep.numel()} weights, "
+                f"the layer has {old_flat.numel()} (planned on another topology?)"
+            )
+        merged, slot = _merge_plan(
+            old_flat, rewiring.keep, rewiring.grown, self.numel, self.layer.kernels
+        )
+        start = None
+        if rewiring.grown_values is not None:
+            start = _values_at(rewiring.grown, rewiring.grown_values, merged)
+        return self._move(merged, slot, optimizer, grown_gradient, start)
+
+    def _move(
+        self,
+        merged: Tensor,
+        slot: Tensor,
+        optimizer: torch.optim.Optimizer | None,
+        grown_gradient: bool = False,
+        start: Tensor | None = None,
+    ) -> RewireStats:
+        """Make the sorted ``merged`` the active set; ``slot``: each entry's slot in the old
+        one, or -1. Positions that stay keep value, optimizer state and gradient; new ones
+        start at ``start`` (or zero) with fresh state (what the optimizer starts it at) and,
+        if ``grown_gradient``, the dense gradient there, else zero (as on the masked
+        backend)."""
+        self._active = None
         survived = slot >= 0
         slot = slot.clamp(min=0)
         values = self.param.detach()
-        new_values = torch.where(survived, values[slot], torch.zeros((), dtype=values.dtype))
+        fresh_value = torch.zeros((), dtype=values.dtype) if start is None else start
+        new_values = torch.where(survived, values[slot], fresh_value.to(values.dtype))
         states = weight_states(optimizer, self.param)
         new_states = {
             key: torch.where(survived, s[slot], fresh) for key, (s, fresh) in states.items()
@@ -256,35 +232,45 @@ class SparseWeight:
     def check_topology(self, state: Tensor) -> Tensor:
         """The sorted flat indices of a checkpoint's topology, or a ConfigError naming this
         weight: int indices (from this backend) or a bool mask (from the masked backend)."""
-        where = f"state dict masks[{self.name!r}]"
-        if state.dtype == torch.bool:
-            if tuple(state.shape) != self.shape:
-                raise ConfigError(
-                    f"{where} has shape {tuple(state.shape)}, the model's weight has "
-                    f"{self.shape}: it belongs to a different model"
-                )
-            return state.reshape(-1).nonzero().squeeze(1)
-        if state.dtype not in (torch.int32, torch.int64) or state.dim() != 1:
-            raise ConfigError(
-                f"{where} has dtype {state.dtype} and shape {tuple(state.shape)}; expected "
-                "1-D int64 flat indices (or a bool mask)"
-            )
-        flat = torch.sort(state.to(torch.int64)).values
-        if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= self.numel):
-            bad = int(flat[0]) if int(flat[0]) < 0 else int(flat[-1])
-            raise ConfigError(
-                f"{where} holds index {bad}, outside [0, {self.numel}) of shape {self.shape}"
-            )
-        if bool((flat[1:] == flat[:-1]).any()):
-            raise ConfigError(f"{where} holds a duplicate index")
-        return flat
+        return checked_positions(state, self.name, self.shape)
 
+    @torch.no_grad()
     def load_topology(self, state: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Install a checkpoint's topology (see :meth:`check_topology`) as an update would:
-        positions that stay active keep their value and optimizer state, new ones start at
-        zero, so the optimizer state follows a change of the active count (the masked
-        backend's state is dense and stays in place, with the same effect)."""
-        self.set_topology(self.check_topology(state).to(self.param.device), optimizer)
+        """Install a checkpoint's topology (see :meth:`check_topology`), of any active count,
+        as an update would: positions that stay active keep their value and optimizer
+        state, new ones start at zero, so the optimizer state follows a change of the
+        active count (the masked backend's state is dense and stays in place, with the
+        same effect)."""
+        flat = self.check_topology(state).to(self.param.device)
+        merged = _sort(flat.reshape(-1).to(torch.int64), self.numel)[0]
+        self._move(merged, _old_slots(self.active_positions(), merged), optimizer)
+
+
+def checked_positions(state: Tensor, name: str, shape: tuple[int, int]) -> Tensor:
+    """The sorted flat positions of a checkpoint's topology ``state`` for the weight ``name``
+    of ``shape``: int indices (compressed backend) or a bool mask (masked backend); a
+    ConfigError naming the weight when it does not fit."""
+    numel = shape[0] * shape[1]
+    where = f"state dict masks[{name!r}]"
+    if state.dtype == torch.bool:
+        if tuple(state.shape) != shape:
+            raise ConfigError(
+                f"{where} has shape {tuple(state.shape)}, the model's weight has "
+                f"{shape}: it belongs to a different model"
+            )
+        return state.reshape(-1).nonzero().squeeze(1)
+    if state.dtype not in (torch.int32, torch.int64) or state.dim() != 1:
+        raise ConfigError(
+            f"{where} has dtype {state.dtype} and shape {tuple(state.shape)}; expected "
+            "1-D int64 flat indices (or a bool mask)"
+        )
+    flat = torch.sort(state.to(torch.int64)).values
+    if flat.numel() and (int(flat[0]) < 0 or int(flat[-1]) >= numel):
+        bad = int(flat[0]) if int(flat[0]) < 0 else int(flat[-1])
+        raise ConfigError(f"{where} holds index {bad}, outside [0, {numel}) of shape {shape}")
+    if bool((flat[1:] == flat[:-1]).any()):
+        raise ConfigError(f"{where} holds a duplicate index")
+    return flat
 
 
 def _mean_over_ranks(grad: Tensor) -> Tensor:
@@ -322,187 +308,12 @@ def _merge_plan(
     return merged, torch.cat([kept_slot, _old_slots(old_flat, grown)])[order]
 
 
-def _blocks(rows: int, cols: int) -> list[tuple[int, int]]:
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def _block_hits(
-    grow: RowScores, r0: int, r1: int, cols: int, kept: Tensor, name: str
-) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """Scores of rows [r0, r1), flat; the kept positions of the block (sorted, local); and
-    ``hits(cond)``: the block positions where the bool ``cond`` holds, kept positions
-    excluded (the scores themselves are not written: ``grow`` may return a view of data
-    it keeps)."""
-    score = grow(r0, r1).reshape(-1)
-    check_finite(score, name)
-    lo, hi = torch.searchsorted(
-        kept, torch.tensor([r0 * cols, r1 * cols], device=kept.device)
-    ).tolist()
-    kept_here = kept[lo:hi] - r0 * cols
-
-    def hits(cond: Tensor) -> Tensor:
-        cond[kept_here] = False
-        return cond.nonzero().squeeze(1)
-
-    return score, kept_here, hits
-
-
-# Before k candidates are held there is no exact cut yet; a block is then cut at a value
-# estimated from a random sample of its free (not kept) positions so that about
-# ``margin`` times its share of k pass (the sampled prefilter of rigl.topology, per
-# block). Skipping below a guess is exact as long as the final k-th value is not below
-# it: if fewer than k pass in all, the blocks are scanned again below their cuts with a
-# larger margin; if the final k-th value is below some cut, those blocks are scanned
-# again from it.
-_SAMPLE_MIN = 1 << 16  # smaller blocks: no guess, every entry is a candidate
-
-
-def _sampled_cut(score: Tensor, kept_here: Tensor, share: float) -> float:
-    """A value about ``share`` free entries of ``score`` are at or above (-inf: none)."""
-    n = score.numel()
-    n_free = n - kept_here.numel()
-    if n < _SAMPLE_MIN or 8 * share > n_free:
-        return -torch.inf  # no saving
-    pos = sample_positions(n, score.device)
-    if kept_here.numel():
-        at = torch.searchsorted(kept_here, pos).clamp_(max=kept_here.numel() - 1)
-        pos = pos[kept_here[at] != pos]
-    sample = score[pos]
-    rank = sample.numel() - int(share * sample.numel() / n_free) - 16
-    return float(torch.kthvalue(sample, rank).values) if rank >= 1 else -torch.inf
-
-
-class _Candidates:
-    """Entries ``(value, flat position)`` that may be among the ``k`` largest.
-
-    Every entry at or above its block's cut is held, except entries equal to a value in
-    ``lost`` (dropped from a mass of ties, to bound memory). ``floor`` is the k-th largest
-    value held at the last prune: it only rises and never passes the final k-th value, so
-    it is an exact cut for the blocks that follow.
-    """
-
-    def __init__(self, k: int, device: torch.device) -> None:
-        self.k = k
-        self.val = torch.empty(0, device=device)
-        self.pos = torch.empty(0, dtype=torch.int64, device=device)
-        self.floor = -torch.inf
-        self.lost: list[float] = []
-
-    def add(
-        self, score: Tensor, hits: Callable[[Tensor], Tensor], lo: float, hi: float, offset: int
-    ) -> None:
-        """Hold the entries with ``lo <= score < hi`` (``score > -inf`` when lo is -inf)."""
-        cond = score > lo if lo == -torch.inf else score >= lo
-        if hi < torch.inf:
-            cond &= score < hi
-        local = hits(cond)
-        self.val = torch.cat([self.val, score[local]])
-        self.pos = torch.cat([self.pos, local + offset])
-        if self.val.numel() > 3 * self.k:  # bounded memory: back to about k
-            self.prune()
-
-    def kth(self) -> float:
-        """The k-th largest value held (``floor`` if fewer than k are held)."""
-        n = self.val.numel()
-        return self.floor if n < self.k else float(torch.kthvalue(self.val, n - self.k + 1).values)
-
-    def prune(self) -> None:
-        """Hold only the entries >= the k-th largest value."""
-        if self.val.numel() < self.k:
-            return
-        kth = self.kth()
-        keep = self.val >= kth
-        if int(keep.count_nonzero()) > 2 * self.k:  # a mass of ties at kth: drop them
-            keep = self.val > kth
-            self.lost.append(kth)
-        self.floor = kth
-        self.val, self.pos = self.val[keep], self.pos[keep]
-
-
-def _blockwise_topk(
-    grow: RowScores, rows: int, cols: int, kept: Tensor, k: int, tie_break: TieBreak, name: str
-) -> Tensor:
-    """Flat positions of the ``k`` largest grow scores outside ``kept``, ties by priority.
-
-    One pass holds, per block, the entries at or above a cut: the running k-th value once
-    k entries are held (exact), before that a sampled guess (:func:`_sampled_cut`). If
-    fewer than k entries passed, the blocks are scanned again below their cuts with lower
-    guesses; blocks whose cut exceeds the final k-th value ``v`` are scanned again for the
-    entries in [v, cut) (both rare). Entries tied at ``v`` are then chosen by priority in flat order, as
-    on the masked backend; if some were dropped (a mass of ties), a counting pass and a
-    drawing pass visit them again. Per block: one GEMM, one comparison, one gather.
-    """
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.int64, device=kept.device)
-    blocks = _blocks(rows, cols)
-    free = rows * cols - kept.numel()
-    held = _Candidates(k, kept.device)
-    done = [torch.inf] * len(blocks)  # block i holds every free entry >= done[i]
-    margin = 1.5
-    while True:
-        for i, (r0, r1) in enumerate(blocks):
-            if done[i] == -torch.inf:
-                continue
-            score, kept_here, hits = _block_hits(grow, r0, r1, cols, kept, name)
-            cut = held.floor
-            if cut == -torch.inf:
-                share = k * (score.numel() - kept_here.numel()) / free
-                cut = _sampled_cut(score, kept_here, margin * share)
-            if cut < done[i]:
-                held.add(score, hits, cut, done[i], r0 * cols)
-                done[i] = cut
-        seen_k = held.val.numel() >= k or held.floor > -torch.inf  # a prune saw k
-        if seen_k or all(d == -torch.inf for d in done):
-            break
-        margin *= 8  # fewer than k passed the guesses: lower them
-    threshold = held.kth()
-    low = [(i, cut) for i, cut in enumerate(done) if cut > threshold]
-    for i, cut in low:  # guessed too high: the entries in [threshold, cut) are missing
-        r0, r1 = blocks[i]
-        score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
-        held.add(score, hits, threshold, cut, r0 * cols)
-    if low:
-        threshold = held.kth()
-    above = held.pos[held.val > threshold]
-    need = k - above.numel()
-    if threshold not in held.lost:
-        tied = torch.sort(held.pos[held.val == threshold]).values
-        if tied.numel() > need:  # the same draws as the masked backend, in flat order
-            tied = tied[torch.topk(_priority(tie_break, tied), need).indices]
-        return torch.cat([above, tied])
-    return torch.cat(
-        [above, _tied_by_priority(grow, blocks, cols, kept, threshold, need, tie_break, name)]
-    )
-
-
-def _tied_by_priority(
-    grow: RowScores,
-    blocks: list[tuple[int, int]],
-    cols: int,
-    kept: Tensor,
-    threshold: float,
-    need: int,
-    tie_break: TieBreak,
-    name: str,
-) -> Tensor:
-    """``need`` of the entries equal to ``threshold``: all of them if exactly ``need``
-    exist, else the best by priority, drawn per block in flat order (bounded memory)."""
-
-    def tied(r0: int, r1: int) -> Tensor:
-        score, _, hits = _block_hits(grow, r0, r1, cols, kept, name)
-        return hits(score == threshold)
-
-    n_tied = sum(tied(r0, r1).numel() for r0, r1 in blocks)
-    best_pos = torch.empty(0, dtype=torch.int64, device=kept.device)
-    best_pri = torch.empty(0, device=kept.device)
-    for r0, r1 in blocks:
-        local = tied(r0, r1)
-        best_pos = torch.cat([best_pos, local + r0 * cols])
-        if n_tied == need:
-            continue
-        best_pri = torch.cat([best_pri, _priority(tie_break, local)])
-        if best_pos.numel() > need:
-            order = torch.topk(best_pri, need).indices
-            best_pos, best_pri = best_pos[order], best_pri[order]
-    return best_pos
+def _values_at(grown: Tensor, values: Tensor, merged: Tensor) -> Tensor:
+    """``values`` (one per ``grown`` position) spread over the sorted ``merged`` positions;
+    zero where a position is not grown (kept entries take their old value anyway)."""
+    order = torch.argsort(grown)
+    grown, values = grown[order], values[order]
+    if grown.numel() == 0:
+        return torch.zeros(merged.shape, dtype=values.dtype, device=merged.device)
+    at = torch.searchsorted(grown, merged).clamp_(max=grown.numel() - 1)
+    return torch.where(grown[at] == merged, values[at], torch.zeros((), dtype=values.dtype))

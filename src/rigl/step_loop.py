@@ -1,0 +1,189 @@
+"""The training-loop half of :class:`rigl.Sparsifier`: ``step()``, the shared update loop, and
+``state_dict()`` / ``load_state_dict()``.
+
+Every step masks the gradients and the weights; on an update step every rewired layer is
+planned first (:meth:`Sparsifier.plan_layer`, which returns a :class:`rigl.seam.Rewiring`)
+and only then installed through the storage seam, so a non-finite score leaves all masks
+as they were. A mixin: the attributes it reads are set up by ``Sparsifier._build``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rigl._version import __version__
+from rigl.errors import ConfigError, warn
+from rigl.optim_state import check_state_sizes, unscale_found_inf
+from rigl.rewiring import NonFiniteScore, check_finite
+from rigl.seam import RewireStats
+from rigl.targets import check_model_names
+from rigl.topology import update_generator
+
+if TYPE_CHECKING:
+    from rigl.seam import SparseStorage
+
+
+class StepLoop:
+    """``step()`` / ``pre_optimizer_step()`` / ``post_optimizer_step()`` and the update loop."""
+
+    weights: list[SparseStorage]
+    optimizer: torch.optim.Optimizer | None
+    update_hooks: list[Any]
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Replaces ``optimizer.step()``: optimizer step plus masking, or a topology update.
+
+        With mixed precision pass the ``torch.amp.GradScaler``: ``step(scaler=scaler)`` then
+        replaces ``scaler.step(optimizer); scaler.update()``. It unscales the gradients (unless
+        you already called ``scaler.unscale_``, e.g. to clip), and when one is inf/NaN the
+        scaler skips the optimizer step and the sparsifier skips the step too: no topology
+        update, nothing counted (``step_count`` does not advance, so an update that was due
+        runs on the next finite step), only ``scaler.update()`` lowers the scale.
+        """
+        self._check_not_removed()
+        if self.optimizer is None:
+            raise ConfigError(
+                "step() needs the optimizer; this sparsifier was created with optimizer=None "
+                "(call pre_optimizer_step()/post_optimizer_step() around your own step instead)"
+            )
+        if scaler is None or not scaler.is_enabled():
+            if self.pre_optimizer_step():
+                self.optimizer.step()
+            self.post_optimizer_step()
+            return
+        if unscale_found_inf(scaler, self.optimizer):
+            scaler.update()
+            return
+        if self.pre_optimizer_step():
+            scaler.step(self.optimizer)
+        self.post_optimizer_step()
+        scaler.update()
+
+    def pre_optimizer_step(self) -> bool:
+        """Everything before the optimizer step; returns whether to take it. The one
+        optimizer step that may follow is allowed by the step guard (``rigl.guard``)."""
+        self._check_not_removed()
+        check_state_sizes(self.optimizer, self.weights)
+        if self._guard is not None:
+            self._guard.open()
+        step = self.step_count
+        self.observe_gradients()
+        due = self.should_update(step)
+        # checked as computed, before any masking: a non-finite gradient skips the update
+        finite = not due or self._gradients_finite(step)
+        self._pending_update = due and finite and not self.update_before_step
+        if due and self.update_before_step:
+            updated = finite and self._update_topology(step, before_step=True)
+            if not updated or self.skip_optimizer_step_on_update:
+                return False  # skipped as in the paper, or the gradient was not finite
+        elif due and self.skip_optimizer_step_on_update:
+            return False  # the update comes after, in post_optimizer_step
+        for weight in self.weights:
+            weight.mask_gradient()
+        self._grads_masked = True
+        return True
+
+    def post_optimizer_step(self) -> None:
+        """Everything after the optimizer step: late topology update, masking, counting.
+
+        On every path (update or not, before or after the step, step taken or skipped),
+        ``step()`` ends with inactive weights and their ``.grad`` at zero and their
+        optimizer state fresh, so code that reads ``.grad`` afterwards (gradient-norm
+        logging, clipping hooks) sees only the active weights."""
+        self._check_not_removed()
+        if self._guard is not None:
+            self._guard.close()
+        masked, self._grads_masked = self._grads_masked, False
+        if self._pending_update:
+            self._pending_update = False
+            masked = not self._update_topology(self.step_count) and masked
+        for weight in self.weights:  # gradients again only if not masked with this mask
+            weight.apply_mask(self.optimizer, gradient=not masked)
+        self.step_count += 1
+        self._prepare_weights()
+
+    def _prepare_weights(self) -> None:
+        """Tell each weight whether the coming step updates the topology (a compressed
+        weight then keeps that backward's activations for its grow scores)."""
+        update_due = self.should_update(self.step_count)
+        for weight in self.weights:
+            weight.prepare_step(update_due)
+
+    def _rewired(self) -> list[int]:
+        """The layers that take part in updates: not those whose target density is 1
+        (``first_layer_dense``, a custom sparsity of 0), which have nothing to change."""
+        return [i for i, w in enumerate(self.weights) if self.target_counts[i] < w.numel]
+
+    def _gradients_finite(self, step: int) -> bool:
+        try:
+            for i in self._rewired():
+                check_finite(self.weights[i].param.grad, self.weights[i].name)
+        except NonFiniteScore as exc:
+            self._skip_update(step, exc)
+            return False
+        return True
+
+    def _skip_update(self, step: int, reason: NonFiniteScore) -> None:
+        self.skipped_updates += 1
+        warn(f"skipping the topology update at step {step}: {reason}")
+
+    @torch.no_grad()
+    def _update_topology(self, step: int, before_step: bool = False) -> bool:
+        """Plan every layer first, then apply: a non-finite score leaves all masks as they were.
+
+        Layers that take no part (:meth:`_rewired`) are never planned. Grown weights keep
+        their gradient of this batch when the update comes ``before_step`` (the step, if
+        taken, moves them); after the step it has been applied, and theirs is zero."""
+        try:
+            plans = {
+                i: self.plan_layer(i, self.weights[i], step, update_generator(self.seed, step, i))
+                for i in self._rewired()
+            }
+        except NonFiniteScore as exc:
+            self._skip_update(step, exc)
+            return False
+        self.last_update = [
+            w.install(plans[i], self.optimizer, grown_gradient=before_step)
+            if plans.get(i) is not None
+            else RewireStats(w.name, w.n_active, 0, 0)
+            for i, w in enumerate(self.weights)
+        ]
+        self.update_count += 1
+        for hook in self.update_hooks:
+            hook(self)
+        return True
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "rigl_version": __version__,
+            "method": self.name,
+            "step": self.step_count,
+            "skipped_updates": self.skipped_updates,
+            "update_count": self.update_count,
+            "seed": self.seed,
+            "config": self.config.to_dict(),
+            "masks": {w.name: w.topology_state() for w in self.weights},
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore masks, step and method state; model and optimizer are restored by the caller."""
+        if not isinstance(state, dict) or "masks" not in state or "step" not in state:
+            raise ConfigError("state dict is not a rigl sparsifier state (no 'masks'/'step' keys)")
+        if state.get("method") != self.name:
+            raise ConfigError(
+                f"state dict was saved by method {state.get('method')!r}, this sparsifier is {self.name!r}"
+            )
+        check_model_names(self.targets, state["masks"])
+        masks = [w.check_topology(state["masks"][w.name]) for w in self.weights]  # all first
+        for weight, mask in zip(self.weights, masks, strict=True):
+            weight.load_topology(mask, self.optimizer)  # compressed: the optimizer state too
+        self.step_count = int(state["step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        self.update_count = int(state.get("update_count", 0))
+        self.load_extra_state(state.get("extra", {}))
+        self._prepare_weights()
