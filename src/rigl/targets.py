@@ -19,6 +19,7 @@ from torch import nn
 from rigl.config import ConfigError, SparsityConfig
 from rigl.distributions import active_counts
 from rigl.layers import DEFAULT, EMBEDDING, Source, layer_weights, resolve
+from rigl.patterns import UNSTRUCTURED, Pattern, fit_counts
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,45 @@ def target_counts(targets: list[Target], config: SparsityConfig) -> list[int]:
     totals = [0] * len(targets)
     for i, n in zip(owner, counts, strict=True):
         totals[i] += n
-    return totals
+    return _fit_pattern(targets, totals, config.parsed_pattern)
+
+
+def view_2d(target: Target) -> tuple[int, int]:
+    """``(rows, cols)``: the weight as selection sees it (``cols`` = inputs x kernel)."""
+    rows = target.shape[0]
+    return rows, math.prod(target.shape) // rows
+
+
+def target_patterns(
+    targets: list[Target], counts: list[int], config: SparsityConfig
+) -> list[Pattern]:
+    """The pattern of each target: the config's for a sparse one, none for a dense one."""
+    pattern = config.parsed_pattern
+    return [
+        pattern if n < math.prod(t.shape) else UNSTRUCTURED
+        for t, n in zip(targets, counts, strict=True)
+    ]
+
+
+def _fit_pattern(targets: list[Target], counts: list[int], pattern: Pattern) -> list[int]:
+    """The counts rounded to what ``pattern`` holds (dense targets stay dense), their total
+    as close to the unstructured budget as whole units allow (:func:`rigl.patterns.fit_counts`).
+    A sparse target whose shape cannot hold the pattern is a ConfigError naming it."""
+    if not pattern.structured:
+        return counts
+    sparse = [i for i, t in enumerate(targets) if counts[i] < math.prod(t.shape)]
+    shapes = []
+    for i in sparse:
+        rows, cols = view_2d(targets[i])
+        pattern.check_shape(targets[i].name, rows, cols, targets[i].blocks)
+        shapes.append((rows, cols, targets[i].blocks))
+    fitted = fit_counts(
+        pattern, [counts[i] for i in sparse], shapes, sum(counts[i] for i in sparse)
+    )
+    out = list(counts)
+    for i, n in zip(sparse, fitted, strict=True):
+        out[i] = n
+    return out
 
 
 def layer_densities(
