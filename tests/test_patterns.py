@@ -53,15 +53,18 @@ def test_nm_fixes_the_sparsity():
     SparsityConfig(sparsity=0.875, pattern="1:8", custom_sparsity={"fc.weight": 0.0})
 
 
-def test_a_layer_that_cannot_hold_the_pattern_is_named():
+def test_a_layer_that_cannot_hold_the_pattern_is_left_unstructured_with_a_warning():
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(
-        ConfigError, match=r"pattern 1:8: 2.weight has 12 inputs.*leave 2.weight dense"
-    ):
-        rigl.create("static", model, opt, sparsity=0.875, pattern="1:8")
-    with pytest.raises(ConfigError, match=r"block:4x4: 2.weight \(10 x 12\)"):
-        rigl.create("static", model, opt, sparsity=0.8, pattern="block:4x4")
+    with pytest.warns(UserWarning, match=r"pattern 1:8: 2.weight is left unstructured \(12 inputs"):
+        sp = rigl.create("static", model, opt, sparsity=0.875, pattern="1:8")
+    assert [str(w.pattern) for w in sp.weights] == ["1:8", "unstructured"]
+    assert sp.target_counts == [24, 17]  # 1/8 of 192; the ERK share of 120 weights
+    assert "cannot hold pattern 1:8" in sp.summary_table()
+    sp.check()
+    sp.remove()
+    with pytest.warns(UserWarning, match=r"block:4x4: 2.weight is left unstructured \(10 x 12"):
+        rigl.create("static", model, opt, sparsity=0.8, pattern="block:4x4").remove()
     sp = rigl.create("static", model, opt, sparsity=0.8, pattern="block:4x4", last_layer_dense=True)
     assert sp.target_counts == [2 * 16, 120]  # 0.2 * 192 = 38.4: two 4x4 tiles nearest
 

@@ -13,9 +13,9 @@ position is ``row * cols + col``. The patterns:
 
 Each pattern is held by equal contiguous groups of flat positions that keep their own
 count (N:M: segments of M; fan-in: rows), or by a tile grid on which selection runs as if
-unstructured (blocks). A layer whose shape cannot hold the pattern is a ConfigError naming
-the layer (leave it dense with ``first_layer_dense`` / ``last_layer_dense`` /
-``custom_sparsity={name: 0}``, or exclude it).
+unstructured (blocks). A sparse layer whose shape cannot hold the pattern (LeNet-300-100's
+300 inputs under 1:8) is left unstructured, with a warning naming it and why, at the
+count the distribution gives it; the summary notes it.
 """
 
 from __future__ import annotations
@@ -56,22 +56,14 @@ class Pattern:
     def structured(self) -> bool:
         return self.kind != "unstructured"
 
-    def check_shape(self, name: str, rows: int, cols: int, blocks: int = 1) -> None:
-        """ConfigError naming the layer if its ``(rows, cols)`` view cannot hold the pattern."""
-        fix = (
-            f"; leave {name} dense (custom_sparsity={{{name!r}: 0.0}}, first_layer_dense / "
-            "last_layer_dense) or exclude it"
-        )
+    def misfit(self, rows: int, cols: int, blocks: int = 1) -> str:
+        """Why a ``(rows, cols)`` view cannot hold the pattern, or "" when it can."""
         if self.kind == "nm" and cols % self.m:
-            raise ConfigError(
-                f"pattern {self}: {name} has {cols} inputs per row, not a multiple of {self.m}"
-                + fix
-            )
+            return f"{cols} inputs per row are not a multiple of {self.m}"
         if self.kind == "block" and (rows % (self.r * blocks) or cols % self.c):
             what = f"{rows} x {cols}" + (f" in {blocks} row blocks (q, k, v)" if blocks > 1 else "")
-            raise ConfigError(
-                f"pattern {self}: {name} ({what}) does not split into {self.r}x{self.c} tiles" + fix
-            )
+            return f"{what} does not split into {self.r}x{self.c} tiles"
+        return ""
 
     def unit(self, rows: int, cols: int, blocks: int = 1) -> int:
         """Active counts the pattern can hold are multiples of this (and at most rows*cols)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from rigl.config import ConfigError, SparsityConfig
 from rigl.distributions import active_counts
+from rigl.errors import warn
 from rigl.layers import DEFAULT, EMBEDDING, Source, layer_weights, resolve
 from rigl.patterns import UNSTRUCTURED, Pattern, fit_counts
 
@@ -243,10 +244,13 @@ def view_2d(target: Target) -> tuple[int, int]:
 def target_patterns(
     targets: list[Target], counts: list[int], config: SparsityConfig
 ) -> list[Pattern]:
-    """The pattern of each target: the config's for a sparse one, none for a dense one."""
+    """The pattern of each target: the config's for a sparse one that can hold it, none for
+    a dense one or one that cannot (see :func:`_fit_pattern`)."""
     pattern = config.parsed_pattern
     return [
-        pattern if n < math.prod(t.shape) else UNSTRUCTURED
+        pattern
+        if n < math.prod(t.shape) and not pattern.misfit(*view_2d(t), t.blocks)
+        else UNSTRUCTURED
         for t, n in zip(targets, counts, strict=True)
     ]
 
@@ -254,15 +258,19 @@ def target_patterns(
 def _fit_pattern(targets: list[Target], counts: list[int], pattern: Pattern) -> list[int]:
     """The counts rounded to what ``pattern`` holds (dense targets stay dense), their total
     as close to the unstructured budget as whole units allow (:func:`rigl.patterns.fit_counts`).
-    A sparse target whose shape cannot hold the pattern is a ConfigError naming it."""
+    A sparse target whose shape cannot hold the pattern keeps its count, unstructured, with
+    a warning naming it."""
     if not pattern.structured:
         return counts
-    sparse = [i for i, t in enumerate(targets) if counts[i] < math.prod(t.shape)]
-    shapes = []
-    for i in sparse:
-        rows, cols = view_2d(targets[i])
-        pattern.check_shape(targets[i].name, rows, cols, targets[i].blocks)
-        shapes.append((rows, cols, targets[i].blocks))
+    sparse = []
+    for i, t in enumerate(targets):
+        if counts[i] == math.prod(t.shape):
+            continue
+        if why := pattern.misfit(*view_2d(t), t.blocks):
+            warn(f"pattern {pattern}: {t.name} is left unstructured ({why})")
+            continue
+        sparse.append(i)
+    shapes = [(*view_2d(targets[i]), targets[i].blocks) for i in sparse]
     fitted = fit_counts(
         pattern, [counts[i] for i in sparse], shapes, sum(counts[i] for i in sparse)
     )
