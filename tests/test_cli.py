@@ -241,3 +241,46 @@ def test_csv_log_uses_one_line_ending_across_truncation(tmp_path):
     data = (tmp_path / "m.csv").read_bytes()
     assert b"\r" not in data and data.count(b"\n") == 4
     assert [r["step"] for r in read_csv(tmp_path / "m.csv")] == ["0", "1", "2"]
+
+
+def _find_masks(state):
+    """The sparsifier's masks in a run checkpoint, wherever they are nested."""
+    if isinstance(state, dict):
+        if "masks" in state and "method" in state:
+            return state["masks"]
+        for value in state.values():
+            found = _find_masks(value)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml_key"),
+    [(["--pattern", "2:4", "--sparsity", "0.5"], {}), ([], {"pattern": "fanin"})],
+)
+def test_train_with_a_pattern_from_the_flag_or_the_yaml(tmp_path, data_root, flags, yaml_key):
+    config = tiny_config(tmp_path, data_root, epochs=1, **yaml_key)
+    assert main(["train", "--config", str(config), "--quiet", *flags]) == 0
+    masks = _find_masks(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True))
+    assert masks
+    for name, mask in masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        if flags:  # 2 of every 4 consecutive inputs
+            assert bool((rows.reshape(-1, 4).sum(1) == 2).all()), name
+        elif not bool(rows.all()):  # the same fan-in in every row
+            assert rows.sum(1).unique().numel() == 1, name
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["pattern"] in (
+        "2:4",
+        "fanin",
+    )
+
+
+def test_a_bad_pattern_is_a_one_line_error(tmp_path, data_root):
+    config = tiny_config(tmp_path, data_root)
+    result = subprocess.run(
+        [sys.executable, "-m", "rigl.cli", "train", "--config", str(config), "--pattern", "3:2"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "0 < N < M" in result.stderr and "Traceback" not in result.stderr

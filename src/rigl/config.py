@@ -10,6 +10,7 @@ from typing import Any
 
 from rigl._version import __version__
 from rigl.errors import ConfigError, check_int, check_real, is_int, is_real
+from rigl.patterns import Pattern, parse_pattern
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
@@ -60,6 +61,9 @@ class SparsityConfig:
         include / exclude: module type names (e.g. "Conv2d") or parameter-name patterns.
         sparse_embeddings: also sparsify nn.Embedding weights.
         dense_grouped_convs: keep depthwise and grouped convolutions dense (the default).
+        pattern: the structure of every sparse layer's mask (:mod:`rigl.patterns`):
+            "unstructured", "fanin", "N:M" (e.g. "2:4") or "block:RxC". Under N:M every
+            sparse layer has density N/M, so ``sparsity`` must be ``1 - N/M`` (or 0).
     """
 
     sparsity: float = 0.9
@@ -72,6 +76,7 @@ class SparsityConfig:
     exclude: tuple[str, ...] = ()
     sparse_embeddings: bool = False
     dense_grouped_convs: bool = True
+    pattern: str = "unstructured"
 
     def __post_init__(self) -> None:
         from rigl.distributions import DISTRIBUTIONS
@@ -96,6 +101,12 @@ class SparsityConfig:
                 self, name, tuple(v if isinstance(v, str) else v.__name__ for v in value)
             )
         object.__setattr__(self, "custom_sparsity", custom)
+        object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))
+        _check_nm_sparsity(self)
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return parse_pattern(self.pattern)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -122,3 +133,20 @@ class SparsityConfig:
     @classmethod
     def from_json(cls, text: str) -> SparsityConfig:
         return cls.from_dict(json.loads(text))
+
+
+def _check_nm_sparsity(config: SparsityConfig) -> None:
+    """N:M holds exactly N of every M weights: the only sparsity it has is ``1 - N/M``."""
+    pattern = config.parsed_pattern
+    if pattern.kind != "nm":
+        return
+    fixed = 1.0 - pattern.n / pattern.m
+    asked = {"sparsity": config.sparsity}
+    asked.update({f"custom_sparsity[{k!r}]": v for k, v in config.custom_sparsity.items()})
+    for name, value in asked.items():
+        if value != 0.0 and abs(value - fixed) > 1e-9:
+            raise ConfigError(
+                f"{name}={value} does not fit pattern {pattern}: it keeps {pattern.n} of every "
+                f"{pattern.m} weights, sparsity {fixed:g} in every sparse layer; pass "
+                f"{name}={fixed:g} (or 0 for a dense layer), or choose another N:M"
+            )

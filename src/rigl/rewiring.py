@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rigl.patterns import UNSTRUCTURED, Pattern
+
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
 # ((r1 - r0) * cols,). A masked weight is read in one call; a compressed weight is read
 # row block by row block, so a dense score matrix never has to exist. A RowScores must be
@@ -29,7 +31,8 @@ class Grid:
     of a packed projection): drops and grows are split evenly over them. ``block_rows``:
     grow scores are read this many rows at a time (a compressed weight, whose dense
     gradient is one matrix product per block), or all at once when None (a masked weight,
-    which holds the dense gradient). ``name`` names the weight in errors.
+    which holds the dense gradient). ``name`` names the weight in errors. ``pattern``: the
+    structure every mask of this weight keeps (:mod:`rigl.patterns`).
     """
 
     rows: int
@@ -37,6 +40,7 @@ class Grid:
     blocks: int = 1
     block_rows: int | None = None
     name: str = "weight"
+    pattern: Pattern = UNSTRUCTURED
 
     @property
     def numel(self) -> int:

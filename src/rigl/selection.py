@@ -10,6 +10,11 @@ both storages, on every data-parallel worker and after a resume.
 
 A weight of several row blocks (:attr:`rigl.rewiring.Grid.blocks`) is updated block by
 block, with ``split_evenly(n, blocks)`` drops and grows: every block keeps its count.
+
+Under a structured pattern (:attr:`rigl.rewiring.Grid.pattern`): N:M and fan-in choose
+within their groups (:mod:`rigl.structured`); a block pattern pools the scores over each
+R x C tile (the sum), selects on the tile grid as if unstructured, and expands the chosen
+tiles back to their weights. A priority tensor is then over tile ids.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from rigl import structured
 from rigl.blockwise import blockwise_topk
+from rigl.patterns import tile_members, tile_of
 from rigl.rewiring import Grid, Rewiring, RowScores, check_finite
 from rigl.topology import TieBreak, random_indices_outside, split_evenly, topk_indices
 
@@ -89,7 +96,26 @@ def rewire(
     """One drop-and-grow update: drop the ``n_update`` active weights of smallest
     ``drop_score`` (one per sorted ``active`` position), grow the ``n_update`` positions of
     largest grow score among every position not kept. Grown and kept are disjoint, so the
-    active count is exactly unchanged."""
+    active count is exactly unchanged. Under a pattern, see the module docstring."""
+    kind = grid.pattern.kind
+    if kind == "block":
+        tiles, inverse, pooled, tile_grid = _tiles(active, drop_score, grid)
+        pattern = grid.pattern
+        plan = rewire(
+            tiles,
+            pooled,
+            _tile_scores(grow, grid),
+            tile_grid,
+            n_update // (pattern.r * pattern.c),
+            tie_break,
+        )
+        return Rewiring(plan.keep[inverse], tile_members(plan.grown, pattern, grid.cols))
+    if kind in ("fanin", "nm"):
+        if kind == "nm":  # the global drop; the groups that lost regrow
+            keep = drop(drop_score, min(n_update, active.numel()), tie_break, active)
+        else:
+            keep = structured.drop_in_groups(active, drop_score, n_update, grid, tie_break)
+        return Rewiring(keep, structured.grow_in_groups(grow, grid, active, keep, tie_break))
 
     def grow_block(kept: Tensor, k: int, sub: Grid, tie: TieBreak, row0: int) -> Tensor:
         return grow_topk(lambda r0, r1: grow(row0 + r0, row0 + r1), sub, kept, k, tie)
@@ -106,7 +132,10 @@ def rewire_sampled(
     n_candidates: int,
     generator: torch.Generator,
 ) -> Rewiring:
-    """:func:`rewire` with :func:`grow_sampled` growth (``n_candidates`` per block)."""
+    """:func:`rewire` with :func:`grow_sampled` growth (``n_candidates`` per block); for
+    unstructured weights only (see :func:`samples_growth`)."""
+    if not samples_growth(grid):
+        raise ValueError(f"{grid.name}: sampled growth is not defined under pattern {grid.pattern}")
 
     def grow_block(kept: Tensor, k: int, sub: Grid, tie: TieBreak, row0: int) -> Tensor:
         offset = row0 * sub.cols
@@ -119,12 +148,50 @@ def rewire_sampled(
 
 def prune(active: Tensor, score: Tensor, n_keep: int, grid: Grid, tie_break: TieBreak) -> Rewiring:
     """Keep the ``n_keep`` active weights of largest ``score`` (one per sorted ``active``
-    position); pruning never grows. In row blocks: ``split_evenly(n_keep, blocks)`` each."""
+    position); pruning never grows. In row blocks: ``split_evenly(n_keep, blocks)`` each.
+    Under a pattern the count is rounded up to what it holds: ``ceil(n_keep / G)`` in each
+    of the G groups, or ``ceil(n_keep / (R C))`` whole tiles."""
+    kind = grid.pattern.kind
+    if kind == "block":
+        tiles, inverse, pooled, tile_grid = _tiles(active, score, grid)
+        size = grid.pattern.r * grid.pattern.c
+        plan = prune(tiles, pooled, -(-n_keep // size), tile_grid, tie_break)
+        return Rewiring(plan.keep[inverse], active[:0])
+    if kind in ("fanin", "nm"):
+        return structured.prune_groups(active, score, n_keep, grid, tie_break)
     keeps = []
     for part, n_b in zip(_parts(active, grid), split_evenly(n_keep, grid.blocks), strict=True):
         local, lo, hi, tie, _ = _block(active, grid, tie_break, part)
         keeps.append(drop(score[lo:hi], local.numel() - n_b, tie, local))
     return Rewiring(torch.cat(keeps), torch.zeros(0, dtype=torch.int64, device=active.device))
+
+
+def samples_growth(grid: Grid) -> bool:
+    """Whether :func:`rewire_sampled` applies to this weight (unstructured only)."""
+    return not grid.pattern.structured
+
+
+def _tiles(active: Tensor, score: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor, Grid]:
+    """The active tiles (sorted ids), each active weight's index among them, the summed
+    ``score`` per tile, and the tile grid (grow scores read ``block_rows // R`` tile rows
+    at a time)."""
+    pattern = grid.pattern
+    tiles, inverse = torch.unique(tile_of(active, pattern, grid.cols), return_inverse=True)
+    pooled = torch.zeros(tiles.numel(), dtype=score.dtype, device=score.device)
+    pooled.index_add_(0, inverse, score)
+    block_rows = None if grid.block_rows is None else max(1, grid.block_rows // pattern.r)
+    tile_grid = Grid(
+        grid.rows // pattern.r, grid.cols // pattern.c, grid.blocks, block_rows, grid.name
+    )
+    return tiles, inverse, pooled, tile_grid
+
+
+def _tile_scores(grow: RowScores, grid: Grid) -> RowScores:
+    """Grow scores of tile rows [t0, t1): each tile's sum over its R x C weights."""
+    r, c, tile_cols = grid.pattern.r, grid.pattern.c, grid.cols // grid.pattern.c
+    return lambda t0, t1: (
+        grow(t0 * r, t1 * r).reshape(t1 - t0, r, tile_cols, c).sum((1, 3)).reshape(-1)
+    )
 
 
 def _by_blocks(

@@ -25,6 +25,7 @@ from rigl.config import resolve_step
 from rigl.errors import ConfigError, check_int
 from rigl.guard import UsageError
 from rigl.optim_state import check_in_optimizer, check_optimizer_kind
+from rigl.patterns import initial_positions
 from rigl.registry import create, get_method, list_methods, register_method
 from rigl.rewiring import Rewiring, RowScores
 from rigl.schedules import UpdateSchedule
@@ -32,7 +33,14 @@ from rigl.seam import RewireStats, SparseStorage
 from rigl.step_loop import StepLoop
 from rigl.storage import MaskedWeight
 from rigl.summary import LayerSummary
-from rigl.targets import Target, make_config, scan_targets, target_counts
+from rigl.targets import (
+    Target,
+    make_config,
+    scan_targets,
+    target_counts,
+    target_patterns,
+    view_2d,
+)
 from rigl.topology import random_indices, split_evenly, update_generator
 
 __all__ = ["LayerSummary", "Sparsifier", "create", "get_method", "list_methods", "register_method"]
@@ -145,6 +153,7 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         check_in_optimizer(self.optimizer, self.targets)
         check_optimizer_kind(self.optimizer, self.targets)
         self.target_counts = target_counts(self.targets, self.config)
+        self.patterns = target_patterns(self.targets, self.target_counts, self.config)
         self.backend = self._check_backend(self._backend_option)
         # (backend, why) per target: backend="sparse" keeps what it cannot convert masked
         self.layer_backends = choose_backends(model, self.targets, self.backend)
@@ -190,10 +199,11 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
                 self.initial_indices(index, target, n_active),
                 self.optimizer,
                 update_generator(self.seed, -2, index),
+                self.patterns[index],
             )
             return weight
         mask = self.initial_mask(index, target, n_active)
-        return MaskedWeight(target.name, target.param, mask, target.blocks)
+        return MaskedWeight(target.name, target.param, mask, target.blocks, self.patterns[index])
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -214,8 +224,14 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
     def initial_indices(self, index: int, target: Target, n_active: int) -> Tensor:
         """Flat positions of the initial active weights (the True entries of
         :meth:`initial_mask`), drawn in O(n_active) memory for huge layers; a target of
-        several row blocks draws each block's share in turn."""
+        several row blocks draws each block's share in turn; under a structured pattern the
+        positions hold it (:func:`rigl.patterns.initial_positions`)."""
         generator = update_generator(self.seed, -1, index)
+        if self.patterns[index].structured:
+            rows, cols = view_2d(target)
+            return initial_positions(
+                self.patterns[index], rows, cols, n_active, generator, target.blocks
+            )
         if target.blocks == 1:
             return random_indices(math.prod(target.shape), n_active, generator)
         size = math.prod(target.shape) // target.blocks

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
+from rigl.patterns import UNSTRUCTURED, Pattern
+from rigl.patterns import violations as pattern_violations
 from rigl.rewiring import Grid, NonFiniteScore, Rewiring, RowScores, check_finite
 from rigl.seam import RewireStats
 from rigl.topology import split_evenly
@@ -33,7 +35,14 @@ class MaskedWeight:
     each on its own, so every block keeps its count.
     """
 
-    def __init__(self, name: str, param: nn.Parameter, mask: Tensor, blocks: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        param: nn.Parameter,
+        mask: Tensor,
+        blocks: int = 1,
+        pattern: Pattern = UNSTRUCTURED,
+    ) -> None:
         if mask.shape != param.shape:
             raise ValueError(
                 f"mask of {name} has shape {tuple(mask.shape)}, weight {tuple(param.shape)}"
@@ -43,6 +52,7 @@ class MaskedWeight:
         self.name = name
         self.param = param
         self.blocks = blocks
+        self.pattern = pattern  # every mask keeps it (rigl.patterns)
         self.mask = mask.to(device=param.device, dtype=torch.bool)
 
     @property
@@ -110,7 +120,7 @@ class MaskedWeight:
     @property
     def grid(self) -> Grid:
         """Grow scores are read in one call: the dense gradient exists anyway."""
-        return Grid(self.rows, self.cols, self.blocks, None, self.name)
+        return Grid(self.rows, self.cols, self.blocks, None, self.name, self.pattern)
 
     holds_dense_gradient = True
 
@@ -232,6 +242,7 @@ class MaskedWeight:
             per_block = self.mask.reshape(self.blocks, -1).sum(1).tolist()
             if per_block != split_evenly(n, self.blocks):
                 found.append(f"its blocks hold {per_block} active weights, not an even split")
+        found += pattern_violations(self.pattern, self.active_positions(), self.rows, self.cols)
         inactive = ~self.mask
         outside = int(self.param.detach()[inactive].count_nonzero())
         if outside:

@@ -38,6 +38,10 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
         notes = [n for n in (why, target.note) if n]
         if weight.blocks > 1:
             notes.append(f"{weight.blocks} row blocks (q, k, v) keep their own counts")
+        if weight.pattern.structured:
+            notes.append(f"pattern {weight.pattern}")
+        elif sparsifier.config.parsed_pattern.structured and weight.n_active < weight.numel:
+            notes.append(f"unstructured: cannot hold pattern {sparsifier.config.pattern}")
         rows.append(
             LayerSummary(
                 weight.name,

@@ -18,7 +18,9 @@ from torch import nn
 
 from rigl.config import ConfigError, SparsityConfig
 from rigl.distributions import active_counts
+from rigl.errors import warn
 from rigl.layers import DEFAULT, EMBEDDING, Source, layer_weights, resolve
+from rigl.patterns import UNSTRUCTURED, Pattern, fit_counts
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,52 @@ def target_counts(targets: list[Target], config: SparsityConfig) -> list[int]:
     totals = [0] * len(targets)
     for i, n in zip(owner, counts, strict=True):
         totals[i] += n
-    return totals
+    return _fit_pattern(targets, totals, config.parsed_pattern)
+
+
+def view_2d(target: Target) -> tuple[int, int]:
+    """``(rows, cols)``: the weight as selection sees it (``cols`` = inputs x kernel)."""
+    rows = target.shape[0]
+    return rows, math.prod(target.shape) // rows
+
+
+def target_patterns(
+    targets: list[Target], counts: list[int], config: SparsityConfig
+) -> list[Pattern]:
+    """The pattern of each target: the config's for a sparse one that can hold it, none for
+    a dense one or one that cannot (see :func:`_fit_pattern`)."""
+    pattern = config.parsed_pattern
+    return [
+        pattern
+        if n < math.prod(t.shape) and not pattern.misfit(*view_2d(t), t.blocks)
+        else UNSTRUCTURED
+        for t, n in zip(targets, counts, strict=True)
+    ]
+
+
+def _fit_pattern(targets: list[Target], counts: list[int], pattern: Pattern) -> list[int]:
+    """The counts rounded to what ``pattern`` holds (dense targets stay dense), their total
+    as close to the unstructured budget as whole units allow (:func:`rigl.patterns.fit_counts`).
+    A sparse target whose shape cannot hold the pattern keeps its count, unstructured, with
+    a warning naming it."""
+    if not pattern.structured:
+        return counts
+    sparse = []
+    for i, t in enumerate(targets):
+        if counts[i] == math.prod(t.shape):
+            continue
+        if why := pattern.misfit(*view_2d(t), t.blocks):
+            warn(f"pattern {pattern}: {t.name} is left unstructured ({why})")
+            continue
+        sparse.append(i)
+    shapes = [(*view_2d(targets[i]), targets[i].blocks) for i in sparse]
+    fitted = fit_counts(
+        pattern, [counts[i] for i in sparse], shapes, sum(counts[i] for i in sparse)
+    )
+    out = list(counts)
+    for i, n in zip(sparse, fitted, strict=True):
+        out[i] = n
+    return out
 
 
 def layer_densities(

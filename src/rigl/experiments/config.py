@@ -82,6 +82,9 @@ class ExperimentConfig:
     distribution: str = setting("erk", "how the sparsity is spread over the layers", DISTRIBUTIONS)
     first_layer_dense: bool = setting(False, "keep the first sparsifiable layer dense")
     last_layer_dense: bool = setting(False, "keep the last sparsifiable layer dense")
+    pattern: str = setting(
+        "unstructured", 'mask structure: unstructured, fanin, N:M (e.g. "2:4"), block:RxC'
+    )
     update_interval: int = setting(100, "ΔT: steps between topology updates")
     end_step: int | float = setting(
         0.75, "T_end: last topology update, a step (int) or a fraction of training (float)"

@@ -69,7 +69,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
         group.add_argument(
             *sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}),
             dest=f.name,
-            type=parse_value,
+            type=str if hints[f.name] is str else parse_value,  # "2:4" stays a string
             default=argparse.SUPPRESS,
             metavar=metavar,
             help=text.replace("%", "%%"),  # argparse %-formats help strings

@@ -60,7 +60,8 @@ class RigL(SET):
     def plan_layer(
         self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
     ) -> Rewiring | None:
-        if self.grow_candidates is None or weight.holds_dense_gradient:
+        exact = weight.holds_dense_gradient or not selection.samples_growth(weight.grid)
+        if self.grow_candidates is None or exact:
             return super().plan_layer(index, weight, step, generator)
         n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
         n_candidates = math.ceil(self.grow_candidates * n_update)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.sparse.linear import SparseLinear
 from rigl.sparse.storage import SparseWeight
 from rigl.targets import Target
@@ -32,6 +33,7 @@ def convert_linear(
     topology: Tensor,
     optimizer: torch.optim.Optimizer | None,
     generator: torch.Generator | None = None,
+    pattern: Pattern = UNSTRUCTURED,
 ) -> tuple[SparseWeight, Target]:
     """Replace the ``nn.Linear`` of ``target`` by a ``SparseLinear`` with the active set
     ``topology``: a bool mask of the weight's shape or flat indices ``row * in + col``.
@@ -41,6 +43,12 @@ def convert_linear(
     fit in memory) is created from its shapes: values and bias drawn from ``generator`` as
     ``nn.Linear`` draws them, U(-1/sqrt(in), 1/sqrt(in)). The optimizer is pointed at the
     new parameters (its state for the old ones is dropped).
+
+    ``pattern`` (:mod:`rigl.patterns`) is the structure the topology keeps. Every pattern is
+    stored in the same unstructured compressed layout today; this is where a pattern-aware
+    layout plugs in (e.g. fan-in and N:M as condensed ``(out, k)`` values and column
+    indices): build that layer here, and a storage for it that implements
+    :class:`rigl.seam.SparseStorage`.
     """
     linear = target.module
     if linear.weight.is_meta:
@@ -62,7 +70,9 @@ def convert_linear(
     module_name = target.name.rpartition(".")[0]
     _replace_module(model, module_name, layer)
     _swap_in_optimizer(optimizer, linear.weight, layer.values)
-    return SparseWeight(target.name, layer), Target(target.name, layer, "values", "SparseLinear")
+    return SparseWeight(target.name, layer, pattern), Target(
+        target.name, layer, "values", "SparseLinear"
+    )
 
 
 def _from_shapes(

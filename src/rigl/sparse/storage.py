@@ -16,6 +16,8 @@ from torch import Tensor
 
 from rigl.config import ConfigError
 from rigl.optim_state import weight_states
+from rigl.patterns import UNSTRUCTURED, Pattern
+from rigl.patterns import violations as pattern_violations
 from rigl.rewiring import Grid, Rewiring
 from rigl.seam import RewireStats
 from rigl.sparse import kernels
@@ -33,9 +35,10 @@ class SparseWeight:
     blocks = 1  # a packed q/k/v projection is never compressed
     holds_dense_gradient = False  # each block of the dense gradient is a matrix product
 
-    def __init__(self, name: str, layer: SparseLinear) -> None:
+    def __init__(self, name: str, layer: SparseLinear, pattern: Pattern = UNSTRUCTURED) -> None:
         self.name = name
         self.layer = layer
+        self.pattern = pattern  # every topology keeps it; stored as any other (CSR)
         self._active: tuple[object, Tensor] | None = None  # (index, its flat positions)
 
     # -- shape and counts --------------------------------------------------------------
@@ -77,7 +80,8 @@ class SparseWeight:
     @property
     def grid(self) -> Grid:
         """Grow scores are read :data:`BLOCK_ELEMENTS` at a time (whole rows, at least one)."""
-        return Grid(self.rows, self.cols, 1, max(1, BLOCK_ELEMENTS // max(self.cols, 1)), self.name)
+        block_rows = max(1, BLOCK_ELEMENTS // max(self.cols, 1))
+        return Grid(self.rows, self.cols, 1, block_rows, self.name, self.pattern)
 
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
     def apply_mask(
@@ -215,6 +219,7 @@ class SparseWeight:
             found.append("its indices are not sorted and unique")
         if active.numel() and (int(active.min()) < 0 or int(active.max()) >= self.numel):
             found.append(f"its indices leave the shape {self.shape}")
+        found += pattern_violations(self.pattern, active, self.rows, self.cols)
         state = optimizer.state.get(self.param, {}) if optimizer is not None else {}
         for key, value in state.items():
             if isinstance(value, Tensor) and value.dim() and value.shape != self.param.shape:

@@ -205,6 +205,7 @@ def make_sparsifier(
         seed=config.seed,
         first_layer_dense=config.first_layer_dense,
         last_layer_dense=config.last_layer_dense,
+        pattern=config.pattern,
         backend=config.backend,
         **options,
     )

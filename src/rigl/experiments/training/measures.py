@@ -35,7 +35,8 @@ def solve_width(config: ExperimentConfig, data: Any) -> float:
 
     def densities(model: nn.Module) -> dict[str, float]:
         options = {"first_layer_dense": config.first_layer_dense,
-                   "last_layer_dense": config.last_layer_dense}  # fmt: skip
+                   "last_layer_dense": config.last_layer_dense,
+                   "pattern": config.pattern}  # fmt: skip
         return rigl.layer_densities(model, config.sparsity, config.distribution, **options)
 
     reference = build(config.width)

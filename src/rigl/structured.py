@@ -1,0 +1,114 @@
+"""Drop and grow under a group pattern (N:M, constant fan-in): pure functions.
+
+The flat positions split into ``G`` equal contiguous groups of ``size`` (N:M: ``M``
+consecutive inputs of a row; fan-in: a row), and every group holds the same number ``a``
+of active weights, so the active weights in flat order form a ``(G, a)`` table. Choices
+within a group are a top-k per row of a ``(G, size)`` score table; ties go to the larger
+priority, drawn from the update's generator for every entry (drop first, then the grow
+scores row block by row block: torch's CPU generator is split-consistent, so the draws do
+not depend on how the rows are blocked, and both storages choose identically).
+
+Counts per update (``n`` = the method's drop count, ``floor(fraction * n_active)``):
+
+- fan-in: every row drops its ``n // rows`` smallest and grows as many (the same number
+  dropped and grown in every row, as in SRigL);
+- N:M: the ``n`` smallest drop scores of the whole layer go, and every group then regrows
+  as many as it lost, from its own free positions (the just-dropped included), so the
+  drop is as global as unstructured RigL's and every group ends with exactly N. (Equal
+  per-group counts would round ``fraction * N`` down to 0 for 2:4 at the usual 0.3.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rigl.patterns import Pattern
+from rigl.rewiring import Grid, Rewiring, RowScores, check_finite
+from rigl.topology import TieBreak
+
+
+def group_size(pattern: Pattern, cols: int) -> int:
+    return cols if pattern.kind == "fanin" else pattern.m
+
+
+def segment_topk(score: Tensor, counts: Tensor | int, priority: Tensor) -> Tensor:
+    """Bool ``(G, S)``: True at the ``counts[g]`` largest entries of each row ``g`` of
+    ``score``, ties to the larger ``priority`` (two stable sorts: by priority, then score)."""
+    by_priority = torch.argsort(priority, dim=1, descending=True, stable=True)
+    by_score = torch.argsort(score.gather(1, by_priority), dim=1, descending=True, stable=True)
+    order = by_priority.gather(1, by_score)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    counts = torch.as_tensor(counts, device=score.device)
+    return rank < (counts.unsqueeze(1) if counts.dim() else counts)
+
+
+def _priority(tie_break: TieBreak, positions: Tensor) -> Tensor:
+    """Priorities of the entries at flat ``positions`` (any shape): looked up in a tensor,
+    or one draw each, in order, from the generator."""
+    if isinstance(tie_break, Tensor):
+        return tie_break[positions]
+    return torch.rand(positions.shape, generator=tie_break).to(positions.device)
+
+
+def _table(active: Tensor, grid: Grid) -> tuple[int, int]:
+    """(groups G, active per group a); a ValueError if the groups do not hold equal counts."""
+    groups = grid.numel // group_size(grid.pattern, grid.cols)
+    if active.numel() % groups:
+        raise ValueError(
+            f"{grid.name}: {active.numel()} active weights do not fill {groups} groups equally"
+        )
+    return groups, active.numel() // groups
+
+
+def drop_in_groups(
+    active: Tensor, score: Tensor, n_update: int, grid: Grid, tie_break: TieBreak
+) -> Tensor:
+    """Keep mask over the sorted ``active`` after every group dropped ``n_update // G`` of
+    its smallest ``score`` (fan-in; N:M drops globally, :func:`rigl.selection.drop`)."""
+    groups, per_group = _table(active, grid)
+    n_drop = min(n_update // groups, per_group)
+    shape = (groups, per_group)
+    drops = segment_topk(-score.reshape(shape), n_drop, _priority(tie_break, active.reshape(shape)))
+    return ~drops.reshape(-1)
+
+
+def grow_in_groups(
+    grow: RowScores, grid: Grid, active: Tensor, keep: Tensor, tie_break: TieBreak
+) -> Tensor:
+    """Flat positions grown: each group regrows what it lost to ``keep``, from its positions
+    not kept, read row block by row block (``grid.block_rows``)."""
+    groups, per_group = _table(active, grid)
+    lost = per_group - keep.reshape(groups, per_group).sum(1)
+    size = group_size(grid.pattern, grid.cols)
+    kept = active[keep]
+    step = grid.rows if grid.block_rows is None else max(1, grid.block_rows)
+    grown = []
+    for r0 in range(0, grid.rows, step):
+        r1 = min(grid.rows, r0 + step)
+        lo, hi = r0 * grid.cols, r1 * grid.cols
+        g0, g1 = lo // size, hi // size
+        positions = torch.arange(lo, hi, device=kept.device).reshape(g1 - g0, size)
+        priority = _priority(tie_break, positions)  # drawn for every block: the same stream
+        if not bool(lost[g0:g1].any()):  # however the rows are blocked
+            continue  # nothing to grow here: no scores read
+        score = grow(r0, r1).reshape(-1)
+        check_finite(score, grid.name)
+        a, b = torch.searchsorted(kept, torch.tensor([lo, hi], device=kept.device)).tolist()
+        here = kept[a:b] - lo
+        score = score.index_fill(0, here, -torch.inf).reshape(g1 - g0, size)
+        chosen = segment_topk(score, lost[g0:g1], priority)
+        grown.append(positions[chosen])
+    return torch.cat(grown) if grown else active[:0]
+
+
+def prune_groups(
+    active: Tensor, score: Tensor, n_keep: int, grid: Grid, tie_break: TieBreak
+) -> Rewiring:
+    """Keep the same number in every group, ``ceil(n_keep / G)``, the largest ``score``."""
+    groups, per_group = _table(active, grid)
+    per_keep = min(-(-n_keep // groups), per_group)
+    shape = (groups, per_group)
+    keep = segment_topk(score.reshape(shape), per_keep, _priority(tie_break, active.reshape(shape)))
+    return Rewiring(keep.reshape(-1), active[:0])

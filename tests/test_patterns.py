@@ -1,0 +1,178 @@
+"""Structured patterns: parsing and errors, counts under the distributions, golden tables of
+the grouped drop and grow (hand-computed 2:4, fan-in and block updates on tiny tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rigl
+from rigl import selection
+from rigl.config import SparsityConfig
+from rigl.errors import ConfigError
+from rigl.patterns import Pattern, fit_counts, initial_positions, parse_pattern, violations
+from rigl.rewiring import Grid
+
+T, F = True, False
+
+
+def rows_of(flat, cols):
+    return lambda r0, r1: flat[r0 * cols : r1 * cols]
+
+
+# -- parsing and configuration ------------------------------------------------------------------
+def test_patterns_parse_and_print_back():
+    assert parse_pattern("2:4") == Pattern("nm", n=2, m=4)
+    assert str(parse_pattern(" Block:4x2 ")) == "block:4x2"
+    assert str(parse_pattern("fanin")) == "fanin"
+    config = SparsityConfig(sparsity=0.5, pattern="2:4")
+    assert SparsityConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("3:2", "0 < N < M"),
+        ("0:4", "0 < N < M"),
+        ("block:0x4", "block sides must be >= 1"),
+        ("blocks", "unknown; allowed"),
+        (4, "must be a string"),
+    ],
+)
+def test_bad_patterns_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        SparsityConfig(sparsity=0.5, pattern=spec)
+
+
+def test_nm_fixes_the_sparsity():
+    with pytest.raises(ConfigError, match=r"sparsity=0.9 does not fit pattern 2:4.*sparsity=0.5"):
+        SparsityConfig(sparsity=0.9, pattern="2:4")
+    with pytest.raises(ConfigError, match="custom_sparsity"):
+        SparsityConfig(sparsity=0.75, pattern="1:4", custom_sparsity={"fc.weight": 0.5})
+    SparsityConfig(sparsity=0.875, pattern="1:8", custom_sparsity={"fc.weight": 0.0})
+
+
+def test_a_layer_that_cannot_hold_the_pattern_is_left_unstructured_with_a_warning():
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"pattern 1:8: 2.weight is left unstructured \(12 inputs"):
+        sp = rigl.create("static", model, opt, sparsity=0.875, pattern="1:8")
+    assert [str(w.pattern) for w in sp.weights] == ["1:8", "unstructured"]
+    assert sp.target_counts == [24, 17]  # 1/8 of 192; the ERK share of 120 weights
+    assert "cannot hold pattern 1:8" in sp.summary_table()
+    sp.check()
+    sp.remove()
+    with pytest.warns(UserWarning, match=r"block:4x4: 2.weight is left unstructured \(10 x 12"):
+        rigl.create("static", model, opt, sparsity=0.8, pattern="block:4x4").remove()
+    sp = rigl.create("static", model, opt, sparsity=0.8, pattern="block:4x4", last_layer_dense=True)
+    assert sp.target_counts == [2 * 16, 120]  # 0.2 * 192 = 38.4: two 4x4 tiles nearest
+
+
+# -- counts --------------------------------------------------------------------------------------
+def test_fit_counts_rounds_to_units_and_matches_the_budget_as_closely_as_units_allow():
+    shapes = [(10, 20, 1), (30, 10, 1)]  # fan-in units: 10 and 30 weights
+    assert fit_counts(Pattern("fanin"), [41, 62], shapes, 103) == [
+        40,
+        60,
+    ]  # 100: next unit overshoots more
+    assert fit_counts(Pattern("fanin"), [44, 54], shapes, 98) == [40, 60]
+    assert fit_counts(Pattern("fanin"), [0, 1], shapes, 1) == [10, 30]  # never an empty layer
+    assert fit_counts(Pattern("nm", n=1, m=4), [7, 7], shapes, 14) == [50, 75]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk"])
+@pytest.mark.parametrize("pattern", ["fanin", "block:2x4"])
+def test_distributions_give_counts_the_pattern_holds(distribution, pattern):
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)
+    )
+    dens = rigl.layer_densities(model, 0.8, distribution, pattern=pattern)
+    plain = rigl.layer_densities(model, 0.8, distribution)
+    numel = {"0.weight": 512, "2.weight": 768, "4.weight": 192}
+    rows = {"0.weight": 32, "2.weight": 24, "4.weight": 8}
+    unit = (lambda n: rows[n]) if pattern == "fanin" else (lambda n: 8)
+    for name, d in dens.items():
+        count = round(d * numel[name])
+        assert count % unit(name) == 0 and count > 0
+        assert abs(count - plain[name] * numel[name]) <= unit(name) + sum(rows.values())
+    total = sum(round(d * numel[n]) for n, d in dens.items())
+    budget = sum(round(d * numel[n]) for n, d in plain.items())
+    assert abs(total - budget) <= max(rows.values())
+
+
+def test_initial_positions_hold_the_pattern():
+    g = torch.Generator().manual_seed(0)
+    for pattern, n in (
+        (Pattern("fanin"), 48),
+        (Pattern("nm", n=1, m=4), 24),
+        (Pattern("block", r=2, c=4), 32),
+    ):
+        flat = initial_positions(pattern, 8, 12, n, g)
+        assert flat.numel() == n and flat.unique().numel() == n
+        assert violations(pattern, flat, 8, 12) == []
+    broken = torch.tensor([0, 1, 2, 13])  # row 0 holds 3, row 1 one
+    assert "between 1 and 3 active per row" in violations(Pattern("fanin"), broken, 2, 12)[0]
+
+
+# -- golden tables -------------------------------------------------------------------------------
+def test_two_four_drops_globally_and_regrows_in_the_groups_that_lost():
+    # a 1 x 8 weight = two groups of 4; active 0, 1 | 4, 6
+    active = torch.tensor([0, 1, 4, 6])
+    drop = torch.tensor([0.9, 0.1, 0.2, 0.8])  # the two smallest: flat 1 (group 0), 4 (group 1)
+    grow = torch.tensor([5.0, 0.3, 0.7, 0.2, 0.6, 0.1, 9.0, 0.4])
+    grid = Grid(1, 8, pattern=Pattern("nm", n=2, m=4))
+    plan = selection.rewire(active, drop, rows_of(grow, 8), grid, 2, torch.zeros(8))
+    assert plan.keep.tolist() == [T, F, F, T]
+    # group 0 regrows 1 of {1, 2, 3}: 0.7 at flat 2; group 1 of {4, 5, 7}: 0.6 at 4 (again)
+    assert plan.grown.tolist() == [2, 4]
+    # only one drop, in group 1 (flat 4): group 0 keeps both and grows nothing
+    plan = selection.rewire(
+        active, torch.tensor([0.9, 0.5, 0.2, 0.8]), rows_of(grow, 8), grid, 1, torch.zeros(8)
+    )
+    assert plan.keep.tolist() == [T, T, F, T] and plan.grown.tolist() == [4]
+
+
+def test_fan_in_drops_and_grows_the_same_number_in_every_row():
+    # 2 x 4, two active per row: 0, 3 | 5, 6
+    active = torch.tensor([0, 3, 5, 6])
+    drop = torch.tensor([0.1, 0.2, 0.05, 0.01])  # globally both smallest are in row 1
+    grow = torch.tensor([0.0, 0.4, 0.3, 0.0, 0.9, 0.0, 0.0, 0.8])
+    grid = Grid(2, 4, pattern=Pattern("fanin"))
+    plan = selection.rewire(active, drop, rows_of(grow, 4), grid, 2, torch.zeros(8))
+    assert plan.keep.tolist() == [F, T, T, F]  # one per row: 0.1 in row 0, 0.01 in row 1
+    # row 0 grows one of {0, 1, 2}: 0.4 at 1; row 1 one of {4, 6, 7}: 0.9 at 4
+    assert plan.grown.tolist() == [1, 4]
+    # ties within a row go to the larger priority
+    priority = torch.tensor([0, 0, 0, 0, 0, 0.2, 0.1, 0.9])
+    flat = torch.zeros(8)
+    plan = selection.rewire(active, drop, rows_of(flat, 4), grid, 2, priority)
+    assert plan.grown.tolist() == [0, 7]  # row 0: all 0 priority, first; row 1: flat 7
+
+
+def test_block_pattern_pools_the_scores_over_each_tile():
+    # 2 x 4 in 1 x 2 tiles (ids 0..3 = flat {0,1}, {2,3}, {4,5}, {6,7}); active tiles 0 and 3
+    pattern = Pattern("block", r=1, c=2)
+    active = torch.tensor([0, 1, 6, 7])
+    drop = torch.tensor([0.1, 0.2, 0.5, 0.4])  # tile sums 0.3 and 0.9: tile 0 goes
+    grow = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.9, 0.0, 0.0, 0.0])  # tile 1: 1.0, tile 2: 0.9
+    plan = selection.rewire(
+        active, drop, rows_of(grow, 4), Grid(2, 4, pattern=pattern), 2, torch.zeros(4)
+    )
+    assert plan.keep.tolist() == [F, F, T, T]
+    assert plan.grown.tolist() == [2, 3]
+    kept = selection.prune(active, drop, 2, Grid(2, 4, pattern=pattern), torch.zeros(4))
+    assert kept.keep.tolist() == [F, F, T, T]
+
+
+def test_grouped_prune_keeps_the_same_number_in_every_group():
+    active = torch.arange(8)  # a dense 1 x 8 weight in two groups of 4 (2:4 target)
+    score = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.8, 0.7, 0.2, 0.6])
+    plan = selection.prune(
+        active, score, 4, Grid(1, 8, pattern=Pattern("nm", n=2, m=4)), torch.zeros(8)
+    )
+    assert plan.keep.nonzero().flatten().tolist() == [1, 3, 4, 5]
+    plan = selection.prune(
+        active, score, 5, Grid(1, 8, pattern=Pattern("nm", n=2, m=4)), torch.zeros(8)
+    )
+    assert plan.keep.nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 7]  # ceil(5 / 2) = 3 each
