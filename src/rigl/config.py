@@ -6,11 +6,13 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rigl._version import __version__
 from rigl.errors import ConfigError, check_int, check_real, is_int, is_real
-from rigl.patterns import Pattern, parse_pattern
+
+if TYPE_CHECKING:  # rigl.patterns imports torch, which `rigl --help` must not load
+    from rigl.patterns import Pattern
 
 
 def check_sparsity(value: Any, name: str = "sparsity") -> float:
@@ -101,11 +103,15 @@ class SparsityConfig:
                 self, name, tuple(v if isinstance(v, str) else v.__name__ for v in value)
             )
         object.__setattr__(self, "custom_sparsity", custom)
+        from rigl.patterns import parse_pattern  # imports torch: only when a config is built
+
         object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))
         _check_nm_sparsity(self)
 
     @property
     def parsed_pattern(self) -> Pattern:
+        from rigl.patterns import parse_pattern
+
         return parse_pattern(self.pattern)
 
     def to_dict(self) -> dict[str, Any]:
