@@ -139,15 +139,28 @@ class CondensedLinear(GrowScores, nn.Module):
         weight = linear.weight.detach()
         if mask.shape != weight.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight {tuple(weight.shape)}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, fan_in=0).to(
-            weight.dtype
-        )
-        if nm is not None:
-            layer._nm = fan_in_of(linear.in_features, None, None, nm)[1]
+        bias = linear.bias is not None
+        layer = cls.unset(linear.in_features, linear.out_features, bias, nm=nm, dtype=weight.dtype)
         flat = mask.reshape(-1).nonzero().squeeze(1)
         layer.set_sorted_topology(flat, weight.reshape(-1)[flat])
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @classmethod
+    def unset(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        nm: str | tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> CondensedLinear:
+        """A layer with no active input yet, for :meth:`set_topology` to fill (an N:M layer
+        then checks its pattern); O(out) memory, nothing drawn for positions."""
+        layer = cls(in_features, out_features, bias, fan_in=0, dtype=dtype)
+        layer._nm = None if nm is None else fan_in_of(in_features, None, None, nm)[1]
         return layer
 
     def to_dense(self) -> nn.Linear:
