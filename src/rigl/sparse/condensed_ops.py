@@ -174,7 +174,9 @@ def forward(
     ext = kernels._pick(use, values.device)
     n_out, k = index.col_idx.shape
     if ext is not None:
-        return ext.condensed_forward(values.view(n_out, k), index.col_idx, xt, bias).to(dtype)
+        grouped = index.group is not None
+        yt = ext.condensed_forward(values.view(n_out, k), index.col_idx, xt, bias, grouped)
+        return yt.to(dtype)
     yt = torch.empty(n_out, xt.shape[1], dtype=xt.dtype, device=xt.device)
     w = values.view(n_out, k)
     with kernels._no_autocast(xt.device):
