@@ -96,6 +96,8 @@ def test_construction_and_properties():
     assert CondensedLinear(10, 3, density=0.25).fan_in == 2  # round(2.5) = 2
     assert CondensedLinear(10, 3).fan_in == 10
     assert set(layer.state_dict()) == {"values", "bias", "col_idx"}  # no CSC in checkpoints
+    # the derived CSC's flat column index is a view of col_idx, not a second copy
+    assert layer.index.csc.col_idx.data_ptr() == layer.col_idx.data_ptr()
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,9 @@ The layer interface is SparseLinear's (``active_indices``, ``grad_rows``, ``grad
 ``from_dense``/``to_dense``), so a SparseWeight drives RigL on it unchanged as long as
 every topology it installs keeps the same count in every row (the fan-in and N:M
 selection does). The output is a transposed view, as SparseLinear's.
+
+(About 330 lines: the whole layer interface SparseWeight drives, checkpoint validation
+included, beside the pattern arguments; the products live in ``condensed_ops``.)
 """
 
 from __future__ import annotations

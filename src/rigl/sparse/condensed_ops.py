@@ -102,8 +102,10 @@ class CondensedIndex:
         return (rows * self.shape[1] + self.col_idx.to(torch.int64)).reshape(-1)
 
     def to(self, device: torch.device | str) -> CondensedIndex:
-        csc = SparseIndex(self.csc.shape, *(t.to(device) for t in self.csc.tensors().values()))
-        return CondensedIndex(self.shape, self.col_idx.to(device), csc, self.group)
+        cols = self.col_idx.to(device)
+        moved = {name: t.to(device) for name, t in self.csc.tensors().items()}
+        csc = SparseIndex(self.csc.shape, **{**moved, "col_idx": cols.view(-1)})  # shared
+        return CondensedIndex(self.shape, cols, csc, self.group)
 
     def derived(self) -> dict[str, Tensor]:
         """The CSC tensors (not stored in checkpoints: rebuilt from ``col_idx``)."""
