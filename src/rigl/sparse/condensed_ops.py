@@ -24,6 +24,7 @@ and are tested equal to the compiled kernels and to the dense masked product.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +245,9 @@ def _semi_structured(
     dense = torch.zeros(index.shape, dtype=values.dtype, device=values.device)
     dense.scatter_(1, index.col_idx.to(torch.int64), values.view(index.col_idx.shape))
     try:
-        yt = torch.mm(to_sparse_semi_structured(dense), xt)
+        with warnings.catch_warnings():  # "prototype stage": we know, and fall back on errors
+            warnings.simplefilter("ignore", UserWarning)
+            yt = torch.mm(to_sparse_semi_structured(dense), xt)
     except (RuntimeError, ValueError, NotImplementedError):  # a shape or GPU it refuses
         return None
     return yt if bias is None else yt + bias[:, None]
