@@ -105,3 +105,12 @@ def test_save_and_load_condensed_layers(tmp_path):
         load_sparse(uneven, other)  # 2.weight: 12 per row, the 2:4 layer keeps 6
     for k, v in other.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_measures_count_a_condensed_model_as_its_dense_equivalent():
+    from rigl.experiments.measures import _dense_equivalent
+
+    model = nn.Sequential(CondensedLinear(8, 4, fan_in=2), nn.ReLU())
+    dense = _dense_equivalent(model)
+    assert type(dense[0]) is nn.Linear and type(model[0]) is CondensedLinear  # a copy
+    assert torch.equal(dense[0].weight, model[0].weight)
