@@ -11,9 +11,10 @@ so its size is about ``8 * nnz`` bytes instead of ``4 * rows * cols``. Every oth
 the model's state dict (biases, dense layers, norms, buffers) is stored as is. The
 metadata holds the rigl version, the method and the per-layer shapes and densities.
 
-:func:`load_sparse` restores a file into either backend: ``SparseLinear`` layers take the
-topology and values directly; a dense parameter (``nn.Linear``, conv, a masked model)
-receives the densified weight, zeros elsewhere, and the sparsifier's masks are set.
+:func:`load_sparse` restores a file into either backend: ``SparseLinear`` and
+``CondensedLinear`` layers (a condensed layer is saved as the same CSR) take the topology
+and values directly; a dense parameter (``nn.Linear``, conv, a masked model) receives the
+densified weight, zeros elsewhere, and the sparsifier's masks are set.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 
 from rigl._version import __version__
 from rigl.config import ConfigError
+from rigl.sparse.condensed import CondensedLinear
+from rigl.sparse.condensed_ops import CondensedIndex
 from rigl.sparse.index import check_csr
 from rigl.sparse.linear import SparseLinear
 
@@ -50,21 +53,25 @@ def _safetensors() -> Any:
 
 
 # -- what is sparse in a model ---------------------------------------------------------------
-def _sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
-    """{weight name: layer} of every ``SparseLinear`` (its weight is named ``<module>.weight``)."""
+Compressed = SparseLinear | CondensedLinear
+
+
+def _sparse_modules(model: nn.Module) -> dict[str, Compressed]:
+    """{weight name: layer} of every ``SparseLinear`` and ``CondensedLinear`` (its weight is
+    named ``<module>.weight``)."""
     return {
         (f"{name}.weight" if name else "weight"): m
         for name, m in model.named_modules()
-        if isinstance(m, SparseLinear)
+        if isinstance(m, Compressed)
     }
 
 
-def _module_keys(model: nn.Module, sparse: dict[str, SparseLinear]) -> set[str]:
+def _module_keys(model: nn.Module, sparse: dict[str, Compressed]) -> set[str]:
     """State-dict keys that belong to the compressed weights (values and index buffers)."""
     keys = set()
-    for name in sparse:
+    for name, layer in sparse.items():
         prefix = name[: -len("weight")]
-        keys |= {prefix + "values", *(prefix + b for b in sparse[name].index.tensors())}
+        keys |= {prefix + key for key in layer.state_dict() if key != "bias"}
     return keys
 
 
@@ -84,11 +91,14 @@ def _csr_of_mask(weight: Tensor, mask: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _csr_of_layer(layer: SparseLinear) -> dict[str, Tensor]:
+def _csr_of_layer(layer: Compressed) -> dict[str, Tensor]:
+    """The CSR of a compressed layer (a condensed one's CSR is derived from its index: the
+    file format is the same, and loads into either layer type)."""
+    csr = layer.index.csc if isinstance(layer, CondensedLinear) else layer.index
     return {
         "values": layer.values.detach(),
-        "row_ptr": layer.index.row_ptr,
-        "col_idx": layer.index.col_idx,
+        "row_ptr": csr.row_ptr,
+        "col_idx": csr.col_idx,
         "shape": torch.tensor(layer.shape, dtype=torch.int64),
     }
 
@@ -97,8 +107,9 @@ def _csr_of_layer(layer: SparseLinear) -> dict[str, Tensor]:
 def save_sparse(model: nn.Module, path: str | Path, sparsifier: Sparsifier | None = None) -> Path:
     """Write ``model`` to ``path`` (safetensors) with its sparse weights in CSR form.
 
-    Sparse weights are the ``SparseLinear`` layers of the model and, given a
-    ``sparsifier``, its masked weights too (without it, a masked model is saved dense).
+    Sparse weights are the ``SparseLinear`` and ``CondensedLinear`` layers of the model
+    and, given a ``sparsifier``, its masked weights too (without it, a masked model is
+    saved dense).
     Returns the path.
     """
     sparse = _sparse_modules(model)
@@ -215,8 +226,9 @@ def load_sparse(
 ) -> dict[str, Any]:
     """Restore a :func:`save_sparse` file into ``model`` (either backend); returns the metadata.
 
-    ``SparseLinear`` layers take the saved topology and values (their active count follows
-    the file). Any other parameter receives the densified weight (zeros at inactive
+    ``SparseLinear`` and ``CondensedLinear`` layers take the saved topology and values
+    (their active count follows the file; a condensed layer needs the same count in every
+    row). Any other parameter receives the densified weight (zeros at inactive
     positions); given a ``sparsifier`` of the model, its masks are set to the saved
     topology, and the optimizer state of a compressed layer follows it (positions that stay
     active keep theirs, new ones start at zero; without the sparsifier, load the optimizer
@@ -228,6 +240,7 @@ def load_sparse(
     entries, others, metadata = read_sparse(path)
     sparse = _sparse_modules(model)
     _check_same_model(path, model, sparse, entries, others)
+    _check_condensed(path, sparse, entries)
     for name in sparse.keys() & others.keys():  # saved dense: every position is active
         weight = others.pop(name)
         entries[name] = _csr_of_mask(weight, torch.ones_like(weight, dtype=torch.bool))
@@ -255,10 +268,27 @@ def load_sparse(
     return metadata
 
 
+def _check_condensed(
+    path: Path, sparse: dict[str, Compressed], entries: dict[str, dict[str, Tensor]]
+) -> None:
+    """Every ``CondensedLinear`` gets a topology it can hold (the same count in every row,
+    its N:M groups), else a ConfigError naming the file, before anything is loaded."""
+    for name, layer in sparse.items():
+        if not isinstance(layer, CondensedLinear) or name not in entries:
+            continue
+        try:
+            index = CondensedIndex.from_flat(_flat_indices(entries[name]), layer.shape, layer.group)
+            layer._check_fan_in(index.k, "its positions")
+        except ValueError as err:
+            raise ConfigError(
+                f"{path}: sparse weight {name} does not fit its CondensedLinear: {err}"
+            ) from None
+
+
 def _check_same_model(
     path: Path,
     model: nn.Module,
-    sparse: dict[str, SparseLinear],
+    sparse: dict[str, Compressed],
     entries: dict[str, dict[str, Tensor]],
     others: dict[str, Tensor],
 ) -> None:

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from rigl.sparse import kernels
+from rigl.sparse import condensed_ops, kernels
+from rigl.sparse.condensed_ops import CondensedIndex
 from rigl.sparse.index import SparseIndex
 
 
@@ -89,15 +90,21 @@ def apply_sparse_linear(x, values, bias, index, grow, use) -> Tensor:
     return SparseLinearFunction.apply(x, values, bias, index, grow, use)
 
 
+def _products(index: SparseIndex | CondensedIndex):
+    """The module with ``forward`` and ``backward`` products for this kind of index."""
+    return condensed_ops if isinstance(index, CondensedIndex) else kernels
+
+
 class SparseLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with ``W`` given by ``values`` on a :class:`SparseIndex`."""
+    """``y = x W^T + b`` with ``W`` given by ``values`` on a :class:`SparseIndex` (CSR) or
+    a :class:`~rigl.sparse.condensed_ops.CondensedIndex` (constant fan-in)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, index, grow, use):  # type: ignore[override]
         check_input(x, values, index.shape)
         lead = x.shape[:-1]
         xt = kernels.transpose(x.reshape(-1, x.shape[-1]), use=use)  # (in, B)
-        yt = kernels.forward(values, index, xt, bias, use=use)  # (out, B)
+        yt = _products(index).forward(values, index, xt, bias, use=use)  # (out, B)
         ctx.save_for_backward(xt, values)
         ctx.index, ctx.grow, ctx.use, ctx.lead = index, grow, use, lead
         ctx.has_bias = bias is not None
@@ -112,7 +119,8 @@ class SparseLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (B, out)
         dyt = kernels.transpose(dy2, use=ctx.use)  # (out, B)
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dxt, dw = kernels.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
+        products = _products(ctx.index)
+        dxt, dw = products.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
         if ctx.grow is not None and ctx.grow.enabled:
             ctx.grow.xts.append(xt)
             ctx.grow.dyts.append(dyt)
@@ -127,7 +135,7 @@ class SparseLinearFunction(torch.autograd.Function):
 def sparse_linear(
     x: Tensor,
     values: Tensor,
-    index: SparseIndex,
+    index: SparseIndex | CondensedIndex,
     bias: Tensor | None = None,
     use: str | None = None,
 ) -> Tensor:

@@ -39,6 +39,7 @@ from rigl.errors import warn
 from rigl.sparse.index import SparseIndex
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "sparse_linear.cpp"
+_CONDENSED_SOURCE = _SOURCE.parent / "condensed_linear.cpp"  # the same extension's second file
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 _LDFLAGS = ["-fopenmp"]
 _ENV = "RIGL_SPARSE_KERNELS"
@@ -71,7 +72,7 @@ def _cache_key() -> str:
     another CPU type), and the torch and Python versions it links against."""
     digest = hashlib.sha256()
     for part in (
-        _SOURCE.read_bytes(),
+        *(source.read_bytes() for source in _sources()),
         " ".join(_CFLAGS + _LDFLAGS).encode(),
         _cpu_flags().encode(),
         torch.__version__.encode(),
@@ -79,6 +80,11 @@ def _cache_key() -> str:
     ):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:16]
+
+
+def _sources() -> list[Path]:
+    """The C++ files of the extension (``_SOURCE`` holds the module definition)."""
+    return [_SOURCE, _CONDENSED_SOURCE]
 
 
 def _build() -> ModuleType:
@@ -107,7 +113,7 @@ def _build() -> ModuleType:
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _sources()],
         build_directory=str(folder),
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,

@@ -20,18 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from rigl.config import ConfigError
-from rigl.sparse import kernels
 from rigl.sparse.function import (  # noqa: F401 (SparseLinearFunction, sparse_linear: re-exported)
     GrowInputs,
     SparseLinearFunction,
     apply_sparse_linear,
     sparse_linear,
 )
+from rigl.sparse.grow import GrowScores
 from rigl.sparse.index import SparseIndex, check_csr
 from rigl.topology import random_indices
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(GrowScores, nn.Module):
     """A linear layer with a compressed sparse weight of fixed active count.
 
     Args:
@@ -217,56 +217,6 @@ class SparseLinear(nn.Module):
         )
         dense = dense.index_put((self._index.flat(),), self.values)
         return dense.view(self.out_features, self.in_features)
-
-    # -- grow scores (RigL) -----------------------------------------------------------
-    def keep_grow_inputs(self, enabled: bool = True) -> None:
-        """Keep (or stop keeping) the coming backward calls' ``xt``, ``dyt`` for grow scores.
-
-        Either way, what was kept so far is dropped. The algorithm enables this before the
-        backward calls of an update step (one per accumulated micro-batch) and disables it
-        after the update; memory cost is the inputs and output gradients of those calls,
-        no dense weight-sized tensor.
-        """
-        self._grow.enabled = enabled
-        self._grow.clear()
-
-    def grad_rows(self, row_start: int, row_end: int) -> Tensor:
-        """Dense ``dL/dW[row_start:row_end]`` (rows, in), accumulated over the kept batches.
-
-        ``dW = sum_i dy_i^T x_i`` restricted to a block of output rows: one small dense
-        GEMM per kept backward call, so a caller can scan the full gradient block by block
-        in bounded memory. Summed in backward order, as autograd accumulates ``.grad``.
-        """
-        if not self._grow.xts:
-            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
-        pieces = zip(self._grow.xts, self._grow.dyts, strict=True)  # (in, B_i), (out, B_i)
-        xt, dyt = next(pieces)
-        # In the dtype of the kept inputs (bf16 under autocast), summed in that of values:
-        # the same products and sums as autograd makes for .grad of a dense weight.
-        grad = (dyt[row_start:row_end] @ xt.t()).to(self.values.dtype)
-        for xt, dyt in pieces:
-            grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
-        return grad
-
-    def grad_at(self, flat: Tensor, chunk: int = 1 << 22) -> Tensor:
-        """``dL/dW`` at the flat positions ``flat`` (any order, no repeats), accumulated over
-        the kept batches: an SDDMM over just those positions, ``chunk`` positions at a time
-        (each chunk gets its own index: about 100 bytes per position while it is built)."""
-        if not self._grow.xts:
-            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
-        flat = flat.reshape(-1)
-        return torch.cat([self._grad_at(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
-
-    def _grad_at(self, flat: Tensor) -> Tensor:
-        index, order = SparseIndex.from_flat(flat, self.shape)
-        sorted_grad = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
-        for xt, dyt in zip(self._grow.xts, self._grow.dyts, strict=True):
-            zeros = torch.zeros(index.nnz, dtype=xt.dtype, device=xt.device)  # as kept
-            _, dw = kernels.backward(zeros, index, xt, dyt, False, True, use=self.kernels)
-            sorted_grad += dw
-        grad = torch.empty_like(sorted_grad)
-        grad[order] = sorted_grad  # back to the order of ``flat``
-        return grad
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -51,12 +51,13 @@ def solve_width(config: ExperimentConfig, data: Any) -> float:
 
 
 def _dense_equivalent(model: nn.Module) -> nn.Module:
-    """``model``, or with backend='sparse' a copy whose SparseLinear layers are nn.Linear
-    again (zeros at inactive weights): the counters know the dense layer types."""
-    from rigl.sparse import SparseLinear
+    """``model``, or with backend='sparse' a copy whose SparseLinear and CondensedLinear
+    layers are nn.Linear again (zeros at inactive weights): the counters know the dense
+    layer types."""
+    from rigl.sparse import CondensedLinear, SparseLinear
     from rigl.sparse.convert import to_dense
 
-    if not any(isinstance(m, SparseLinear) for m in model.modules()):
+    if not any(isinstance(m, SparseLinear | CondensedLinear) for m in model.modules()):
         return model
     return to_dense(copy.deepcopy(model))
 

@@ -612,7 +612,10 @@ std::vector<torch::Tensor> merge_plan(const torch::Tensor& old_flat, const torch
   return {merged, slot};
 }
 
+void bind_condensed(pybind11::module_& m);  // condensed_linear.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_condensed(m);
   m.def("transpose", &transpose, "contiguous transpose (tiled, OpenMP)");
   m.def("merge_plan", &merge_plan, "kept and grown positions merged, with their old slots");
   m.def("csc_index", &csc_index, "blocked CSC (col_ptr, row_idx, perm) of a CSR pattern");

@@ -1,0 +1,70 @@
+"""Grow scores of the compressed layers (RigL's ``|dL/dW|`` at every position, by blocks).
+
+Shared by :class:`~rigl.sparse.SparseLinear` and :class:`~rigl.sparse.CondensedLinear`:
+while an update step is due, the layer keeps every backward call's input ``xt`` and
+output gradient ``dyt`` (:class:`~rigl.sparse.function.GrowInputs`); the dense gradient
+``dW = sum_i dyt_i @ xt_i^T`` is then computed a block of rows at a time
+(:meth:`GrowScores.grad_rows`) or at given positions only (:meth:`GrowScores.grad_at`).
+A layer provides ``_grow`` (GrowInputs), ``values``, ``shape`` and ``kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rigl.sparse import kernels
+from rigl.sparse.index import SparseIndex
+
+
+class GrowScores:
+    """Mixin of the grow-score methods of a compressed linear layer."""
+
+    def keep_grow_inputs(self, enabled: bool = True) -> None:
+        """Keep (or stop keeping) the coming backward calls' ``xt``, ``dyt`` for grow scores.
+
+        Either way, what was kept so far is dropped. The algorithm enables this before the
+        backward calls of an update step (one per accumulated micro-batch) and disables it
+        after the update; memory cost is the inputs and output gradients of those calls,
+        no dense weight-sized tensor.
+        """
+        self._grow.enabled = enabled
+        self._grow.clear()
+
+    def grad_rows(self, row_start: int, row_end: int) -> Tensor:
+        """Dense ``dL/dW[row_start:row_end]`` (rows, in), accumulated over the kept batches.
+
+        ``dW = sum_i dy_i^T x_i`` restricted to a block of output rows: one small dense
+        GEMM per kept backward call, so a caller can scan the full gradient block by block
+        in bounded memory. Summed in backward order, as autograd accumulates ``.grad``.
+        """
+        if not self._grow.xts:
+            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
+        pieces = zip(self._grow.xts, self._grow.dyts, strict=True)  # (in, B_i), (out, B_i)
+        xt, dyt = next(pieces)
+        # In the dtype of the kept inputs (bf16 under autocast), summed in that of values:
+        # the same products and sums as autograd makes for .grad of a dense weight.
+        grad = (dyt[row_start:row_end] @ xt.t()).to(self.values.dtype)
+        for xt, dyt in pieces:
+            grad += dyt[row_start:row_end] @ xt.t()  # not addmm_: same rounding as .grad
+        return grad
+
+    def grad_at(self, flat: Tensor, chunk: int = 1 << 22) -> Tensor:
+        """``dL/dW`` at the flat positions ``flat`` (any order, no repeats), accumulated over
+        the kept batches: an SDDMM over just those positions, ``chunk`` positions at a time
+        (each chunk gets its own index: about 100 bytes per position while it is built)."""
+        if not self._grow.xts:
+            raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
+        flat = flat.reshape(-1)
+        return torch.cat([self._grad_at(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
+
+    def _grad_at(self, flat: Tensor) -> Tensor:
+        index, order = SparseIndex.from_flat(flat, self.shape)
+        sorted_grad = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
+        for xt, dyt in zip(self._grow.xts, self._grow.dyts, strict=True):
+            zeros = torch.zeros(index.nnz, dtype=xt.dtype, device=xt.device)  # as kept
+            _, dw = kernels.backward(zeros, index, xt, dyt, False, True, use=self.kernels)
+            sorted_grad += dw
+        grad = torch.empty_like(sorted_grad)
+        grad[order] = sorted_grad  # back to the order of ``flat``
+        return grad
