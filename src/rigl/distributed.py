@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from rigl.errors import warn
+from rigl.sharding import is_sharded
 from rigl.sparsifier import Sparsifier
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -186,10 +187,19 @@ def fingerprint(sparsifier: Sparsifier, *, weights: bool = False) -> dict[str, s
     the method's state (SNFS momentum) and, with ``weights``, every model parameter."""
     state = sparsifier.state_dict()  # plain data, whatever the weights' storage
     found = {key: str(state[key]) for key in ("step", "update_count", "seed")}
-    found.update({f"mask {k}": _digest(v) for k, v in _tensors(state["masks"], "").items()})
+    for weight in sparsifier.weights:
+        # FSDP: each rank holds other rows, compared with what the last update installed
+        own = getattr(weight, "shard_state", None)
+        found[f"mask {weight.name}"] = own() if own else _digest(state["masks"][weight.name])
     found.update({f"state {k}": _digest(v) for k, v in _tensors(state["extra"], "").items()})
-    if weights:
-        found.update({f"weight {n}": _digest(p) for n, p in sparsifier.model.named_parameters()})
+    if weights:  # a sharded parameter (FSDP) is each rank's own: not compared
+        found.update(
+            {
+                f"weight {n}": _digest(p)
+                for n, p in sparsifier.model.named_parameters()
+                if not is_sharded(p)
+            }
+        )
     return found
 
 

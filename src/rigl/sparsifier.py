@@ -26,6 +26,7 @@ from rigl.guard import UsageError
 from rigl.optim_state import check_optimizer_kind
 from rigl.registry import create, get_method, list_methods, register_method
 from rigl.schedules import UpdateSchedule
+from rigl.sharding import check_not_resharded, is_sharded
 from rigl.storage import MaskedWeight, NonFiniteScore, RewireStats, RowScores, check_finite
 from rigl.summary import LayerSummary
 from rigl.targets import Target, check_model_names, make_config, scan_targets, target_counts
@@ -177,6 +178,10 @@ class Sparsifier(metaclass=_BuiltAfterInit):
         """Masked storage, or compressed storage for plain Linear layers with backend='sparse'
         (built from the initial indices, so no dense mask exists; a Linear on the meta
         device is created from its shapes, see :func:`rigl.sparse.convert.convert_linear`)."""
+        if is_sharded(target.param):  # FSDP2: a mask sharded like the weight (rigl.fsdp)
+            from rigl.fsdp import sharded_weight
+
+            return sharded_weight(self, index, target, n_active)
         if self.layer_backends[index][0] == "sparse":
             from rigl.sparse.convert import convert_linear
 
@@ -284,6 +289,7 @@ class Sparsifier(metaclass=_BuiltAfterInit):
         optimizer step that may follow is allowed by the step guard (``rigl.guard``)."""
         self._check_not_removed()
         self._check_optimizer_state()
+        check_not_resharded(self)
         if self._guard is not None:
             self._guard.open()
         step = self.step_count

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
+from rigl.sharding import all_finite, is_sharded
 from rigl.topology import TieBreak, drop_and_grow, magnitude_prune, split_evenly
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
@@ -30,6 +31,10 @@ class NonFiniteScore(Exception):
 
 def check_finite(score: Tensor | None, name: str) -> None:
     if score is None or score.numel() == 0:
+        return
+    if is_sharded(score):  # an FSDP2 gradient: each rank checks its shard, all agree
+        if not all_finite(score.to_local(), score.device_mesh.get_group()):
+            raise NonFiniteScore(f"non-finite scores in {name} (inf/NaN gradient?)")
         return
     if score.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): its stored values
         score = score.coalesce().values()
