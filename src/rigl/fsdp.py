@@ -18,7 +18,7 @@ Every decision equals one process's for the same seed and global batch, bit for 
 initial masks are drawn as one process draws them (:meth:`Sparsifier.initial_indices`,
 O(n_active) memory above 2^24 positions; below, the permutation one process draws) and
 each rank keeps its rows; updates select with :mod:`rigl.sharding`. Supported methods:
-static, set and rigl, on the masked backend (the compressed one is refused).
+dense, static, set and rigl, on the masked backend (the compressed one is refused).
 
 Checkpoints: under FSDP ``sparsifier.state_dict()`` holds the masks as DTensors, so it
 is a sharded state dict for ``torch.distributed.checkpoint`` (DCP); :func:`save` and
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from rigl.sparsifier import Sparsifier
     from rigl.targets import Target
 
-SUPPORTED_METHODS = ("static", "set", "rigl")
+SUPPORTED_METHODS = ("dense", "static", "set", "rigl")
 
 
 def local_rows(param: Any) -> tuple[int, int]:
@@ -276,31 +276,52 @@ def _digest(mask: Tensor) -> str:
 
 
 # -- creation ---------------------------------------------------------------------------
+def check_method(method: str, backend: str) -> None:
+    """ConfigError unless ``method`` on ``backend`` can train a model sharded with FSDP2."""
+    if method not in SUPPORTED_METHODS:
+        raise ConfigError(
+            f"method {method!r} is not supported on a model sharded with fully_shard; "
+            f"supported: {', '.join(SUPPORTED_METHODS)} (or train it with DDP)"
+        )
+    if backend != "masked":
+        raise ConfigError(
+            f"backend={backend!r} is not supported on a model sharded with fully_shard (its "
+            "compressed layers are not DTensors); use backend='masked', or DDP for the "
+            "compressed backend"
+        )
+
+
+def shard_model(model: Any) -> Any:
+    """``fully_shard`` every direct child module that holds parameters, then the model
+    (the usual FSDP2 wrapping: one all-gather per child). A child whose parameters its
+    parent reads directly, not through the child's forward, needs its own wrapping."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
 def sharded_weight(
     sparsifier: Sparsifier, index: int, target: Target, n_active: int
 ) -> ShardedMaskedWeight:
     """The storage of a target whose parameter is an FSDP2 DTensor, after checking that
     the method and backend are supported; the initial mask is drawn as in one process and
     each rank keeps its rows (no dense mask is built)."""
-    if sparsifier.name not in SUPPORTED_METHODS:
-        raise ConfigError(
-            f"method {sparsifier.name!r} is not supported on a model sharded with fully_shard; "
-            f"supported: {', '.join(SUPPORTED_METHODS)} (or train it with DDP)"
-        )
-    if sparsifier.backend != "masked":
-        raise ConfigError(
-            "backend='sparse' is not supported on a model sharded with fully_shard (its "
-            "compressed layers are not DTensors); use backend='masked', or DDP for the "
-            "compressed backend"
-        )
+    check_method(sparsifier.name, sparsifier.backend)
     param = target.param
     local = _local(param)
     row0, rows = local_rows(param)
     cols = param.numel() // param.shape[0]
-    flat = sparsifier.initial_indices(index, target, n_active)  # global positions
-    start, stop = row0 * cols, (row0 + rows) * cols
     local_mask = torch.zeros(local.numel(), dtype=torch.bool)
-    local_mask[flat[(flat >= start) & (flat < stop)] - start] = True
+    if sparsifier.dense_start:
+        local_mask[:] = True
+    else:
+        flat = sparsifier.initial_indices(index, target, n_active)  # global positions
+        start, stop = row0 * cols, (row0 + rows) * cols
+        local_mask[flat[(flat >= start) & (flat < stop)] - start] = True
     return ShardedMaskedWeight(target.name, param, local_mask, target.blocks)
 
 

@@ -50,7 +50,8 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
             f"--resume: {str(path)!r} is not a rigl train checkpoint (it holds a {what} "
             f"without a config); {restart}"
         )
-    missing = [key for key in KEYS if key not in state]
+    sharded = ("model", "optimizer", "sparsifier") if "sharded" in state else ()  # in DCP
+    missing = [key for key in KEYS if key not in state and key not in sharded]
     if missing:
         raise ConfigError(
             f"--resume: {str(path)!r} is not a complete rigl train checkpoint (no "
@@ -68,10 +69,15 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
 def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
     """Continue ``run`` (a :class:`rigl.experiments.builders.Run`) from ``state``."""
     try:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:  # FSDP: model, optimizer and masks from the DCP folder
+            from rigl.experiments import sharded_checkpoint
+
+            sharded_checkpoint.load(run, state["sharded"])
+        else:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.sparsifier.load_state_dict(state["sparsifier"])
         run.scheduler.load_state_dict(state["scheduler"])
-        run.sparsifier.load_state_dict(state["sparsifier"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ConfigError(
             f"--resume: the checkpoint in {str(run.out)!r} does not fit the model of this "

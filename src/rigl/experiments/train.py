@@ -17,7 +17,9 @@ topology updates see the global batch's gradient and the run matches a one-proce
 up to float rounding. Logged losses and accuracies are summed over the ranks (the test
 set is split between them), so they are the global batch's and the full test set's.
 Only rank 0 writes the run folder; every rank reads the checkpoint when resuming (with
-several machines, ``out`` must be on a shared file system).
+several machines, ``out`` must be on a shared file system). With ``parallel: fsdp`` the
+model is sharded with FSDP2 (:mod:`rigl.fsdp`) and every rank writes its shards of model,
+optimizer and masks with DCP (:mod:`~rigl.experiments.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch import Tensor
 from rigl import distributed
 from rigl.config import ConfigError
 from rigl.distributed import DistEnv
-from rigl.experiments import builders, measures, runfolder
+from rigl.experiments import builders, measures, runfolder, sharded_checkpoint
 from rigl.experiments.builders import Run
 from rigl.experiments.checkpoint import load_checkpoint, read_checkpoint
 from rigl.experiments.config import ExperimentConfig, load_config
@@ -164,9 +166,14 @@ def evaluate(run: Run, dataset: Any) -> tuple[float, float]:
                 torch.distributed.broadcast(buffer, src=0)
         order = torch.tensor_split(order, env.world_size)[env.rank]
     n_batches = math.ceil(len(order) / EVAL_BATCH)
-    loss_sum, correct, count = 0.0, 0, 0
+    if builders.sharded(run.config, env):  # FSDP: a forward is a collective, so every
+        n_batches = math.ceil(math.ceil(len(dataset) / env.world_size) / EVAL_BATCH)
+    loss_sum, correct, count = 0.0, 0, 0  # rank runs as many (an empty batch included)
     for x, y in iterate_batches(dataset, order, EVAL_BATCH, 0, n_batches):
-        loss, c, n = loss_and_correct(run.model(x.to(run.device)), y.to(run.device))
+        logits = run.model(x.to(run.device))
+        if len(y) == 0:
+            continue
+        loss, c, n = loss_and_correct(logits, y.to(run.device))
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + c, count + n
     loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], env)
     run.model.train()
@@ -191,14 +198,21 @@ def save_checkpoint(run: Run) -> None:
     """Everything needed to continue bit-identically, written atomically (by rank 0:
     every rank holds the same state)."""
     cpu_time = cpu_time_of_all_ranks(run)
+    if builders.sharded(run.config, run.env):  # FSDP: every rank writes its shards
+        state: dict[str, Any] = {"sharded": sharded_checkpoint.save(run)}
+    elif not run.env.is_main:
+        return
+    else:
+        state = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "sparsifier": run.sparsifier.state_dict(),
+        }
     if not run.env.is_main:
         return
-    state = {
+    state |= {
         "config": run.config.to_dict(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "sparsifier": run.sparsifier.state_dict(),
         "step": run.step,
         "epoch": run.epoch,
         "batch": run.batch,  # batches of `epoch` consumed; its order is epoch_order(seed, epoch)
@@ -211,6 +225,8 @@ def save_checkpoint(run: Run) -> None:
         "cpu_time_s": cpu_time,
     }
     atomic_torch_save(run.out / CHECKPOINT, state)
+    if "sharded" in state:
+        sharded_checkpoint.remove_others(run.out, state["sharded"])
     kill_point("checkpoint")
 
 
