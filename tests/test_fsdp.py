@@ -29,14 +29,18 @@ RUNS = ["mlp-rigl", "mlp-set", "mlp-static", "mlp-rigl_ties", "tf-rigl", "tf-set
 
 
 class OddMLP(nn.Module):
-    """Row counts that do not split evenly over two ranks (15 = 8 + 7, 9 = 5 + 4)."""
+    """Row counts that do not split evenly over two ranks (15 = 8 + 7, 9 = 5 + 4), and a
+    one-row layer of which rank 1 holds nothing."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2, self.out = nn.Linear(12, 15), nn.Linear(15, 9), nn.Linear(9, 4)
+        self.skip = nn.Linear(12, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 12) -> (B, 4)
-        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        # the skip is weighed per class (a plain sum would not change the softmax)
+        scale = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=x.dtype)
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x))))) + self.skip(x) * scale
 
 
 class TinyTransformer(nn.Module):
@@ -139,6 +143,7 @@ def _scenarios(rank: int, env: rd.DistEnv, out: Path) -> dict:
     result["corrupt"] = _errors(lambda: rd.check_consistency(sparsifier))
     _, _, seeded = _build("mlp-set", shard=True, seed=10 + rank)
     result["seeded"] = _errors(lambda: rd.check_consistency(seeded))
+    result["broadcast"] = _errors(lambda: rd.sync_sparsifier(seeded))
     # refused: sharding after rigl.create, the compressed backend, an unsupported method
     model, optimizer, sparsifier = _build("mlp-rigl", shard=False)
     from torch.distributed.fsdp import fully_shard
@@ -255,9 +260,10 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_process(ranks):
 def test_consistency_check_names_the_diverging_rank(ranks):
     results, _ = ranks
     for result in results:
-        assert "mask layer.self_attn.out_proj.weight: ranks [1]" in result["corrupt"]
+        assert "mask layer.self_attn.in_proj_weight: ranks [1]" in result["corrupt"]
         assert "layer.linear1.weight" not in result["corrupt"]
         assert "seed: ranks [1]" in result["seeded"]
+        assert "rank 0's state cannot be copied" in result["broadcast"]
 
 
 def test_unsupported_uses_are_refused(ranks):

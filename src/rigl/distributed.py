@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rigl.errors import warn
+from rigl.errors import ConfigError, warn
 from rigl.sharding import is_sharded
 from rigl.sparsifier import Sparsifier
 
@@ -278,6 +278,12 @@ def broadcast_sparsifier(sparsifier: Sparsifier, src: int = 0, process_group: An
     method state) to every rank of the group (a collective)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    if any(is_sharded(p) for p in sparsifier.model.parameters()):
+        raise ConfigError(
+            "the model is sharded (FSDP): each rank holds other rows, so rank 0's state "
+            "cannot be copied to the others; create the sparsifier with the same seed on "
+            "every rank (rigl.fsdp)"
+        )
     for param in sparsifier.model.parameters():
         dist.broadcast(param.data, src=src, group=process_group)
     state = [sparsifier.state_dict()]  # plain data, masks on the CPU

@@ -65,11 +65,13 @@ def sum_over(values: list[int], group: Group) -> list[int]:
 
 
 def _kth_largest(score: Tensor, k: int, group: Group) -> Tensor:
-    """The k-th largest value of the union of every rank's ``score`` (0-d tensor)."""
+    """The k-th largest value of the union of every rank's ``score`` (0-d tensor). Sent as
+    float64 (exact for every float type), so ranks agree whatever dtype each scored in
+    (an empty piece has no dtype of its own)."""
     m = min(k, score.numel())
     local = torch.topk(score, m, sorted=False).values if m else score[:0]
     sizes = _gather_ints([m], group)[:, 0].tolist()
-    padded = torch.full((k,), -math.inf, dtype=score.dtype)
+    padded = torch.full((k,), -math.inf, dtype=torch.float64)
     padded[:m] = local
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded, group=group)
