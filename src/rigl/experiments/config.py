@@ -172,6 +172,13 @@ class ExperimentConfig:
             from rigl.fsdp import check_method
 
             check_method(self.method, self.backend)
+            others = [name for name in self.recorders if name != "topology"]
+            if others:
+                raise ConfigError(
+                    f"recorders {others} read whole masks on rank 0, and with parallel: fsdp "
+                    "each rank holds only its rows; use recorders: [topology] (--recorders "
+                    "'[topology]')"
+                )
         if "backend" in self.method_options:
             raise ConfigError("method_options.backend: set the backend with the key 'backend'")
         _range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
