@@ -89,3 +89,6 @@ def test_fsdp_config_refuses_what_it_cannot_shard(tmp_path, capsys):
     config = tiny_run_config(tmp_path, tmp_path / "data", parallel="fsdp", backend="sparse")
     assert main(["train", "--config", str(config), "--quiet"]) == 2
     assert "backend='sparse' is not supported on a model sharded" in capsys.readouterr().err
+    config = tiny_run_config(tmp_path, tmp_path / "data", parallel="fsdp", recorders=["dynamics"])
+    assert main(["train", "--config", str(config), "--quiet"]) == 2
+    assert "recorders ['dynamics'] read whole masks on rank 0" in capsys.readouterr().err

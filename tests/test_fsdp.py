@@ -113,8 +113,39 @@ def _errors(fn) -> str:
     return ""
 
 
+def _selection_trials(rank: int, trials: int = 40) -> list[tuple[int, bool]]:
+    """Sharded drop-and-grow on random vectors (integer scores: many exact ties), split at
+    a random point (a piece may be empty, or cut a block), against one process's
+    :func:`rigl.topology.drop_and_grow`; (trial, equal) for each."""
+    from rigl.sharding import per_block, sharded_drop_and_grow
+    from rigl.topology import drop_and_grow, update_generator
+
+    found = []
+    for trial in range(trials):
+        g = torch.Generator().manual_seed(trial)
+        blocks = 3 if trial % 2 else 1
+        n = blocks * int(torch.randint(1, 12, (1,), generator=g))
+        mask = torch.rand(n, generator=g) < 0.5
+        drop = torch.randint(0, 3, (n,), generator=g).double()
+        grow = torch.randint(0, 3, (n,), generator=g).float()
+        n_update = int(torch.randint(0, n + 1, (1,), generator=g))
+        cut = int(torch.randint(0, n + 1, (1,), generator=g))
+        expected = drop_and_grow(mask, drop, grow, n_update, update_generator(trial, 1, 2), blocks)
+        piece = slice(0, cut) if rank == 0 else slice(cut, n)
+        tie = update_generator(trial, 1, 2)
+
+        def update(m, d, gr, k, tie=tie):
+            return sharded_drop_and_grow(m, d, gr, k, tie, None)
+
+        mine = per_block(
+            update, piece.start, n, blocks, n_update, mask[piece], drop[piece], grow[piece]
+        )
+        found.append((trial, torch.equal(mine, expected[piece])))
+    return found
+
+
 def _scenarios(rank: int, env: rd.DistEnv, out: Path) -> dict:
-    result = {}
+    result = {"selection": _selection_trials(rank)}
     for run in RUNS:
         model, optimizer, sparsifier = _build(run, shard=True)
         rd.add_consistency_check(sparsifier, every=1)
@@ -220,6 +251,11 @@ def test_sharded_masks_equal_one_process(ranks, run):
     assert single["update_count"] == expected_updates
     for result in results:  # both ranks gathered the same full masks and weights
         _assert_same(result[run], single)
+
+
+def test_sharded_selection_equals_one_process_on_random_ties(ranks):
+    for result in ranks[0]:
+        assert [trial for trial, equal in result["selection"] if not equal] == []
 
 
 def test_ties_were_broken_by_priority(ranks):

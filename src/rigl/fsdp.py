@@ -123,7 +123,8 @@ def save(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra:
     ``extra`` values (tensors or picklable objects) are saved beside."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({**checkpoint_state(model, optimizer, sparsifier), **extra}, checkpoint_id=str(path))
+    state = {**checkpoint_state(model, optimizer, sparsifier), **extra}
+    dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
 
 
 def load(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra: Any) -> dict:
@@ -135,10 +136,15 @@ def load(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = {**checkpoint_state(model, optimizer, sparsifier), **extra}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
     sparsifier.load_state_dict(state["sparsifier"])
     sparsifier.seed = int(state["sparsifier"]["seed"])  # later tie-breaks draw as saved
     return {key: state[key] for key in extra}
+
+
+def _distributed() -> bool:
+    """Whether a process group exists (else DCP runs in this one process)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
