@@ -23,6 +23,9 @@ The usual order::
     ddp_model = rigl.distributed.wrap_model(model, env)
     rigl.distributed.sync_sparsifier(sparsifier)      # optional: catches per-rank seeds
     rigl.distributed.add_consistency_check(sparsifier, every=10)  # optional
+
+A model sharded with FSDP2 (``fully_shard``) is the other way: see :mod:`rigl.fsdp`
+(the consistency check works there too; ``sync_sparsifier`` does not).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from rigl.errors import ConfigError
-from rigl.optim_state import weight_states
+from rigl.optim_state import reset_drifting_state, weight_states
 from rigl.sharding import all_finite, per_block, sharded_drop_and_grow, sum_over
 from rigl.storage import NonFiniteScore, RewireStats, RowScores
 
@@ -75,10 +75,14 @@ class ShardedMaskedWeight:
     @property
     def mask(self) -> Tensor:
         """The mask as a DTensor sharded like the weight (each rank: its rows)."""
+        return self._sharded(self._local_mask)
+
+    def _sharded(self, local: Tensor) -> Tensor:
+        """A DTensor sharded like the weight whose local shard is ``local`` (no copy)."""
         from torch.distributed.tensor import DTensor
 
         return DTensor.from_local(
-            self._local_mask,
+            local,
             self.param.device_mesh,
             self.param.placements,
             shape=self.param.shape,
@@ -118,13 +122,13 @@ class ShardedMaskedWeight:
     # -- every step ----------------------------------------------------------------
     @torch.no_grad()
     def apply_mask(self, optimizer: Any = None, gradient: bool = True) -> None:
-        """Inactive local weights (and gradients) to zero; Adamax's ``exp_inf`` reset."""
+        """Inactive local weights (and gradients) to zero, and the optimizer state that a
+        zero gradient moves (Adamax's ``exp_inf``) back to its initial value."""
         _local(self.param).mul_(self._local_mask)
         if gradient:
             self.mask_gradient()
-        for key, (value, fresh) in weight_states(optimizer, self.param).items():
-            if key == "exp_inf":  # the state a zero gradient moves (rigl.optim_state)
-                _local(value).masked_fill_(self._inactive, fresh)
+        if optimizer is not None and optimizer.state.get(self.param):  # state is a DTensor
+            reset_drifting_state(optimizer, self.param, self._sharded(self._inactive))
 
     @torch.no_grad()
     def mask_gradient(self) -> None:
