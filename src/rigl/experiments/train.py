@@ -166,15 +166,15 @@ def evaluate(run: Run, dataset: Any) -> tuple[float, float]:
                 torch.distributed.broadcast(buffer, src=0)
         order = torch.tensor_split(order, env.world_size)[env.rank]
     n_batches = math.ceil(len(order) / EVAL_BATCH)
-    if builders.sharded(run.config, env):  # FSDP: a forward is a collective, so every
-        n_batches = math.ceil(math.ceil(len(dataset) / env.world_size) / EVAL_BATCH)
-    loss_sum, correct, count = 0.0, 0, 0  # rank runs as many (an empty batch included)
+    loss_sum, correct, count = 0.0, 0, 0
     for x, y in iterate_batches(dataset, order, EVAL_BATCH, 0, n_batches):
-        logits = run.model(x.to(run.device))
-        if len(y) == 0:
-            continue
-        loss, c, n = loss_and_correct(logits, y.to(run.device))
+        loss, c, n = loss_and_correct(run.model(x.to(run.device)), y.to(run.device))
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + c, count + n
+    if builders.sharded(run.config, env):  # FSDP: a forward is a collective, so a rank
+        most = math.ceil(math.ceil(len(dataset) / env.world_size) / EVAL_BATCH)
+        x, _ = next(iterate_batches(dataset, torch.arange(1), 1, 0, 1))  # example 0
+        for _ in range(most - n_batches):  # with fewer batches runs as many (unused)
+            run.model(x.to(run.device))
     loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], env)
     run.model.train()
     return loss_sum / count, correct / count
