@@ -33,6 +33,7 @@ compare with); :meth:`Sparsifier.check` counts over every rank.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,7 +125,9 @@ def save(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra:
     import torch.distributed.checkpoint as dcp
 
     state = {**checkpoint_state(model, optimizer, sparsifier), **extra}
-    dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with warnings.catch_warnings():  # one process on purpose: no warning about it
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
 
 
 def load(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra: Any) -> dict:
@@ -136,7 +139,9 @@ def load(path: Any, model: Any, optimizer: Any, sparsifier: Sparsifier, **extra:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = {**checkpoint_state(model, optimizer, sparsifier), **extra}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with warnings.catch_warnings():  # one process on purpose: no warning about it
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
