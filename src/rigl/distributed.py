@@ -23,6 +23,9 @@ The usual order::
     ddp_model = rigl.distributed.wrap_model(model, env)
     rigl.distributed.sync_sparsifier(sparsifier)      # optional: catches per-rank seeds
     rigl.distributed.add_consistency_check(sparsifier, every=10)  # optional
+
+A model sharded with FSDP2 (``fully_shard``) is the other way: see :mod:`rigl.fsdp`
+(the consistency check works there too; ``sync_sparsifier`` does not).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from rigl.errors import warn
+from rigl.errors import ConfigError, warn
+from rigl.sharding import is_sharded
 from rigl.sparsifier import Sparsifier
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -186,10 +190,19 @@ def fingerprint(sparsifier: Sparsifier, *, weights: bool = False) -> dict[str, s
     the method's state (SNFS momentum) and, with ``weights``, every model parameter."""
     state = sparsifier.state_dict()  # plain data, whatever the weights' storage
     found = {key: str(state[key]) for key in ("step", "update_count", "seed")}
-    found.update({f"mask {k}": _digest(v) for k, v in _tensors(state["masks"], "").items()})
+    for weight in sparsifier.weights:
+        # FSDP: each rank holds other rows, compared with what the last update installed
+        own = getattr(weight, "shard_state", None)
+        found[f"mask {weight.name}"] = own() if own else _digest(state["masks"][weight.name])
     found.update({f"state {k}": _digest(v) for k, v in _tensors(state["extra"], "").items()})
-    if weights:
-        found.update({f"weight {n}": _digest(p) for n, p in sparsifier.model.named_parameters()})
+    if weights:  # a sharded parameter (FSDP) is each rank's own: not compared
+        found.update(
+            {
+                f"weight {n}": _digest(p)
+                for n, p in sparsifier.model.named_parameters()
+                if not is_sharded(p)
+            }
+        )
     return found
 
 
@@ -268,6 +281,12 @@ def broadcast_sparsifier(sparsifier: Sparsifier, src: int = 0, process_group: An
     method state) to every rank of the group (a collective)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    if any(is_sharded(p) for p in sparsifier.model.parameters()):
+        raise ConfigError(
+            "the model is sharded (FSDP): each rank holds other rows, so rank 0's state "
+            "cannot be copied to the others; create the sparsifier with the same seed on "
+            "every rank (rigl.fsdp)"
+        )
     for param in sparsifier.model.parameters():
         dist.broadcast(param.data, src=src, group=process_group)
     state = [sparsifier.state_dict()]  # plain data, masks on the CPU

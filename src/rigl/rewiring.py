@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rigl.patterns import UNSTRUCTURED, Pattern
+from rigl.sharding import all_finite, is_sharded
 
 # Grow scores of the rows [r0, r1) of a weight viewed as (rows, cols), flattened to
 # ((r1 - r0) * cols,). A masked weight is read in one call; a compressed weight is read
@@ -54,6 +55,10 @@ class NonFiniteScore(Exception):
 def check_finite(score: Tensor | None, name: str) -> None:
     """Raise :class:`NonFiniteScore` naming ``name`` if ``score`` holds an inf or NaN."""
     if score is None or score.numel() == 0:
+        return
+    if is_sharded(score):  # an FSDP2 gradient: each rank checks its shard, all agree
+        if not all_finite(score.to_local(), score.device_mesh.get_group()):
+            raise NonFiniteScore(f"non-finite scores in {name} (inf/NaN gradient?)")
         return
     if score.is_sparse:  # a sparse gradient (nn.Embedding(sparse=True)): its stored values
         score = score.coalesce().values()

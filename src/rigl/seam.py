@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rigl.rewiring import Grid, NonFiniteScore, Rewiring, RowScores, check_finite
+from rigl.topology import TieBreak
 
 __all__ = [
     "Grid",
@@ -149,6 +150,15 @@ class SparseStorage(Protocol):
         ...
 
     # -- topology ------------------------------------------------------------------------
+    def rewire(
+        self, n_update: int, drop_score: Tensor, grow: RowScores, tie_break: TieBreak
+    ) -> Rewiring:
+        """The plan of one drop-and-grow update: drop the ``n_update`` active weights of
+        smallest ``drop_score`` (one per active weight, flat order), grow as many by
+        ``grow``. One storage process: :func:`rigl.selection.rewire`; a sharded storage
+        agrees on the same plan with its peers (:mod:`rigl.sharding`)."""
+        ...
+
     def install(
         self,
         rewiring: Rewiring,

@@ -30,6 +30,7 @@ from rigl.registry import create, get_method, list_methods, register_method
 from rigl.rewiring import Rewiring, RowScores
 from rigl.schedules import UpdateSchedule
 from rigl.seam import RewireStats, SparseStorage
+from rigl.sharding import is_sharded
 from rigl.step_loop import StepLoop
 from rigl.storage import MaskedWeight
 from rigl.summary import LayerSummary
@@ -78,6 +79,9 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
     default_skip_optimizer_step: ClassVar[bool] = False
     dense_start: ClassVar[bool] = False
     supports_sparse_backend: ClassVar[bool] = False  # starts sparse and needs no dense state
+    # trains a model sharded with FSDP2 (rigl.fsdp): drop and grow through the sharded
+    # selection, no dense state of its own
+    supports_sharding: ClassVar[bool] = False
     aliases: ClassVar[tuple[str, ...]] = ()  # other names accepted by get_method
     label: ClassVar[str] = ""  # the row name in result tables (default: the name)
     sparse: ClassVar[bool] = True  # False: the dense baseline, trained at sparsity 0
@@ -190,6 +194,10 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         """Masked storage, or compressed storage for plain Linear layers with backend='sparse'
         (built from the initial indices, so no dense mask exists; a Linear on the meta
         device is created from its shapes, see :func:`rigl.sparse.convert.convert_linear`)."""
+        if is_sharded(target.param):  # FSDP2: a mask sharded like the weight (rigl.fsdp)
+            from rigl.fsdp import sharded_weight
+
+            return sharded_weight(self, index, target, n_active)
         if self.layer_backends[index][0] == "sparse":
             from rigl.sparse.convert import convert_linear
 
@@ -265,14 +273,7 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         if n_update == 0:
             return None
         grow = self.grow_score(weight, generator)  # first: SET draws its seed here
-        return selection.rewire(
-            weight.active_positions(),
-            self.drop_score(weight),
-            grow,
-            weight.grid,
-            n_update,
-            generator,
-        )
+        return weight.rewire(n_update, self.drop_score(weight), grow, generator)
 
     def extra_state(self) -> dict[str, Any]:
         return {}

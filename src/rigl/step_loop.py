@@ -18,6 +18,7 @@ from rigl.errors import ConfigError, warn
 from rigl.optim_state import check_state_sizes, unscale_found_inf
 from rigl.rewiring import NonFiniteScore, check_finite
 from rigl.seam import RewireStats
+from rigl.sharding import check_not_resharded
 from rigl.targets import check_model_names
 from rigl.topology import update_generator
 
@@ -66,6 +67,7 @@ class StepLoop:
         optimizer step that may follow is allowed by the step guard (``rigl.guard``)."""
         self._check_not_removed()
         check_state_sizes(self.optimizer, self.weights)
+        check_not_resharded(self)
         if self._guard is not None:
             self._guard.open()
         step = self.step_count

@@ -13,13 +13,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from rigl import selection
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.patterns import violations as pattern_violations
 from rigl.rewiring import Grid, NonFiniteScore, Rewiring, RowScores, check_finite
 from rigl.seam import RewireStats
-from rigl.topology import split_evenly
+from rigl.topology import TieBreak, split_evenly
 
 # re-exported: they lived here before the seam had its own module
 __all__ = ["MaskedWeight", "NonFiniteScore", "RewireStats", "RowScores", "check_finite"]
@@ -162,6 +163,14 @@ class MaskedWeight:
         return grad
 
     # -- topology -------------------------------------------------------------------
+    def rewire(
+        self, n_update: int, drop_score: Tensor, grow: RowScores, tie_break: TieBreak
+    ) -> Rewiring:
+        """The plan of one drop-and-grow update (:func:`rigl.selection.rewire`)."""
+        return selection.rewire(
+            self.active_positions(), drop_score, grow, self.grid, n_update, tie_break
+        )
+
     @torch.no_grad()
     def install(
         self,

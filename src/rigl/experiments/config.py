@@ -126,6 +126,12 @@ class ExperimentConfig:
     eval_every: int = setting(1, "epochs between test-set evaluations (and the last epoch)")
     log_every: int = setting(10, "steps between rows of metrics.csv")
     checkpoint_every: int = setting(0, "steps between checkpoints (0: only at the end)")
+    parallel: str = setting(
+        "ddp",
+        "under torchrun: ddp (every rank holds the model) or fsdp (fully_shard: every rank "
+        "holds its rows of each layer; methods dense, static, set, rigl; backend masked)",
+        ("ddp", "fsdp"),
+    )
     check_consistency_every: int = setting(
         0, "under torchrun: compare the masks across ranks every N updates (0: never)"
     )
@@ -164,6 +170,17 @@ class ExperimentConfig:
                 f"backend='sparse' with method={self.method!r}: the compressed backend runs "
                 "static, set and rigl (the others keep dense state); use backend: masked"
             )
+        if self.parallel == "fsdp":
+            from rigl.fsdp import check_method
+
+            check_method(self.method, self.backend)
+            others = [name for name in self.recorders if name != "topology"]
+            if others:
+                raise ConfigError(
+                    f"recorders {others} read whole masks on rank 0, and with parallel: fsdp "
+                    "each rank holds only its rows; use recorders: [topology] (--recorders "
+                    "'[topology]')"
+                )
         if "backend" in self.method_options:
             raise ConfigError("method_options.backend: set the backend with the key 'backend'")
         _range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)

@@ -13,6 +13,7 @@ class Dense(Sparsifier):
 
     dense_start = True
     sparse = False
+    supports_sharding = True  # all weights active: nothing to select
     label = "Dense"
 
     @classmethod

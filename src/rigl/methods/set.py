@@ -17,6 +17,7 @@ class SET(Sparsifier):
     """Sparse Evolutionary Training: the optimizer step is taken, then the mask changes."""
 
     supports_sparse_backend = True
+    supports_sharding = True
     label = "SET"  # training cost: 3 f_S (random growth is negligible)
 
     def grow_score(self, weight: SparseStorage, generator: torch.Generator) -> RowScores:

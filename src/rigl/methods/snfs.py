@@ -20,6 +20,7 @@ class SNFS(SET):
     growth picks the largest ``|m|``. Costs a dense gradient every step (``2 f_S + f_D``)."""
 
     supports_sparse_backend = False  # the average is dense-shaped
+    supports_sharding = False  # and of the whole weight
     label = "SNFS"
 
     @classmethod

@@ -12,6 +12,7 @@ class Static(Sparsifier):
     """Random sparse initialisation (any distribution) trained with a fixed mask."""
 
     supports_sparse_backend = True
+    supports_sharding = True
     label = "Static"  # training cost: the default 3 f_S
 
     def build_schedule(self, **args: Any) -> None:

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rigl import selection
 from rigl.config import ConfigError
 from rigl.optim_state import weight_states
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.patterns import violations as pattern_violations
-from rigl.rewiring import Grid, Rewiring
+from rigl.rewiring import Grid, Rewiring, RowScores
 from rigl.seam import RewireStats
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
@@ -129,6 +130,14 @@ class SparseWeight:
         return _mean_over_ranks(self.layer.grad_at(flat))
 
     # -- topology ----------------------------------------------------------------------
+    def rewire(
+        self, n_update: int, drop_score: Tensor, grow: RowScores, tie_break: TieBreak
+    ) -> Rewiring:
+        """The plan of one drop-and-grow update (:func:`rigl.selection.rewire`)."""
+        return selection.rewire(
+            self.active_positions(), drop_score, grow, self.grid, n_update, tie_break
+        )
+
     @torch.no_grad()
     def install(
         self,

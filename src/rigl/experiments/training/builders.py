@@ -56,6 +56,10 @@ def build(
     width = measures.solve_width(config, data)
     torch.manual_seed(config.seed)  # model initialisation, then dropout etc.
     model = make_model(config, data, width).to(device)
+    if sharded(config, env):  # FSDP2: shard first, then the optimizer and sparsifier
+        from rigl.fsdp import shard_model
+
+        shard_model(model)
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total))
     sparsifier = make_sparsifier(config, model, optimizer, total)
@@ -78,14 +82,21 @@ def distribute(run: Run) -> None:
     rank 0's sparse model, and add the optional consistency check. Call it after loading
     a checkpoint: DDP keeps the parameter objects it was given."""
     model, env = run.model, run.env
-    if not env.enabled:
+    every = run.config.check_consistency_every
+    if not env.enabled or sharded(run.config, env):  # FSDP: sharded in build()
         run.train_model = model
+        if every and env.enabled:
+            distributed.add_consistency_check(run.sparsifier, every=every)
         return
     run.train_model = distributed.wrap_model(model, env, **_buffer_sync(model))
     distributed.sync_sparsifier(run.sparsifier)
-    every = run.config.check_consistency_every
     if every:
         distributed.add_consistency_check(run.sparsifier, every=every)
+
+
+def sharded(config: ExperimentConfig, env: DistEnv) -> bool:
+    """Whether this run shards its model with FSDP2 (``parallel: fsdp`` under torchrun)."""
+    return env.enabled and config.parallel == "fsdp"
 
 
 def _buffer_sync(model: nn.Module) -> dict[str, bool]:

@@ -18,6 +18,8 @@ import torch
 from rigl.config import ConfigError
 from rigl.experiments.config import ExperimentConfig
 from rigl.experiments.runio import atomic_torch_save, kill_point
+from rigl.experiments.training import sharded_checkpoint
+from rigl.experiments.training.builders import sharded
 from rigl.experiments.training.folder import CHECKPOINT, config_changes
 from rigl.experiments.training.ranks import sum_over_ranks
 from rigl.experiments.training.state import Run
@@ -54,7 +56,8 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
             f"--resume: {str(path)!r} is not a rigl train checkpoint (it holds a {what} "
             f"without a config); {restart}"
         )
-    missing = [key for key in KEYS if key not in state]
+    sharded = ("model", "optimizer", "sparsifier") if "sharded" in state else ()  # in DCP
+    missing = [key for key in KEYS if key not in state and key not in sharded]
     if missing:
         raise ConfigError(
             f"--resume: {str(path)!r} is not a complete rigl train checkpoint (no "
@@ -72,10 +75,13 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
 def load_checkpoint(run: Any, state: dict[str, Any]) -> None:
     """Continue ``run`` (a :class:`rigl.experiments.training.state.Run`) from ``state``."""
     try:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:  # FSDP: model, optimizer and masks from the DCP folder
+            sharded_checkpoint.load(run, state["sharded"])
+        else:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.sparsifier.load_state_dict(state["sparsifier"])
         run.scheduler.load_state_dict(state["scheduler"])
-        run.sparsifier.load_state_dict(state["sparsifier"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         raise ConfigError(
             f"--resume: the checkpoint in {str(run.out)!r} does not fit the model of this "
@@ -96,14 +102,21 @@ def save_checkpoint(run: Run) -> None:
     """Everything needed to continue bit-identically, written atomically (by rank 0:
     every rank holds the same state)."""
     cpu_time = cpu_time_of_all_ranks(run)
+    if sharded(run.config, run.env):  # FSDP: every rank writes its shards
+        state: dict[str, Any] = {"sharded": sharded_checkpoint.save(run)}
+    elif not run.env.is_main:
+        return
+    else:
+        state = {
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "sparsifier": run.sparsifier.state_dict(),
+        }
     if not run.env.is_main:
         return
-    state = {
+    state |= {
         "config": run.config.to_dict(),
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "sparsifier": run.sparsifier.state_dict(),
         "step": run.step,
         "epoch": run.epoch,
         "batch": run.batch,  # batches of `epoch` consumed; its order is epoch_order(seed, epoch)
@@ -116,6 +129,8 @@ def save_checkpoint(run: Run) -> None:
         "cpu_time_s": cpu_time,
     }
     atomic_torch_save(run.out / CHECKPOINT, state)
+    if "sharded" in state:
+        sharded_checkpoint.remove_others(run.out, state["sharded"])
     kill_point("checkpoint")
 
 

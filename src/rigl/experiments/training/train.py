@@ -138,6 +138,11 @@ def evaluate(run: Run, dataset: Any) -> tuple[float, float]:
     for x, y in iterate_batches(dataset, order, EVAL_BATCH, 0, n_batches):
         loss, c, n = loss_and_correct(run.model(x.to(run.device)), y.to(run.device))
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + c, count + n
+    if builders.sharded(run.config, env):  # FSDP: a forward is a collective, so a rank
+        most = math.ceil(math.ceil(len(dataset) / env.world_size) / EVAL_BATCH)
+        x, _ = next(iterate_batches(dataset, torch.arange(1), 1, 0, 1))  # example 0
+        for _ in range(most - n_batches):  # with fewer batches runs as many (unused)
+            run.model(x.to(run.device))
     loss_sum, correct, count = sum_over_ranks([loss_sum, correct, count], env)
     run.model.train()
     return loss_sum / count, correct / count
