@@ -3,7 +3,7 @@
 A layer sharded with ``fully_shard`` is split by rows (``Shard(0)``): rank ``r`` holds
 rows ``[row0_r, row1_r)``, so its entries are one contiguous piece of the layer's flat
 order, and the pieces follow each other in rank order. The selection here is the one of
-:func:`rigl.topology.drop_and_grow` on the whole layer, bit for bit, without gathering a
+:func:`rigl.selection.drop_and_grow` on the whole layer, bit for bit, without gathering a
 dense score:
 
 1. each rank proposes its ``min(k, n_local)`` largest scores; the ranks all-gather these
@@ -112,7 +112,7 @@ def sharded_drop_and_grow(
     generator: torch.Generator,
     group: Group,
 ) -> Tensor:
-    """This rank's piece of :func:`rigl.topology.drop_and_grow` (``blocks=1``) on the
+    """This rank's piece of :func:`rigl.selection.drop_and_grow` (``blocks=1``) on the
     global flat vectors whose pieces are every rank's ``mask`` and scores."""
     n_update = min(int(n_update), sum_over([int(mask.count_nonzero())], group)[0])
     keep = mask.clone()
