@@ -48,7 +48,7 @@ def full_state(run: Path) -> dict:
 
 
 def test_torchrun_fsdp_resumes_and_matches_one_process(tmp_path, one_thread):
-    from rigl.experiments.data import load_dataset
+    from rigl.experiments.data.datasets import load_dataset
 
     data_root = tmp_path / "data"
     load_dataset("mnist1d", root=data_root, num_samples=300)  # the cache, before two processes

@@ -85,6 +85,12 @@ def sharded_weight(
     the method and backend are supported; the initial mask is drawn as in one process and
     each rank keeps its rows (no dense mask is built)."""
     check_method(sparsifier.name, sparsifier.backend)
+    if sparsifier.patterns[index].structured:
+        raise ConfigError(
+            f"{target.name}: pattern={str(sparsifier.patterns[index])!r} is not supported on a "
+            "model sharded with fully_shard (the sharded selection is unstructured); use "
+            "pattern='unstructured', or DDP for structured patterns"
+        )
     param = target.param
     local = param.to_local()
     row0, rows = local_rows(param)

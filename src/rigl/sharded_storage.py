@@ -17,6 +17,7 @@ from torch import Tensor
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, weight_states
 from rigl.sharding import all_finite, per_block, sharded_drop_and_grow, sum_over
+from rigl.patterns import UNSTRUCTURED
 from rigl.rewiring import NonFiniteScore, RowScores
 from rigl.seam import RewireStats
 
@@ -154,6 +155,7 @@ class ShardedMaskedWeight:
         return local[r0 - self.row0 : r1 - self.row0]
 
     holds_dense_gradient = True  # this rank's rows of it
+    pattern = UNSTRUCTURED  # structured patterns are refused under FSDP (rigl.fsdp)
 
     def active_values(self) -> Tensor:
         """This rank's active values, in its flat order (the default drop score reads them)."""
