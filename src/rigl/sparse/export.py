@@ -51,7 +51,8 @@ def _safetensors() -> Any:
 
 # -- what is sparse in a model ---------------------------------------------------------------
 def _sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
-    """{weight name: layer} of every ``SparseLinear`` (its weight is named ``<module>.weight``)."""
+    """{weight name: layer} of every ``SparseLinear`` (``SparseConv2d``/``1d`` included; its
+    weight is named ``<module>.weight``, of the dense layer's shape)."""
     return {
         (f"{name}.weight" if name else "weight"): m
         for name, m in model.named_modules()
@@ -89,7 +90,7 @@ def _csr_of_layer(layer: SparseLinear) -> dict[str, Tensor]:
         "values": layer.values.detach(),
         "row_ptr": layer.index.row_ptr,
         "col_idx": layer.index.col_idx,
-        "shape": torch.tensor(layer.shape, dtype=torch.int64),
+        "shape": torch.tensor(layer.weight_shape, dtype=torch.int64),
     }
 
 
@@ -265,7 +266,7 @@ def _check_same_model(
     """Same tensor names and shapes in the file as in ``model``, else a ConfigError."""
     state = {k: v for k, v in model.state_dict().items() if k not in _module_keys(model, sparse)}
     expected = {k: tuple(v.shape) for k, v in state.items()}
-    expected |= {name: layer.shape for name, layer in sparse.items()}
+    expected |= {name: tuple(layer.weight_shape) for name, layer in sparse.items()}
     found = {k: tuple(v.shape) for k, v in others.items()}
     found |= {k: tuple(e["shape"].tolist()) for k, e in entries.items()}
     problems = [f"missing {k}" for k in sorted(expected.keys() - found.keys())]

@@ -41,7 +41,8 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 class SparseWeight:
-    """The weight of a :class:`SparseLinear`, seen by the algorithms."""
+    """The weight of a :class:`SparseLinear` (or ``SparseConv2d``/``1d``: its kernel viewed as
+    the matrix ``(out, in*kh*kw)``), seen by the algorithms."""
 
     blocks = 1  # a packed q/k/v projection is never compressed
 
@@ -85,7 +86,7 @@ class SparseWeight:
         """Dense bool mask, built on demand (for inspection; costs ``numel`` bytes)."""
         mask = torch.zeros(self.numel, dtype=torch.bool, device=self.param.device)
         mask[self.layer.active_indices()] = True
-        return mask.reshape(self.shape)
+        return mask.reshape(self.layer.weight_shape)  # a convolution's: (out, in, kh, kw)
 
     # -- every step: nothing to mask, inactive weights do not exist ----------------------
     def apply_mask(
@@ -258,10 +259,10 @@ class SparseWeight:
         weight: int indices (from this backend) or a bool mask (from the masked backend)."""
         where = f"state dict masks[{self.name!r}]"
         if state.dtype == torch.bool:
-            if tuple(state.shape) != self.shape:
+            if tuple(state.shape) not in (self.shape, self.layer.weight_shape):
                 raise ConfigError(
                     f"{where} has shape {tuple(state.shape)}, the model's weight has "
-                    f"{self.shape}: it belongs to a different model"
+                    f"{self.layer.weight_shape}: it belongs to a different model"
                 )
             return state.reshape(-1).nonzero().squeeze(1)
         if state.dtype not in (torch.int32, torch.int64) or state.dim() != 1:
