@@ -1,5 +1,7 @@
-"""Compressed sparse training backend: kernels and ``SparseLinear`` (see design.md)."""
+"""Compressed sparse training backend: kernels, ``SparseLinear`` and ``SparseConv1d/2d``
+(see design.md)."""
 
+from rigl.sparse.conv import SparseConv1d, SparseConv2d
 from rigl.sparse.export import load_sparse, save_sparse
 from rigl.sparse.function import SparseLinearFunction, sparse_linear
 from rigl.sparse.index import SparseIndex
@@ -7,6 +9,8 @@ from rigl.sparse.kernels import backend
 from rigl.sparse.linear import SparseLinear
 
 __all__ = [
+    "SparseConv1d",
+    "SparseConv2d",
     "SparseIndex",
     "SparseLinear",
     "SparseLinearFunction",

@@ -135,16 +135,29 @@ class SparseConv2d(SparseLinear):
     def like(cls, conv: nn.Conv2d | nn.Conv1d, density: float = 0.0) -> SparseConv2d:
         """A layer of ``conv``'s shape and geometry (and dtype), ``density`` of it active."""
         return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.bias is not None, density=density, dtype=conv.weight.dtype,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            density=density,
+            dtype=conv.weight.dtype,
         )
 
     def to_dense(self) -> nn.Conv2d | nn.Conv1d:
         """The dense convolution with the same function (inactive weights zero)."""
         kind = nn.Conv2d if self.dims == 2 else nn.Conv1d
         dense = kind(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.bias is not None, dtype=self.values.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            dtype=self.values.dtype,
         )
         with torch.no_grad():
             dense.weight.copy_(self.weight.detach())
@@ -251,4 +264,3 @@ class SparseConv1d(SparseConv2d):
     a 2-D convolution of height one."""
 
     dims = 1
-

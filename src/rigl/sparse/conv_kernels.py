@@ -103,14 +103,17 @@ def check_operands(
     n_out, n_cols = index.shape
     kh, kw = geom.kernel
     if x.dim() != 4 or x.shape[1] * kh * kw != n_cols:
-        raise ValueError(f"x has shape {tuple(x.shape)}; the weight has {n_cols // (kh * kw)} "
-                         "input channels (N, C, H, W expected)")
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; the weight has {n_cols // (kh * kw)} "
+            "input channels (N, C, H, W expected)"
+        )
     if min(geom.out_size(x.shape[2], x.shape[3])) < 1:
         raise ValueError(f"x of shape {tuple(x.shape)} is smaller than the kernel {geom}")
     for name, t in (("x", x), ("dy", dy)):
         if t is not None and (t.dtype != values.dtype or t.device != values.device):
-            raise ValueError(f"{name} is {t.dtype} on {t.device}, values {values.dtype} on "
-                             f"{values.device}")
+            raise ValueError(
+                f"{name} is {t.dtype} on {t.device}, values {values.dtype} on {values.device}"
+            )
     if dy is not None:
         expected = (x.shape[0], n_out, *geom.out_size(x.shape[2], x.shape[3]))
         if tuple(dy.shape) != expected:
@@ -141,12 +144,12 @@ def forward(
     values, x, bias = _computed(values), _computed(x), _computed(bias)
     ext = _pick(use, values.device)
     if ext is not None:
-        y = ext.forward(values, index.row_ptr, index.col_idx, _padded(x, geom), bias,
-                        geom.ext_args())
+        y = ext.forward(
+            values, index.row_ptr, index.col_idx, _padded(x, geom), bias, geom.ext_args()
+        )
         return y.to(dtype)
     with kernels._no_autocast(values.device):
-        y = F.conv2d(x, _dense(values, index, geom), bias, geom.stride, geom.padding,
-                     geom.dilation)
+        y = F.conv2d(x, _dense(values, index, geom), bias, geom.stride, geom.padding, geom.dilation)
     return y.to(dtype)
 
 
@@ -181,8 +184,18 @@ def _backward_ext(ext, values, index, x, dy, geom, want_dx, want_dw):
     xp = _padded(x, geom)
     if geom.stride == (1, 1):  # dy rows at the padded input's pitch, unused columns zero
         dy = F.pad(dy, (0, xp.shape[3] - dy.shape[3]))
-    return ext.backward(values, index.col_ptr, index.n_blocks, index.row_idx, index.perm, xp,
-                        dy, geom.ext_args(), want_dx, want_dw)
+    return ext.backward(
+        values,
+        index.col_ptr,
+        index.n_blocks,
+        index.row_idx,
+        index.perm,
+        xp,
+        dy,
+        geom.ext_args(),
+        want_dx,
+        want_dw,
+    )
 
 
 def _dense(values: Tensor, index: SparseIndex, geom: ConvGeometry) -> Tensor:
