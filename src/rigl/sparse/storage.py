@@ -62,6 +62,11 @@ class SparseWeight:
         return self.layer.shape
 
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense layer's weight shape (``shape`` is the matrix view the algorithms use)."""
+        return self.layer.weight_shape
+
+    @property
     def rows(self) -> int:
         return self.layer.out_features
 
