@@ -13,9 +13,11 @@ Methods, timed round-robin in one process (median over repeats after warm-up): d
 ``nn.Conv2d``; ours with the compiled kernels (``cpp``) and the torch fallback
 (``torch``, which densifies: a correctness path, timed for reference); SparseProp's
 ``SparseConv2d`` (both of its vectorisation variants) when ``sparseprop`` imports. Run it
-where SparseProp is installed, its own venv (see docs/design.md):
+where SparseProp is installed, its own venv (it builds with ``--no-build-isolation``):
 
-    .benchvenv/bin/python benchmarks/bench_sparse_conv.py [--threads 2] [--repeats 7]
+    python3 -m venv .benchvenv && .benchvenv/bin/pip install torch numpy
+    .benchvenv/bin/pip install --no-build-isolation sparseprop
+    PYTHONPATH=src .benchvenv/bin/python benchmarks/bench_sparse_conv.py [--threads 2] [--repeats 7]
     python benchmarks/bench_sparse_conv.py --quick      # tiny sizes: does it run?
 
 Memory: bytes of weights + gradients + SGD momentum (+ index buffers for ours) of each
