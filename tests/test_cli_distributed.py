@@ -71,14 +71,22 @@ def assert_same_model(a: Path, b: Path) -> None:
     assert (a / "topology.csv").read_text() == (b / "topology.csv").read_text()
 
 
-@pytest.mark.parametrize("backend", ["masked", "sparse"])
-def test_torchrun_train_matches_one_process(tmp_path, data_root, one_thread, backend):
+CNN1D = {"model": "cnn1d", "model_options": {"channels": 8}}  # compressed Conv1d layers
+
+
+@pytest.mark.parametrize(
+    ("backend", "model"),
+    [("masked", {}), ("sparse", {}), ("sparse", CNN1D)],
+    ids=["masked", "sparse", "sparse-cnn1d"],
+)
+def test_torchrun_train_matches_one_process(tmp_path, data_root, one_thread, backend, model):
     """Two ranks, global batch 24 (12 each) == one process with batch 24: same masks at
     every update, same weights, same logged numbers; one set of files, written once. On
-    the compressed backend the grow scores are all-reduced block by block."""
-    single = tiny_config(tmp_path / "one", data_root, backend=backend)
+    the compressed backend the grow scores are all-reduced block by block (of a Linear's
+    rows, of a convolution's output channels)."""
+    single = tiny_config(tmp_path / "one", data_root, backend=backend, **model)
     assert main(["train", "--config", str(single), "--quiet"]) == 0
-    config = tiny_config(tmp_path / "two", data_root, backend=backend)
+    config = tiny_config(tmp_path / "two", data_root, backend=backend, **model)
     done = torchrun("train", "--config", str(config), "--check_consistency_every", "1")
     assert done.returncode == 0, done.stderr
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"

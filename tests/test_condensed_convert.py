@@ -108,7 +108,7 @@ def test_save_and_load_condensed_layers(tmp_path):
 
 
 def test_measures_count_a_condensed_model_as_its_dense_equivalent():
-    from rigl.experiments.measures import _dense_equivalent
+    from rigl.experiments.training.measures import _dense_equivalent
 
     model = nn.Sequential(CondensedLinear(8, 4, fan_in=2), nn.ReLU())
     dense = _dense_equivalent(model)

@@ -44,7 +44,7 @@ def test_yaml_reads_exponent_floats_and_flags_win(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["main", "mnist5k", "mnist1d_mlp", "cifar10_wrn22_2", "mnist5k_lenet"]
+    "name", ["main", "mnist5k", "mnist1d_mlp", "cifar10_wrn22_2", "mnist5k_lenet", "mnist5k_wrn"]
 )
 def test_shipped_configs_are_valid(name):
     path = REPO / "configs" / f"{name}.yaml"

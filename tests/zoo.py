@@ -26,7 +26,7 @@ class Case:
     build: Callable[[], nn.Module]
     loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     targets: list[str]  # sparsified by default, in order
-    compressed: list[str]  # of those, what backend="sparse" turns into SparseLinear
+    compressed: list[str]  # of those, what backend="sparse" compresses
     tied: tuple[str, str] | None = None  # (embedding, head): one tensor, dense by default
     image: bool = False  # the batch is images, not token ids
 
@@ -246,5 +246,5 @@ CASES = {
         ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"],
         ["head.weight"],
     ),
-    "resnet": Case(ResNet, _resnet_loss, _RESNET, ["fc.weight"], image=True),
+    "resnet": Case(ResNet, _resnet_loss, _RESNET, _RESNET, image=True),
 }

@@ -45,7 +45,7 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
         rows.append(
             LayerSummary(
                 weight.name,
-                weight.shape,
+                getattr(weight, "weight_shape", weight.shape),  # a compressed kernel's 4-D shape
                 weight.density,
                 weight.n_active,
                 weight.numel,

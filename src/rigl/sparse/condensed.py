@@ -282,6 +282,11 @@ class CondensedLinear(GrowScores, nn.Module):
         return (self.out_features, self.in_features)
 
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape (as ``SparseLinear.weight_shape``)."""
+        return self.shape
+
+    @property
     def numel(self) -> int:
         return self.out_features * self.in_features
 

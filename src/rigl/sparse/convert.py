@@ -1,5 +1,6 @@
-"""Switching layers between masked-dense ``nn.Linear`` and the compressed layers:
-``SparseLinear`` (any pattern) or ``CondensedLinear`` (the same count in every row)."""
+"""Switching layers between masked-dense ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` and the
+compressed layers: ``SparseLinear``/``SparseConv1d``/``SparseConv2d`` (any pattern) or
+``CondensedLinear`` (a Linear with the same count in every row)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from rigl.config import ConfigError
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.sparse.condensed import CondensedLinear
+from rigl.sparse.conv import SparseConv1d, SparseConv2d
 from rigl.sparse.linear import SparseLinear
 from rigl.sparse.storage import SparseWeight
 from rigl.targets import Target
@@ -40,8 +42,9 @@ def convert_linear(
     layout: str | None = None,
     nm: str | tuple[int, int] | None = None,
 ) -> tuple[SparseWeight, Target]:
-    """Replace the ``nn.Linear`` of ``target`` by a compressed layer with the active set
-    ``topology``: a bool mask of the weight's shape or flat indices ``row * in + col``.
+    """Replace the ``nn.Linear`` (or ``nn.Conv1d``/``nn.Conv2d``) of ``target`` by its
+    compressed form with the active set ``topology``: a bool mask of the weight's shape or
+    flat indices into it (``row * in + col``; for a kernel, of ``(out, in*kh*kw)``).
 
     ``layout="csr"`` builds a ``SparseLinear``; ``layout="condensed"`` a
     ``CondensedLinear``, for a topology with the same count in every row (a fan-in or N:M
@@ -51,7 +54,7 @@ def convert_linear(
     A materialised layer gives its active weights ``weight[mask]``, and the bias stays the
     same Parameter object. A layer on the ``meta`` device (one whose dense form need not
     fit in memory) is created from its shapes: values and bias drawn from ``generator`` as
-    ``nn.Linear`` draws them, U(-1/sqrt(in), 1/sqrt(in)). The optimizer is pointed at the
+    ``nn.Linear`` and ``nn.Conv2d`` draw them, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The optimizer is pointed at the
     new parameters (its state for the old ones is dropped).
 
     ``pattern`` (:mod:`rigl.patterns`) is the structure the topology keeps; it picks the
@@ -59,13 +62,16 @@ def convert_linear(
     are condensed, every other pattern is CSR. Both layers offer the same interface to
     :class:`rigl.sparse.storage.SparseWeight`.
     """
-    if layout is None:
-        layout = "condensed" if pattern.kind in ("fanin", "nm") else "csr"
+    convolution = isinstance(target.module, nn.Conv1d | nn.Conv2d)
+    if layout is None:  # a convolution's patterns are kept in its CSR
+        layout = "condensed" if pattern.kind in ("fanin", "nm") and not convolution else "csr"
         if pattern.kind == "nm":
             nm = (pattern.n, pattern.m)
     if layout not in ("csr", "condensed"):
         raise ConfigError(f"layout={layout!r}; allowed: 'csr', 'condensed'")
     linear = target.module
+    if layout == "condensed" and convolution:
+        raise ConfigError(f"{target.name}: a convolution has no condensed layout; use 'csr'")
     try:
         if linear.weight.is_meta:
             flat = (
@@ -86,8 +92,14 @@ def convert_linear(
     return SparseWeight(target.name, layer, pattern), Target(target.name, layer, "values", kind)
 
 
+def _compressed_type(layer: nn.Module) -> type[SparseLinear]:
+    if isinstance(layer, nn.Conv2d):
+        return SparseConv2d
+    return SparseConv1d if isinstance(layer, nn.Conv1d) else SparseLinear
+
+
 def _from_dense(
-    linear: nn.Linear, topology: Tensor, layout: str, nm: str | tuple[int, int] | None
+    linear: nn.Module, topology: Tensor, layout: str, nm: str | tuple[int, int] | None
 ) -> SparseLinear | CondensedLinear:
     mask = topology
     if topology.dtype != torch.bool:
@@ -98,7 +110,7 @@ def _from_dense(
     if layout == "condensed":
         layer = CondensedLinear.from_dense(linear, mask, nm)
     else:
-        layer = SparseLinear.from_dense(linear, mask)
+        layer = _compressed_type(linear).from_dense(linear, mask)
     layer = layer.to(device)
     if linear.bias is not None:
         layer.bias = linear.bias
@@ -106,19 +118,23 @@ def _from_dense(
 
 
 def _from_shapes(
-    linear: nn.Linear,
+    linear: nn.Module,
     flat: Tensor,
     generator: torch.Generator | None,
     layout: str = "csr",
     nm: str | tuple[int, int] | None = None,
 ) -> SparseLinear | CondensedLinear:
-    """A compressed layer for a meta ``nn.Linear``: O(nnz + out) memory, never out * in."""
-    n_in, n_out = linear.in_features, linear.out_features
+    """The compressed layer for a meta layer: O(nnz + out) memory, never the dense size."""
     dtype = linear.weight.dtype
-    if layout == "condensed":
+    if isinstance(linear, nn.Conv1d | nn.Conv2d):
+        layer = _compressed_type(linear).like(linear)
+    elif layout == "condensed":
+        n_in, n_out = linear.in_features, linear.out_features
         layer = CondensedLinear.unset(n_in, n_out, linear.bias is not None, nm=nm, dtype=dtype)
     else:
+        n_in, n_out = linear.in_features, linear.out_features
         layer = SparseLinear(n_in, n_out, linear.bias is not None, density=0.0, dtype=dtype)
+    n_in = layer.in_features  # fan-in: in * kh * kw for a convolution
     bound = 1.0 / math.sqrt(n_in) if n_in else 0.0
     values = torch.empty(flat.numel(), dtype=dtype).uniform_(-bound, bound, generator=generator)
     layer.set_topology(flat, values)
@@ -129,8 +145,7 @@ def _from_shapes(
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every ``SparseLinear`` and ``CondensedLinear`` of ``model`` by an equivalent
-    ``nn.Linear`` (in place)."""
+    """Replace every compressed layer of ``model`` by an equivalent dense one (in place)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseLinear | CondensedLinear):
             dense = module.to_dense().to(module.values.device)

@@ -57,8 +57,8 @@ Compressed = SparseLinear | CondensedLinear
 
 
 def _sparse_modules(model: nn.Module) -> dict[str, Compressed]:
-    """{weight name: layer} of every ``SparseLinear`` and ``CondensedLinear`` (its weight is
-    named ``<module>.weight``)."""
+    """{weight name: layer} of every ``SparseLinear`` (``SparseConv2d``/``1d`` included) and
+    ``CondensedLinear``; its weight is named ``<module>.weight``, of the dense layer's shape."""
     return {
         (f"{name}.weight" if name else "weight"): m
         for name, m in model.named_modules()
@@ -99,7 +99,7 @@ def _csr_of_layer(layer: Compressed) -> dict[str, Tensor]:
         "values": layer.values.detach(),
         "row_ptr": csr.row_ptr,
         "col_idx": csr.col_idx,
-        "shape": torch.tensor(layer.shape, dtype=torch.int64),
+        "shape": torch.tensor(layer.weight_shape, dtype=torch.int64),
     }
 
 
@@ -295,7 +295,7 @@ def _check_same_model(
     """Same tensor names and shapes in the file as in ``model``, else a ConfigError."""
     state = {k: v for k, v in model.state_dict().items() if k not in _module_keys(model, sparse)}
     expected = {k: tuple(v.shape) for k, v in state.items()}
-    expected |= {name: layer.shape for name, layer in sparse.items()}
+    expected |= {name: tuple(layer.weight_shape) for name, layer in sparse.items()}
     found = {k: tuple(v.shape) for k, v in others.items()}
     found |= {k: tuple(e["shape"].tolist()) for k, e in entries.items()}
     problems = [f"missing {k}" for k in sorted(expected.keys() - found.keys())]

@@ -65,14 +65,14 @@ def _cpu_flags() -> str:
     return next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
 
 
-def _cache_key() -> str:
+def _cache_key(sources: list[Path] | None = None) -> str:
     """Hash of everything the compiled module depends on: the source's content (not its
     path, so two identical installs share one build and two different ones never overwrite
     each other's), the compile flags, the CPU flags (-march=native code must not run on
     another CPU type), and the torch and Python versions it links against."""
     digest = hashlib.sha256()
     for part in (
-        *(source.read_bytes() for source in _sources()),
+        *(source.read_bytes() for source in (sources or _sources())),
         " ".join(_CFLAGS + _LDFLAGS).encode(),
         _cpu_flags().encode(),
         torch.__version__.encode(),
@@ -88,11 +88,17 @@ def _sources() -> list[Path]:
 
 
 def _build() -> ModuleType:
-    """The compiled module: loaded from the cache if this key was built before, else built
-    (minutes) with a line on stderr saying so."""
+    """The compiled linear kernels (see :func:`build_source`)."""
+    return build_source(_sources(), "rigl_sparse_linear")
+
+
+def build_source(sources: Path | list[Path], stem: str) -> ModuleType:
+    """The compiled module of ``sources`` (one file or several): loaded from the cache if this key was built
+    before, else built (minutes) with a line on stderr saying so."""
     from torch.utils import cpp_extension
 
-    name = f"rigl_sparse_linear_{_cache_key()}"
+    sources = [sources] if isinstance(sources, Path) else list(sources)
+    name = f"{stem}_{_cache_key(sources)}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     folder = Path(root) / name
     library = folder / f"{name}{cpp_extension.LIB_EXT}"
@@ -113,7 +119,7 @@ def _build() -> ModuleType:
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
-        sources=[str(source) for source in _sources()],
+        sources=[str(source) for source in sources],
         build_directory=str(folder),
         extra_cflags=_CFLAGS,
         extra_ldflags=_LDFLAGS,

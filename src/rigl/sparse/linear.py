@@ -191,6 +191,11 @@ class SparseLinear(GrowScores, nn.Module):
         return (self.out_features, self.in_features)
 
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape (a convolution's kernel shape in ``SparseConv2d``)."""
+        return self.shape
+
+    @property
     def n_active(self) -> int:
         return self.values.numel()
 

@@ -31,7 +31,8 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 class SparseWeight:
-    """The weight of a :class:`SparseLinear`, seen by the algorithms."""
+    """The weight of a :class:`SparseLinear` (or ``SparseConv2d``/``1d``: its kernel viewed as
+    the matrix ``(out, in*kh*kw)``), seen by the algorithms."""
 
     blocks = 1  # a packed q/k/v projection is never compressed
     holds_dense_gradient = False  # each block of the dense gradient is a matrix product
@@ -50,6 +51,11 @@ class SparseWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.layer.shape
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense layer's weight shape (``shape`` is the matrix view the algorithms use)."""
+        return self.layer.weight_shape
 
     @property
     def rows(self) -> int:
@@ -76,7 +82,7 @@ class SparseWeight:
         """Dense bool mask, built on demand (for inspection; costs ``numel`` bytes)."""
         mask = torch.zeros(self.numel, dtype=torch.bool, device=self.param.device)
         mask[self.layer.active_indices()] = True
-        return mask.reshape(self.shape)
+        return mask.reshape(self.layer.weight_shape)  # a convolution's: (out, in, kh, kw)
 
     @property
     def grid(self) -> Grid:
@@ -246,7 +252,7 @@ class SparseWeight:
     def check_topology(self, state: Tensor) -> Tensor:
         """The sorted flat indices of a checkpoint's topology, or a ConfigError naming this
         weight: int indices (from this backend) or a bool mask (from the masked backend)."""
-        return checked_positions(state, self.name, self.shape)
+        return checked_positions(state, self.name, self.shape, self.layer.weight_shape)
 
     @torch.no_grad()
     def load_topology(self, state: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -260,17 +266,20 @@ class SparseWeight:
         self._move(merged, _old_slots(self.active_positions(), merged), optimizer)
 
 
-def checked_positions(state: Tensor, name: str, shape: tuple[int, int]) -> Tensor:
+def checked_positions(
+    state: Tensor, name: str, shape: tuple[int, int], weight_shape: tuple[int, ...] | None = None
+) -> Tensor:
     """The sorted flat positions of a checkpoint's topology ``state`` for the weight ``name``
-    of ``shape``: int indices (compressed backend) or a bool mask (masked backend); a
-    ConfigError naming the weight when it does not fit."""
+    of ``shape`` (viewed as a matrix; ``weight_shape``: its own shape, a convolution's
+    kernel): int indices (compressed backend) or a bool mask of either shape (masked
+    backend); a ConfigError naming the weight when it does not fit."""
     numel = shape[0] * shape[1]
     where = f"state dict masks[{name!r}]"
     if state.dtype == torch.bool:
-        if tuple(state.shape) != shape:
+        if tuple(state.shape) not in (shape, weight_shape or shape):
             raise ConfigError(
                 f"{where} has shape {tuple(state.shape)}, the model's weight has "
-                f"{shape}: it belongs to a different model"
+                f"{weight_shape or shape}: it belongs to a different model"
             )
         return state.reshape(-1).nonzero().squeeze(1)
     if state.dtype not in (torch.int32, torch.int64) or state.dim() != 1:
