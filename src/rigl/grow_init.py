@@ -2,8 +2,9 @@
 
 A mixin for the methods that grow connections (SET and its subclasses, GraNet): it adds the
 constructor option ``grow_init`` and implements :meth:`rigl.Sparsifier.grown_values`.
-Every value is drawn for one layer at one update, from that update's seeded generator,
-so it is the same on both backends, on every data-parallel rank and after a resume:
+Every value is drawn for one layer at one update, from that update's seeded generator, and
+given to the grown positions in flat order, so it is the same on both backends, on every
+data-parallel rank and after a resume:
 
 - ``"zeros"`` (default): grown weights start at 0 (no values are drawn).
 - ``"random_normal"``: ``N(0, σ²)``, σ the standard deviation of the layer's active
@@ -105,7 +106,11 @@ class GrowInit:
             self.initial_values.get(weight.name),
             generator,
         )
-        return (values / self.grow_init_divisor).to(current.device, current.dtype)
+        # the i-th draw goes to the i-th grown position in flat order: the same values at
+        # the same positions whatever order a storage's selection lists them in
+        ordered = torch.empty_like(values)
+        ordered[torch.argsort(plan.grown.cpu())] = values
+        return (ordered / self.grow_init_divisor).to(current.device, current.dtype)
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()  # type: ignore[misc]
