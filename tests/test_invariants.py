@@ -75,6 +75,8 @@ def test_invariants(method, distribution, model_name, optimizer_name):
 # Options that change what a method does, each through the battery (one model per row, to
 # keep it short): (method, options). The methods themselves come from the registry above.
 OPTION_ROWS = [
+    ("mest", {"drop_lambda": 0.0}),
+    ("mest", {"drop_lambda": 10.0, "grow_init": "random_uniform"}),
     ("rigl", {"grow_init": "random_normal"}),
     ("set", {"grow_init": "initial_dist_2", "skip_optimizer_step_on_update": True}),
     ("snfs", {"grow_init": "random_uniform"}),

@@ -37,6 +37,37 @@ def _set_active(weight, values, grads):
             weight.param.grad.view(-1)[flat] = grads
 
 
+# |θ| = [0.5, 0.1, 0.2, 0.4], |∇θ| = [0, 0.35, 0.05, 0.01]
+VALUES, GRADS = [0.5, -0.1, 0.2, -0.4], [0.0, 0.35, -0.05, 0.01]
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize(
+    ("drop_lambda", "score", "dropped"),
+    [
+        (1.0, [0.5, 0.45, 0.25, 0.41], [2, 3]),  # the gradient saves the small weight 1
+        (0.0, [0.5, 0.1, 0.2, 0.4], [1, 2]),  # SET: the two smallest magnitudes
+        (10.0, [0.5, 3.6, 0.7, 0.5], [0, 3]),  # the tie 0.5 / 0.5 goes to both
+    ],
+)
+def test_mest_drops_by_magnitude_plus_lambda_times_gradient(backend, drop_lambda, score, dropped):
+    options = {"sparsity": 0.5, "distribution": "uniform", "drop_fraction": 0.5}
+    sparsifier, weight = _one_layer(
+        "mest", backend, drop_lambda=drop_lambda, decay="constant", **options
+    )
+    assert weight.n_active == 4 and isinstance(weight, SparseWeight) == (backend == "sparse")
+    _set_active(weight, VALUES, GRADS)
+    torch.testing.assert_close(sparsifier.drop_score(weight), torch.tensor(score))
+    plan = sparsifier.plan_layer(0, weight, 1, torch.Generator().manual_seed(0))
+    assert (~plan.keep).nonzero().squeeze(1).tolist() == dropped
+    assert plan.grown.numel() == 2  # SET's random growth, as many as dropped
+
+
+def test_mest_rejects_a_negative_lambda():
+    with pytest.raises(rigl.ConfigError, match="drop_lambda=-1"):
+        _one_layer("mest", drop_lambda=-1)
+
+
 # -- grow initialisation -------------------------------------------------------------------
 def test_grow_init_names_and_divisors():
     assert parse_grow_init("zeros") == ("zeros", 1.0)
