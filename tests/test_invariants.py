@@ -77,6 +77,8 @@ def test_invariants(method, distribution, model_name, optimizer_name):
 OPTION_ROWS = [
     ("mest", {"drop_lambda": 0.0}),
     ("mest", {"drop_lambda": 10.0, "grow_init": "random_uniform"}),
+    ("granet", {"initial_sparsity": 0.5}),
+    ("granet", {"grow_init": "initial_dist"}),
     ("rigl", {"grow_init": "random_normal"}),
     ("set", {"grow_init": "initial_dist_2", "skip_optimizer_step_on_update": True}),
     ("snfs", {"grow_init": "random_uniform"}),

@@ -68,6 +68,69 @@ def test_mest_rejects_a_negative_lambda():
         _one_layer("mest", drop_lambda=-1)
 
 
+def _granet(**options):
+    """GraNet on one 1x8 layer: final 4 active, updates at steps 0, 2 and 4 (end)."""
+    return _one_layer(
+        "granet",
+        n_in=8,
+        n_out=1,
+        sparsity=0.5,
+        distribution="uniform",
+        total_steps=10,
+        begin_step=0,
+        end_step=4,
+        update_interval=2,
+        drop_fraction=0.4,
+        decay="constant",
+        **options,
+    )
+
+
+def test_granet_prunes_to_the_cubic_count_then_regrows_by_gradient():
+    sparsifier, weight = _granet()
+    assert weight.n_active == 8  # dense start
+    values = [0.8, -0.1, 0.3, 0.05, -0.6, 0.2, 0.7, -0.02]
+    grads = [0.0, 0.9, 0.1, 0.05, 0.0, 0.2, 0.0, 0.5]
+    _set_active(weight, values, grads)
+    # step 2: p = 1 - (1 - 2/4)^3 = 0.875, zeros floor(0.875 * 4) = 3, so 5 are kept:
+    # positions 0, 2, 4, 5, 6 (7, 3 and 1 have the smallest |θ|); then floor(0.4 * 5) = 2
+    # of them are dropped (5 and 2, |θ| 0.2 and 0.3) and 2 grow where |∇| is largest among
+    # the 5 positions not kept: 1 (0.9) and 7 (0.5).
+    plan = sparsifier.plan_layer(0, weight, 2, torch.Generator().manual_seed(0))
+    assert weight.active_positions()[plan.keep].tolist() == [0, 4, 6]
+    assert sorted(plan.grown.tolist()) == [1, 7]
+    # step 4 (the end): the final count 4; no regrowth at or after end_step (f = 0)
+    plan = sparsifier.plan_layer(0, weight, 4, torch.Generator().manual_seed(0))
+    assert weight.active_positions()[plan.keep].tolist() == [0, 2, 4, 6]
+    assert plan.grown.numel() == 0
+
+
+def test_granet_from_a_sparse_start_prunes_from_its_initial_count():
+    sparsifier, weight = _granet(initial_sparsity=0.25)
+    assert weight.n_active == 6 and sparsifier.initial_counts() == [6]
+    # zeros go from 2 to 4: at step 2, 8 - floor(2 + 0.875 * 2) = 5 are kept
+    _set_active(weight, [0.6, -0.5, 0.4, 0.3, 0.2, 0.1], [0.0] * 6)
+    plan = sparsifier.plan_layer(0, weight, 2, torch.Generator().manual_seed(0))
+    assert plan.n_kept + plan.grown.numel() == 5
+    with pytest.raises(rigl.ConfigError, match="initial_sparsity=0.6 is above sparsity=0.5"):
+        _granet(initial_sparsity=0.6)
+    with pytest.raises(rigl.ConfigError, match="backend='sparse' does not support method"):
+        _granet(backend="sparse")
+
+
+def test_granet_training_flops_are_rigls_formula_on_the_pruning_average():
+    """From dense with the default schedule facts, ``f̄ = f_D - r (f_D - f_S)``; at f_S =
+    f_D it is dense training, and a sparse start costs less than a dense one."""
+    f_s, f_d, dt = 0.2, 1.0, 100
+    r = rigl.flops_train.pruning_flops_fraction()
+    f_mean = f_d - r * (f_d - f_s)
+    expected = (3 * f_mean * dt + 2 * f_mean + f_d) / (dt + 1) / (3 * f_d)
+    assert rigl.train_flops_ratio("granet", f_s, f_d, update_interval=dt) == pytest.approx(expected)
+    half = rigl.train_flops_ratio("granet", f_s, f_d, initial_sparsity_fraction=0.5)
+    assert half < rigl.train_flops_ratio("granet", f_s, f_d)
+    assert rigl.train_flops_ratio("granet", f_s, f_d) > rigl.train_flops_ratio("gmp", f_s, f_d)
+
+
 # -- grow initialisation -------------------------------------------------------------------
 def test_grow_init_names_and_divisors():
     assert parse_grow_init("zeros") == ("zeros", 1.0)
