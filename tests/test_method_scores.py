@@ -200,3 +200,38 @@ def test_grow_init_zeros_is_todays_behaviour_and_initial_values_are_checkpointed
     d.initial_values = {}
     d.load_state_dict(c.state_dict())
     assert torch.equal(d.initial_values["0.weight"], c.initial_values["0.weight"])
+
+
+# -- the command line ----------------------------------------------------------------------
+def test_the_newer_methods_train_compare_and_count_flops_through_the_cli(tmp_path):
+    """``rigl train`` (MEST on the compressed backend, with an option), ``rigl compare``
+    and ``rigl flops`` with the new names, end to end on tiny data."""
+    import json
+
+    from conftest import tiny_run_config
+    from test_registry import _run_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    config = tiny_run_config(tmp_path, data, method="mest", backend="sparse", epochs=1,
+                             checkpoint_every=0, method_options={"drop_lambda": 2.0,
+                                                                 "grow_init": "random_normal"})  # fmt: skip
+    plain = tiny_run_config(tmp_path / "plain", data, epochs=1, checkpoint_every=0)
+    compare = ["compare", "--config", str(plain), "--methods", "mest,granet",
+               "--sparsities", "0.8", "--seeds", "1", "--jobs", "1",
+               "--out", str(tmp_path / "c")]  # fmt: skip
+    train, cmp, flops = _run_cli(
+        [["train", "--config", str(config), "--quiet"], compare,
+         ["flops", "--model", "mlp", "--method", "granet", "--json"]],
+        plugins="",
+    )  # fmt: skip
+    assert train["rc"] == cmp["rc"] == flops["rc"] == 0, cmp["err"][-3000:]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["train_flops_ratio"] == pytest.approx(final["inference_flops_ratio"])  # 3 f_S
+    assert "| MEST |" in cmp["out"] and "| GraNet |" in cmp["out"]
+    records = json.loads((tmp_path / "c" / "results.json").read_text())["records"]
+    assert sorted(r["method"] for r in records) == ["dense", "granet", "mest"]
+    granet = next(r for r in records if r["method"] == "granet")
+    assert granet["train_flops_ratio"] > granet["inference_flops_ratio"]  # the dense start
+    report = json.loads(flops["out"])
+    assert report["inference_flops_ratio"] < report["train_flops_ratio"] < 1
