@@ -73,7 +73,9 @@ def test_every_method_states_its_training_cost_and_label(method):
 
 
 def test_unknown_method_names_the_valid_ones_and_aliases():
-    with pytest.raises(ValueError, match=r"unknown method .no_such_method.; valid: dense, gmp.*pruning"):
+    with pytest.raises(
+        ValueError, match=r"unknown method .no_such_method.; valid: dense, gmp.*pruning"
+    ):
         rigl.train_flops_ratio("no_such_method", 0.2, 1.0)
 
 

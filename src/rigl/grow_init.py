@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from rigl.seam import SparseStorage
 
 GROW_INITS = ("zeros", "random_normal", "random_uniform", "initial_dist")
-_SPEC = re.compile(r"^(zeros|random_normal|random_uniform|initial_dist)(?:_(\d+(?:\.\d*)?|\.\d+))?$")
+_SPEC = re.compile(
+    r"^(zeros|random_normal|random_uniform|initial_dist)(?:_(\d+(?:\.\d*)?|\.\d+))?$"
+)
 
 
 def parse_grow_init(spec: object) -> tuple[str, float]:

@@ -149,7 +149,9 @@ class GraNet(GrowInit, Sparsifier):
         """Prune to the schedule's count, then drop and regrow ``f(t)`` of the rest."""
         start = self.initial_counts()[index]
         zeros0, zeros1 = weight.numel - start, weight.numel - self.target_counts[index]
-        n_keep = weight.numel - math.floor(zeros0 + self.schedule.progress(step) * (zeros1 - zeros0))
+        n_keep = weight.numel - math.floor(
+            zeros0 + self.schedule.progress(step) * (zeros1 - zeros0)
+        )
         n_keep = min(n_keep, weight.n_active)
         active, score = weight.active_positions(), self.drop_score(weight)
         pruned = selection.prune(active, score, n_keep, weight.grid, generator)
