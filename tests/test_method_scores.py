@@ -18,6 +18,7 @@ def _one_layer(method, backend="masked", n_in=4, n_out=2, **options):
     model = nn.Sequential(nn.Linear(n_in, n_out, bias=False))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     options.setdefault("total_steps", 10)
+    options.setdefault("update_interval", 2)
     sparsifier = rigl.create(method, model, optimizer, backend=backend, seed=1, **options)
     return sparsifier, sparsifier.weights[0]
 
