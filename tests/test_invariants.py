@@ -22,9 +22,10 @@ SPARSE_START = [m for m in rigl.list_methods() if not rigl.get_method(m).dense_s
 COMPRESSIBLE = [m for m in rigl.list_methods() if rigl.get_method(m).supports_sparse_backend]
 
 
-def _expected_active(sparsifier, step: int) -> list[int]:
+def _expected_active(sparsifier, step: int, start: list[int]) -> list[int]:
     """Active counts the method must have after ``step`` optimizer steps: the targets (all
-    weights for the dense baseline), or a pruning schedule's share of them."""
+    weights for the dense baseline), or a pruning schedule's share of the way from the
+    ``start`` counts to them."""
     counts, numels = sparsifier.target_counts, [w.numel for w in sparsifier.weights]
     if isinstance(sparsifier.schedule, PruningSchedule):
         progress = max(
@@ -35,7 +36,10 @@ def _expected_active(sparsifier, step: int) -> list[int]:
             ),
             default=0.0,
         )
-        return [n - math.floor(progress * (n - c)) for n, c in zip(numels, counts, strict=True)]
+        return [
+            n - math.floor((n - s) + progress * (s - c))
+            for n, c, s in zip(numels, counts, start, strict=True)
+        ]
     return counts
 
 
@@ -65,7 +69,34 @@ def _battery_run(method, distribution, model_name, optimizer_name, **options):
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 @pytest.mark.parametrize("method", rigl.list_methods())
 def test_invariants(method, distribution, model_name, optimizer_name):
-    model, optimizer, sparsifier = _battery_run(method, distribution, model_name, optimizer_name)
+    _check_battery(method, distribution, model_name, optimizer_name)
+
+
+# Options that change what a method does, each through the battery (one model per row, to
+# keep it short): (method, options). The methods themselves come from the registry above.
+OPTION_ROWS = [
+    ("mest", {"drop_lambda": 0.0}),
+    ("mest", {"drop_lambda": 10.0, "grow_init": "random_uniform"}),
+    ("granet", {"initial_sparsity": 0.5}),
+    ("granet", {"grow_init": "initial_dist"}),
+    ("rigl", {"grow_init": "random_normal"}),
+    ("set", {"grow_init": "initial_dist_2", "skip_optimizer_step_on_update": True}),
+    ("snfs", {"grow_init": "random_uniform"}),
+]
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+@pytest.mark.parametrize(("method", "options"), OPTION_ROWS, ids=str)
+def test_invariants_of_method_options(method, options, optimizer_name):
+    _check_battery(method, "erk", "mlp", optimizer_name, **options)
+
+
+def _check_battery(method, distribution, model_name, optimizer_name, **options):
+    model, optimizer, sparsifier = _battery_run(
+        method, distribution, model_name, optimizer_name, **options
+    )
+    zero_growth = getattr(sparsifier, "grow_init", "zeros") == "zeros"
+    start = [w.n_active for w in sparsifier.weights]
     # depthwise convs, biases and norm parameters are never sparsified
     assert all(name.endswith("weight") or "weight_" in name for name in sparsifier.masks)
     assert "depthwise.weight" not in sparsifier.masks and "bn.weight" not in sparsifier.masks
@@ -76,7 +107,7 @@ def test_invariants(method, distribution, model_name, optimizer_name):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         sparsifier.step()
-        expected = _expected_active(sparsifier, t + 1)
+        expected = _expected_active(sparsifier, t + 1, start)
         for weight, n_expected in zip(sparsifier.weights, expected, strict=True):
             old_mask, old_value = before[weight.name]
             # masked weights are exactly zero and the count is exact
@@ -91,8 +122,9 @@ def test_invariants(method, distribution, model_name, optimizer_name):
             if grown.any():
                 updates_seen += 1
                 if sparsifier.skip_optimizer_step_on_update:
-                    # no optimizer step: grown weights are zero, kept ones unchanged
-                    assert bool((weight.param[grown] == 0).all())
+                    # no optimizer step: grown weights are zero (or their grow_init values),
+                    # kept ones unchanged
+                    assert bool((weight.param[grown] == 0).all()) == zero_growth
                     kept = weight.mask & old_mask
                     assert torch.equal(weight.param[kept], old_value[kept])
     if isinstance(sparsifier.schedule, UpdateSchedule):  # the dynamic methods

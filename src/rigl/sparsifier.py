@@ -275,6 +275,14 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         grow = self.grow_score(weight, generator)  # first: SET draws its seed here
         return weight.rewire(n_update, self.drop_score(weight), grow, generator)
 
+    def grown_values(
+        self, index: int, weight: SparseStorage, plan: Rewiring, generator: torch.Generator
+    ) -> Tensor | None:
+        """Starting values of ``plan.grown`` (same order), or None for zeros (the default;
+        see :class:`rigl.grow_init.GrowInit` for the official RigL code's alternatives).
+        Called after :meth:`plan_layer`, with its generator, for plans that grow."""
+        return plan.grown_values
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 

@@ -23,6 +23,7 @@ from rigl.targets import check_model_names
 from rigl.topology import update_generator
 
 if TYPE_CHECKING:
+    from rigl.rewiring import Rewiring
     from rigl.seam import SparseStorage
 
 
@@ -139,10 +140,7 @@ class StepLoop:
         their gradient of this batch when the update comes ``before_step`` (the step, if
         taken, moves them); after the step it has been applied, and theirs is zero."""
         try:
-            plans = {
-                i: self.plan_layer(i, self.weights[i], step, update_generator(self.seed, step, i))
-                for i in self._rewired()
-            }
+            plans = {i: self._plan(i, step) for i in self._rewired()}
         except NonFiniteScore as exc:
             self._skip_update(step, exc)
             return False
@@ -156,6 +154,15 @@ class StepLoop:
         for hook in self.update_hooks:
             hook(self)
         return True
+
+    def _plan(self, index: int, step: int) -> Rewiring | None:
+        """Layer ``index``'s plan: chosen by ``plan_layer``, its grown weights' starting values
+        by ``grown_values`` (one generator, drawn in that order)."""
+        weight, generator = self.weights[index], update_generator(self.seed, step, index)
+        plan = self.plan_layer(index, weight, step, generator)
+        if plan is None or plan.grown.numel() == 0:
+            return plan
+        return plan.with_values(self.grown_values(index, weight, plan, generator))
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

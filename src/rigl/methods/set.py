@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rigl.grow_init import GrowInit
 from rigl.rewiring import RowScores
 from rigl.seam import SparseStorage
 from rigl.sparsifier import Sparsifier, register_method
@@ -13,8 +14,10 @@ CHUNK_ROWS = 64  # random scores are drawn per chunk of rows, seeded by (update,
 
 
 @register_method("set")
-class SET(Sparsifier):
-    """Sparse Evolutionary Training: the optimizer step is taken, then the mask changes."""
+class SET(GrowInit, Sparsifier):
+    """Sparse Evolutionary Training: the optimizer step is taken, then the mask changes.
+    Grown weights start at zero unless ``grow_init`` says otherwise (see
+    :mod:`rigl.grow_init`; the option of every subclass: RigL, SNFS, MEST)."""
 
     supports_sparse_backend = True
     supports_sharding = True

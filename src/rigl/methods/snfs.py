@@ -56,9 +56,11 @@ class SNFS(SET):
         return lambda r0, r1: table[r0:r1].abs().reshape(-1)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"momentum": self.momentum, "ema": {k: v.cpu().clone() for k, v in self.ema.items()}}
+        ema = {k: v.cpu().clone() for k, v in self.ema.items()}
+        return {**super().extra_state(), "momentum": self.momentum, "ema": ema}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.ema = {
             w.name: state["ema"][w.name].to(w.param.device).clone()
             for w in self.weights
