@@ -18,7 +18,8 @@ Every decision equals one process's for the same seed and global batch, bit for 
 initial masks are drawn as one process draws them (:meth:`Sparsifier.initial_indices`,
 O(n_active) memory above 2^24 positions; below, the permutation one process draws) and
 each rank keeps its rows; updates select with :mod:`rigl.sharding`. Supported methods:
-dense, static, set and rigl, on the masked backend (the compressed one is refused).
+the methods whose class declares ``supports_sharding`` (dense, static, set, rigl), on the
+masked backend (the compressed one is refused).
 
 Checkpoints: under FSDP ``sparsifier.state_dict()`` holds the masks as DTensors, so it
 is a sharded state dict for ``torch.distributed.checkpoint`` (DCP); :func:`save` and

@@ -194,7 +194,7 @@ class ShardedMaskedWeight:
     def prune(self, n_keep: int, score: Tensor, tie_break: Any) -> Tensor:
         raise ConfigError(
             f"{self.name}: pruning is not supported on a model sharded with fully_shard "
-            "(methods: dense, static, set, rigl)"
+            "(the methods that declare supports_sharding)"
         )
 
     @torch.no_grad()

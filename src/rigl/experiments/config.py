@@ -129,7 +129,8 @@ class ExperimentConfig:
     parallel: str = setting(
         "ddp",
         "under torchrun: ddp (every rank holds the model) or fsdp (fully_shard: every rank "
-        "holds its rows of each layer; methods dense, static, set, rigl; backend masked)",
+        "holds its rows of each layer; the methods that declare supports_sharding; backend "
+        "masked)",
         ("ddp", "fsdp"),
     )
     check_consistency_every: int = setting(
@@ -166,9 +167,10 @@ class ExperimentConfig:
                     _choice(f.name, item, allowed)
         check_options(self.model, self.model_options)
         if self.backend == "sparse" and not rigl.get_method(self.method).supports_sparse_backend:
+            runs = [m for m in rigl.list_methods() if rigl.get_method(m).supports_sparse_backend]
             raise ConfigError(
                 f"backend='sparse' with method={self.method!r}: the compressed backend runs "
-                "static, set and rigl (the others keep dense state); use backend: masked"
+                f"{', '.join(runs)} (the others keep dense state); use backend: masked"
             )
         if self.parallel == "fsdp":
             from rigl.fsdp import check_method

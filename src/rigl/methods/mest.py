@@ -27,6 +27,7 @@ class MEST(SET):
     """
 
     supports_sparse_backend = True
+    supports_sharding = False  # not tested under FSDP (its drop score reads the gradient)
     label = "MEST"  # training cost: the default 3 f_S
 
     def __init__(self, *args: Any, drop_lambda: float = 1.0, **kwargs: Any) -> None:
