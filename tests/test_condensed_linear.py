@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import rigl
+from rigl.blockwise import blockwise_topk
+from rigl.rewiring import Rewiring
 from rigl.sparse import CondensedLinear, kernels
-from rigl.sparse import storage as sparse_storage
 from rigl.sparse.storage import SparseWeight
 
 KERNELS = [
@@ -273,7 +274,7 @@ def test_grad_rows_and_grad_at_match_dense_gradient():
         layer.grad_rows(0, 1)
 
 
-def _per_row_rewiring(layer: CondensedLinear, n: int) -> torch.Tensor:
+def _per_row_rewiring(layer: CondensedLinear, n: int) -> Rewiring:
     """Fan-in RigL by hand: in every row drop the n smallest |θ| and grow the n largest
     |grad| outside the kept positions (the selection the seam's fan-in pattern makes)."""
     k, rows, cols = layer.fan_in, layer.out_features, layer.in_features
@@ -283,7 +284,8 @@ def _per_row_rewiring(layer: CondensedLinear, n: int) -> torch.Tensor:
     score = layer.grad_rows(0, rows).abs()
     score.scatter_(1, kept % cols, -1.0)
     grown = score.topk(n, dim=1).indices + torch.arange(rows)[:, None] * cols
-    return torch.cat([kept.reshape(-1), grown.reshape(-1)])
+    keep = torch.isin(layer.active_indices(), kept.reshape(-1))
+    return Rewiring(keep, grown.reshape(-1))
 
 
 def test_sparse_weight_drives_rigl_on_a_condensed_layer():
@@ -298,8 +300,8 @@ def test_sparse_weight_drives_rigl_on_a_condensed_layer():
     layer(x).square().sum().backward()
     old = dict(zip(layer.active_indices().tolist(), layer.values.detach().tolist(), strict=True))
     old_state = dict(zip(old, opt.state[layer.values]["exp_avg"].tolist(), strict=True))
-    new_flat = _per_row_rewiring(layer, 2)
-    stats = weight.set_topology(new_flat, opt, grown_gradient=True)
+    plan = _per_row_rewiring(layer, 2)
+    stats = weight.install(plan, opt, grown_gradient=True)
     assert layer.fan_in == 6 and weight.violations(opt) == []
     assert stats.n_active == 60 and 0 < stats.n_grown <= 20
     dense_grad = layer.grad_rows(0, 10).reshape(-1)
@@ -316,7 +318,9 @@ def test_sparse_weight_drives_rigl_on_a_condensed_layer():
             assert (value, state) == (0.0, 0.0)
             assert grad == pytest.approx(dense_grad[pos].item(), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="same number in every row"):
-        weight.set_topology(new_flat[1:], opt)
+        uneven = torch.ones(layer.n_active, dtype=torch.bool)
+        uneven[0] = False  # row 0 would keep 5 of its 6
+        weight.install(Rewiring(uneven, torch.zeros(0, dtype=torch.int64)), opt)
     assert weight.violations(opt) == [] and layer.n_active == 60
 
 
@@ -326,9 +330,8 @@ def test_sparse_weight_grow_scan_runs_on_a_condensed_layer(monkeypatch):
     layer.keep_grow_inputs()
     layer(x).backward(dy)
     dense(x).backward(dy)
-    monkeypatch.setattr(sparse_storage, "BLOCK_ELEMENTS", 7 * 24)  # blocks of 7 rows
     weight = SparseWeight("w", layer)
-    pos = sparse_storage._blockwise_topk(
+    pos = blockwise_topk(
         lambda r0, r1: weight.gradient_rows(r0, r1).abs(),
         20,
         24,
@@ -336,6 +339,7 @@ def test_sparse_weight_grow_scan_runs_on_a_condensed_layer(monkeypatch):
         10,
         torch.Generator().manual_seed(0),
         "w",
+        block_rows=7,
     )
     mask = dense.weight.detach() != 0
     expect = dense.weight.grad.abs().masked_fill(mask, -1).reshape(-1).topk(10)

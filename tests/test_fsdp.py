@@ -117,8 +117,8 @@ def _selection_trials(rank: int, trials: int = 40) -> list[tuple[int, bool]]:
     """Sharded drop-and-grow on random vectors (integer scores: many exact ties), split at
     a random point (a piece may be empty, or cut a block), against one process's
     :func:`rigl.selection.drop_and_grow`; (trial, equal) for each."""
-    from rigl.sharding import per_block, sharded_drop_and_grow
     from rigl.selection import drop_and_grow
+    from rigl.sharding import per_block, sharded_drop_and_grow
     from rigl.topology import update_generator
 
     found = []

@@ -86,6 +86,11 @@ def sharded_weight(
     the method and backend are supported; the initial mask is drawn as in one process and
     each rank keeps its rows (no dense mask is built)."""
     check_method(sparsifier.name, sparsifier.backend)
+    if getattr(sparsifier, "grow_init", "zeros") != "zeros":  # the growth methods' option
+        raise ConfigError(
+            f"grow_init={sparsifier.grow_init!r} is not supported on a model sharded with "
+            "fully_shard (grown weights start at zero there); use grow_init='zeros'"
+        )
     if sparsifier.patterns[index].structured:
         raise ConfigError(
             f"{target.name}: pattern={str(sparsifier.patterns[index])!r} is not supported on a "

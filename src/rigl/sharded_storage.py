@@ -16,10 +16,10 @@ from torch import Tensor
 
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, weight_states
-from rigl.sharding import all_finite, per_block, sharded_drop_and_grow, sum_over
 from rigl.patterns import UNSTRUCTURED
 from rigl.rewiring import NonFiniteScore, RowScores
 from rigl.seam import RewireStats
+from rigl.sharding import all_finite, per_block, sharded_drop_and_grow, sum_over
 
 
 def local_rows(param: Any) -> tuple[int, int]:

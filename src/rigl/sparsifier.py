@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from rigl import guard, selection, summary
+from rigl import guard, summary
 from rigl.backends import check_materialised, choose_backends
 from rigl.config import resolve_step
 from rigl.errors import ConfigError, check_int

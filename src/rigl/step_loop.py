@@ -16,14 +16,13 @@ import torch
 from rigl._version import __version__
 from rigl.errors import ConfigError, warn
 from rigl.optim_state import check_state_sizes, unscale_found_inf
-from rigl.rewiring import NonFiniteScore, check_finite
+from rigl.rewiring import NonFiniteScore, Rewiring, check_finite
 from rigl.seam import RewireStats
 from rigl.sharding import check_not_resharded
 from rigl.targets import check_model_names
 from rigl.topology import update_generator
 
 if TYPE_CHECKING:
-    from rigl.rewiring import Rewiring
     from rigl.seam import SparseStorage
 
 
@@ -160,8 +159,8 @@ class StepLoop:
         by ``grown_values`` (one generator, drawn in that order)."""
         weight, generator = self.weights[index], update_generator(self.seed, step, index)
         plan = self.plan_layer(index, weight, step, generator)
-        if plan is None or plan.grown.numel() == 0:
-            return plan
+        if not isinstance(plan, Rewiring) or plan.grown.numel() == 0:
+            return plan  # None, or a sharded storage's own plan (rigl.fsdp: grown at zero)
         return plan.with_values(self.grown_values(index, weight, plan, generator))
 
     # -- checkpoints ---------------------------------------------------------------------

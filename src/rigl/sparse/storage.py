@@ -24,6 +24,7 @@ from rigl.seam import RewireStats
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
 from rigl.sparse.linear import SparseLinear
+from rigl.topology import TieBreak
 
 # Grow scores per block (16 MB of float32): for a wide layer (65536 inputs) that is 64
 # rows, enough for the gradient GEMM of a block to run near full speed.
