@@ -262,6 +262,21 @@ def test_a_first_build_says_so_once_and_names_the_cache(tmp_path, monkeypatch, c
     assert folder == str(tmp_path / name) and folder in err
 
 
+def test_a_build_leaves_the_cache_key_as_it_was(tmp_path, monkeypatch):
+    """torch's load appends its flags to the lists it is given: ours must not change (the
+    key of every later build in the process would, and the extension would be rebuilt)."""
+
+    def appending_load(name, sources, build_directory, extra_cflags, extra_ldflags, **kwargs):
+        extra_cflags.append("-DADDED")
+        extra_ldflags.append("-ltorch")
+        return "module"
+
+    key = kernels._cache_key()
+    _fresh_extension(monkeypatch, tmp_path, appending_load)
+    assert kernels.extension() == "module"
+    assert kernels._cache_key() == key
+
+
 @pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
 def test_a_built_extension_is_loaded_without_the_build_tools(monkeypatch, capsys):
     from torch.utils import cpp_extension

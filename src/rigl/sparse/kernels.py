@@ -121,8 +121,10 @@ def build_source(sources: Path | list[Path], stem: str) -> ModuleType:
         name=name,
         sources=[str(source) for source in sources],
         build_directory=str(folder),
-        extra_cflags=_CFLAGS,
-        extra_ldflags=_LDFLAGS,
+        # copies: torch appends its own flags to these lists in place, which would change
+        # the cache key of every later build in this process (a rebuild each time)
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
         verbose=False,
     )
 
