@@ -278,15 +278,6 @@ class CondensedLinear(GrowScores, nn.Module):
         return self._index
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """The dense weight's shape (as ``SparseLinear.weight_shape``)."""
-        return self.shape
-
-    @property
     def numel(self) -> int:
         return self.out_features * self.in_features
 
@@ -304,14 +295,6 @@ class CondensedLinear(GrowScores, nn.Module):
     def group(self) -> int | None:
         """M of an N:M layer (the inputs of a group), else None."""
         return None if self._nm is None else self._nm[1]
-
-    @property
-    def n_active(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        return self.n_active / self.numel if self.numel else 0.0
 
     def active_indices(self) -> Tensor:
         """Flat positions ``row * in_features + col`` of ``values`` (int64, nnz, sorted)."""

@@ -5,7 +5,9 @@ while an update step is due, the layer keeps every backward call's input ``xt`` 
 output gradient ``dyt`` (:class:`~rigl.sparse.function.GrowInputs`); the dense gradient
 ``dW = sum_i dyt_i @ xt_i^T`` is then computed a block of rows at a time
 (:meth:`GrowScores.grad_rows`) or at given positions only (:meth:`GrowScores.grad_at`).
-A layer provides ``_grow`` (GrowInputs), ``values``, ``shape`` and ``kernels``.
+A layer provides ``_grow`` (GrowInputs), ``values``, ``in_features``, ``out_features``
+and ``kernels``; the counts both layers report (``shape``, ``n_active``, ``density``) are
+here too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,25 @@ from rigl.sparse.index import SparseIndex
 
 
 class GrowScores:
-    """Mixin of the grow-score methods of a compressed linear layer."""
+    """Mixin of the grow-score methods and counts of a compressed linear layer."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The dense weight's shape (a convolution's kernel shape in ``SparseConv2d``)."""
+        return self.shape
+
+    @property
+    def n_active(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        numel = self.out_features * self.in_features
+        return self.n_active / numel if numel else 0.0
 
     def keep_grow_inputs(self, enabled: bool = True) -> None:
         """Keep (or stop keeping) the coming backward calls' ``xt``, ``dyt`` for grow scores.

@@ -186,23 +186,6 @@ class SparseLinear(GrowScores, nn.Module):
     def index(self) -> SparseIndex:
         return self._index
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """The dense weight's shape (a convolution's kernel shape in ``SparseConv2d``)."""
-        return self.shape
-
-    @property
-    def n_active(self) -> int:
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        numel = self.out_features * self.in_features
-        return self.n_active / numel if numel else 0.0
 
     def active_indices(self) -> Tensor:
         """Flat positions ``row * in_features + col`` of ``values`` (int64, nnz)."""
