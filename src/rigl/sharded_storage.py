@@ -141,9 +141,6 @@ class ShardedMaskedWeight:
         del update_due
 
     # -- scores and topology --------------------------------------------------------
-    def magnitude(self) -> Tensor:
-        return _local(self.param).detach().abs().flatten()
-
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Global rows [r0, r1) of the gradient; only this rank's rows can be asked for."""
         if self.param.grad is None:
