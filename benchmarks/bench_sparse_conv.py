@@ -27,7 +27,6 @@ layer after one step, against the dense layer. Results: results/sparse_conv.json
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -108,25 +107,6 @@ def wrn_step(method: str, sparsity: float, batch: int, quick: bool) -> Callable[
     return step
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict:
-    """Median ms per method; a method that fails is reported as ``"error: ..."``."""
-    failed: dict[str, str] = {}
-    for name, fn in steps.items():  # warm-up: kernels built, caches and allocator settled
-        try:
-            for _ in range(2):
-                fn()
-        except Exception as err:  # a peer's bug must not stop the comparison
-            failed[name] = f"error: {type(err).__name__}: {err}"[:300]
-    live = {n: f for n, f in steps.items() if n not in failed}
-    times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, fn in live.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {**{n: 1e3 * statistics.median(t) for n, t in times.items()}, **failed}
-
-
 def available(method: str) -> str | None:
     try:
         if method == "cpp" and kernels.extension() is None:
@@ -150,6 +130,8 @@ def training_bytes(layer: nn.Module, channels: int) -> int:
 
 
 def run_layers(methods, layers, densities, batch, repeats) -> tuple[dict, dict]:
+    from stamp import time_round_robin
+
     times, memory = {}, {}
     for channels, size in layers:
         case = f"{channels}->{channels} at {size}x{size}"
@@ -162,7 +144,7 @@ def run_layers(methods, layers, densities, batch, repeats) -> tuple[dict, dict]:
                 m: layer_step(conv_layer(m, channels, density), channels, size, batch)
                 for m in methods
             }
-            times[case][str(density)] = time_round_robin(steps, repeats)
+            times[case][str(density)] = time_round_robin(steps, repeats, CLOCK, scale=1e3)
             ours = training_bytes(
                 conv_layer("cpp" if "cpp" in methods else "torch", channels, density), channels
             )
@@ -172,10 +154,12 @@ def run_layers(methods, layers, densities, batch, repeats) -> tuple[dict, dict]:
 
 
 def run_wrn(sparsities, batch, repeats, quick: bool) -> dict:
+    from stamp import time_round_robin
+
     out = {}
     for sparsity in sparsities:
         steps = {m: wrn_step(m, sparsity, batch, quick) for m in ("dense", "masked", "sparse")}
-        out[str(sparsity)] = time_round_robin(steps, repeats)
+        out[str(sparsity)] = time_round_robin(steps, repeats, CLOCK, scale=1e3)
         print(f"  wrn s={sparsity}: {out[str(sparsity)]}", file=sys.stderr, flush=True)
     return out
 

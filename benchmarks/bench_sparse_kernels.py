@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -114,26 +113,9 @@ def available(method: str) -> str | None:
 CLOCK = time.perf_counter
 
 
-def time_round_robin(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per method; a method that fails is reported as ``"error: ..."``."""
-    failed: dict[str, str] = {}
-    for name, fn in steps.items():  # warm-up: kernels built, caches and allocator settled
-        try:
-            for _ in range(2):
-                fn()
-        except Exception as err:  # a peer's bug must not stop the comparison
-            failed[name] = f"error: {type(err).__name__}: {err}"[:300]
-    live = {n: f for n, f in steps.items() if n not in failed}
-    times: dict[str, list[float]] = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, fn in live.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {**{name: statistics.median(t) for name, t in times.items()}, **failed}
-
-
 def run_timings(methods: list[str], repeats: int, densities) -> dict:
+    from stamp import time_round_robin
+
     out: dict = {}
     for case, n_layers in (("layer", 1), ("mlp", DEPTH)):
         out[case] = {}
@@ -142,7 +124,7 @@ def run_timings(methods: list[str], repeats: int, densities) -> dict:
             for method in methods:
                 model = build(method, density, n_layers)
                 steps[method] = step_fn(model, x_grad=(case == "layer"))
-            med = time_round_robin(steps, repeats)
+            med = time_round_robin(steps, repeats, CLOCK)
             out[case][str(density)] = {
                 m: t * 1e3 if isinstance(t, float) else t for m, t in med.items()
             }

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -28,6 +29,32 @@ def threads_and_clock(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error("--clock thread measures one thread: use --threads 1")
         return time.thread_time
     return time.perf_counter
+
+
+def time_round_robin(
+    steps: dict[str, Callable[[], None]],
+    repeats: int,
+    clock: Callable[[], float],
+    scale: float = 1.0,
+) -> dict[str, float | str]:
+    """Median time per method (seconds times ``scale``), the methods interleaved in every
+    repeat after two warm-up calls each; a method that fails is reported as
+    ``"error: ..."`` (a peer's bug must not stop the comparison)."""
+    failed: dict[str, str] = {}
+    for name, fn in steps.items():  # warm-up: kernels built, caches and allocator settled
+        try:
+            for _ in range(2):
+                fn()
+        except Exception as err:
+            failed[name] = f"error: {type(err).__name__}: {err}"[:300]
+    live = {n: f for n, f in steps.items() if n not in failed}
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in live.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {**{n: scale * statistics.median(t) for n, t in times.items()}, **failed}
 
 
 def _cpu_model() -> str:
