@@ -186,7 +186,6 @@ class SparseLinear(GrowScores, nn.Module):
     def index(self) -> SparseIndex:
         return self._index
 
-
     def active_indices(self) -> Tensor:
         """Flat positions ``row * in_features + col`` of ``values`` (int64, nnz)."""
         return self._index.flat()
