@@ -309,3 +309,31 @@ def test_unsupported_uses_are_refused(ranks):
     assert "was replaced after rigl.create" in result["order"] and "Shard first" in result["order"]
     assert "backend='sparse' is not supported on a model sharded" in result["sparse"]
     assert "method 'snfs' is not supported on a model sharded with fully_shard" in result["snfs"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"grow_init": "random_normal"}, "grow_init='random_normal' is not supported"),
+        ({"pattern": "fanin"}, "pattern='fanin' is not supported"),
+    ],
+)
+def test_sharded_weights_refuse_what_the_sharded_selection_cannot_do(options, message):
+    """Checked before any shard is touched: a growth initialisation other than zeros and a
+    structured pattern are refused with the fix, not silently trained unstructured."""
+    from types import SimpleNamespace
+
+    from rigl import fsdp
+    from rigl.errors import ConfigError
+    from rigl.patterns import UNSTRUCTURED, parse_pattern
+
+    pattern = parse_pattern(options.get("pattern", "unstructured"))
+    sparsifier = SimpleNamespace(
+        name="rigl",
+        backend="masked",
+        grow_init=options.get("grow_init", "zeros"),
+        patterns=[pattern if pattern.structured else UNSTRUCTURED],
+    )
+    target = SimpleNamespace(name="fc.weight", param=None)
+    with pytest.raises(ConfigError, match=message):
+        fsdp.sharded_weight(sparsifier, 0, target, 1)
