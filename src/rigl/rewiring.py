@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -103,4 +104,4 @@ class Rewiring:
 
     def with_values(self, grown_values: Tensor | None) -> Rewiring:
         """The same plan with other starting values for the grown weights."""
-        return Rewiring(self.keep, self.grown, grown_values)
+        return dataclasses.replace(self, grown_values=grown_values)  # a subclass's fields kept

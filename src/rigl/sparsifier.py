@@ -210,8 +210,7 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
                 self.patterns[index],
             )
             return weight
-        mask = self.initial_mask(index, target, n_active)
-        return MaskedWeight(target.name, target.param, mask, target.blocks, self.patterns[index])
+        return self.masked_weight(index, target, self.initial_mask(index, target, n_active))
 
     # -- hooks for methods -------------------------------------------------------------
     def build_schedule(self, **args: Any) -> UpdateSchedule | None:
@@ -249,6 +248,12 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
                 for b, n in enumerate(split_evenly(n_active, target.blocks))
             ]
         )
+
+    def masked_weight(self, index: int, target: Target, mask: Tensor) -> SparseStorage:
+        """The masked storage of layer ``index`` (a :class:`rigl.storage.MaskedWeight`; a
+        method that trains more than its forward set returns a
+        :class:`rigl.reserve.ReservedWeight`)."""
+        return MaskedWeight(target.name, target.param, mask, target.blocks, self.patterns[index])
 
     def observe_gradients(self) -> None:
         """Called every step before masking the gradients (SNFS keeps its EMA here)."""

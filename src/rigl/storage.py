@@ -95,7 +95,7 @@ class MaskedWeight:
         self.param.mul_(self.mask)
         if gradient:
             self.mask_gradient()
-        reset_drifting_state(optimizer, self.param, self._inactive)
+        reset_drifting_state(optimizer, self.param, self._untrained)
 
     @torch.no_grad()
     def mask_gradient(self) -> None:
@@ -108,6 +108,14 @@ class MaskedWeight:
             grad.mul_(self.mask)
         else:
             grad.masked_fill_(self._inactive, 0.0)
+
+    _untrained_label = "inactive"
+
+    @property
+    def _untrained(self) -> Tensor:
+        """Where the optimizer state must stay fresh: the inactive positions (a storage
+        that trains more than it uses, :class:`rigl.reserve.ReservedWeight`, fewer)."""
+        return self._inactive
 
     # -- scores (see rigl.seam.SparseStorage) ------------------------------------------
     @property
@@ -252,7 +260,7 @@ class MaskedWeight:
             if per_block != split_evenly(n, self.blocks):
                 found.append(f"its blocks hold {per_block} active weights, not an even split")
         found += pattern_violations(self.pattern, self.active_positions(), self.rows, self.cols)
-        inactive = ~self.mask
+        inactive, untrained = ~self.mask, self._untrained
         outside = int(self.param.detach()[inactive].count_nonzero())
         if outside:
             found.append(
@@ -260,11 +268,11 @@ class MaskedWeight:
                 "the sparsifier, or weights written after it?)"
             )
         for key, (value, fresh) in weight_states(optimizer, self.param).items():
-            stale = value.to_dense()[inactive] != fresh  # what the optimizer starts at
+            stale = value.to_dense()[untrained] != fresh  # what the optimizer starts at
             count = int(stale.count_nonzero())
             if count:
                 found.append(
                     f"optimizer state {key!r} is not its initial value ({fresh}) at "
-                    f"{count} inactive positions"
+                    f"{count} {self._untrained_label} positions"
                 )
         return found

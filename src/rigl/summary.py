@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rigl.guard import InvariantError
+from rigl.reserve import ReservedWeight
 
 if TYPE_CHECKING:
     from rigl.sparsifier import Sparsifier
@@ -38,6 +39,9 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
         notes = [n for n in (why, target.note) if n]
         if weight.blocks > 1:
             notes.append(f"{weight.blocks} row blocks (q, k, v) keep their own counts")
+        if isinstance(weight, ReservedWeight):
+            n_trained = int(weight.trained.count_nonzero())
+            notes.append(f"trains {n_trained} ({n_trained / weight.numel:.4f}): θ kept dense")
         if weight.pattern.structured:
             notes.append(f"pattern {weight.pattern}")
         elif sparsifier.config.parsed_pattern.structured and weight.n_active < weight.numel:

@@ -1,0 +1,330 @@
+"""A masked storage that trains more than its forward set, for the methods that keep a
+dense θ and choose their masks from it by magnitude (SR-STE, Top-KAST).
+
+A :class:`ReservedWeight` splits a dense θ in two: the parameter holds θ on the forward
+set A (its mask; zero elsewhere, so the model's forward pass is the sparse one) and a
+*reserve* tensor holds θ outside A. The optimizer trains a set B ⊇ A (``trained``: every
+position for SR-STE, the top-(K+M) by magnitude for Top-KAST). Around each optimizer step:
+
+- before it (:meth:`ReservedWeight.mask_gradient`, called by ``pre_optimizer_step``) the
+  gradient is zeroed outside B and B \\ A's values come back from the reserve into the
+  parameter, so the user's own optimizer steps all of B, with the gradient taken with B \\ A
+  at zero in the forward (SR-STE's straight-through gradient, Top-KAST's backward);
+- after it (:meth:`ReservedWeight.apply_mask`) B \\ A's new values go back to the reserve.
+
+Between steps every invariant of a masked weight holds (inactive weights zero, exact
+counts, a sparse forward), except that the optimizer state is fresh outside B rather than
+outside A. A topology update (a :class:`ReservedRewiring`) re-splits θ: weights entering A
+bring their θ, weights leaving it take theirs to the reserve, and the optimizer state
+(shaped like the dense parameter) stays where it is, reset only where a position enters
+or leaves B. Positions outside B keep their θ frozen in the reserve. Cost: one more dense
+tensor per layer; masked backend only.
+
+:class:`MagnitudeReserve` is the method half: the mixin that SR-STE and Top-KAST share
+(their sets are the top-K of ``|θ|`` under the layer's pattern, refreshed every ΔT steps, 1
+by default, through the whole run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from rigl import selection
+from rigl.config import resolve_step
+from rigl.errors import ConfigError
+from rigl.optim_state import reset_drifting_state, reset_optimizer_state
+from rigl.patterns import UNSTRUCTURED, Pattern
+from rigl.rewiring import Grid, Rewiring
+from rigl.schedules import UpdateSchedule
+from rigl.seam import RewireStats
+from rigl.storage import MaskedWeight
+from rigl.topology import TieBreak, update_generator
+
+if TYPE_CHECKING:
+    from rigl.seam import SparseStorage
+    from rigl.targets import Target
+
+
+@dataclass(frozen=True)
+class ReservedRewiring(Rewiring):
+    """A :class:`Rewiring` that also sets the trained set B: ``trained``, sorted int64 flat
+    positions containing every active one after the update (None: every position)."""
+
+    trained: Tensor | None = None
+
+
+class ReservedWeight(MaskedWeight):
+    """A :class:`rigl.storage.MaskedWeight` whose values outside the mask are kept (the
+    reserve) and whose optimizer trains ``trained`` ⊇ ``mask`` (see the module docstring).
+    Built from the dense parameter: θ outside ``mask`` moves to the reserve at once."""
+
+    _untrained_label = "untrained"
+
+    def __init__(
+        self,
+        name: str,
+        param: nn.Parameter,
+        mask: Tensor,
+        blocks: int = 1,
+        pattern: Pattern = UNSTRUCTURED,
+    ) -> None:
+        super().__init__(name, param, mask, blocks, pattern)
+        self.trained = torch.ones_like(self.mask)
+        self._open = False  # True between mask_gradient() and the park after the step
+        with torch.no_grad():
+            self.reserve = torch.where(self.mask, 0.0, param.detach())
+            param.masked_fill_(self._inactive, 0.0)
+
+    @property
+    def trained(self) -> Tensor:
+        """Bool tensor shaped like the weight: the positions the optimizer steps (B)."""
+        return self._trained
+
+    @trained.setter
+    def trained(self, trained: Tensor) -> None:
+        self._trained = trained
+        self._untrained_cache = ~trained
+
+    @property
+    def _untrained(self) -> Tensor:
+        return self._untrained_cache
+
+    def values(self) -> Tensor:
+        """The dense θ: the active weights and the reserve (a new tensor)."""
+        if self._open:  # between mask_gradient() and the park: B's values are in param
+            return torch.where(self._trained, self.param.detach(), self.reserve)
+        return self.param.detach() + self.reserve  # disjoint supports
+
+    # -- around the optimizer step -------------------------------------------------------
+    @torch.no_grad()
+    def mask_gradient(self) -> None:
+        """Before the optimizer step: the gradient outside B to zero, and B \\ A's values
+        back into the parameter so that the step trains them."""
+        grad = self.param.grad
+        if grad is not None:
+            grad.masked_fill_(self._untrained, 0.0)
+        if not self._open:
+            self.param.copy_(torch.where(self._inactive & self._trained, self.reserve, self.param))
+            self._open = True
+
+    @torch.no_grad()
+    def apply_mask(
+        self, optimizer: torch.optim.Optimizer | None = None, gradient: bool = True
+    ) -> None:
+        """After the step: B \\ A's values back to the reserve, the parameter (and, if
+        ``gradient``, its gradient) zero outside A; drifting optimizer state fresh outside B."""
+        self._park()
+        self.param.mul_(self.mask)
+        if gradient:
+            MaskedWeight.mask_gradient(self)  # outside A: the step is over
+        reset_drifting_state(optimizer, self.param, self._untrained)
+
+    def _park(self) -> None:
+        if self._open:
+            self.reserve.copy_(
+                torch.where(self._inactive & self._trained, self.param, self.reserve)
+            )
+            self.param.masked_fill_(self._inactive, 0.0)
+            self._open = False
+
+    # -- topology ------------------------------------------------------------------------
+    @torch.no_grad()
+    def install(
+        self,
+        rewiring: Rewiring,
+        optimizer: torch.optim.Optimizer | None,
+        grown_gradient: bool = False,
+    ) -> RewireStats:
+        """Re-split θ by ``rewiring``: grown weights bring their θ from the reserve (or take
+        ``grown_values``), dropped ones move theirs there; optimizer state is reset only
+        where a position enters or leaves the trained set (``rewiring.trained`` if it is a
+        :class:`ReservedRewiring`, else B grows by the new active weights)."""
+        self._park()
+        theta = self.values().reshape(-1)
+        flat = self.mask.reshape(-1).clone()
+        flat[self.active_positions()[~rewiring.keep]] = False
+        flat[rewiring.grown] = True
+        if rewiring.grown_values is not None:
+            theta[rewiring.grown] = rewiring.grown_values.to(theta.dtype)
+        new_mask = flat.reshape(self.shape)
+        trained = getattr(rewiring, "trained", None)
+        if trained is None:
+            new_trained = self._trained | new_mask
+        else:
+            new_trained = torch.zeros_like(flat)
+            new_trained[trained] = True
+            new_trained = new_trained.reshape(self.shape)
+            if bool((new_mask & ~new_trained).any()):
+                raise ValueError(f"{self.name}: the trained set must contain the active one")
+        reset_optimizer_state(optimizer, self.param, new_trained ^ self._trained)
+        theta = theta.reshape(self.shape)
+        grown, dropped = new_mask & ~self.mask, self.mask & ~new_mask
+        self.param.copy_(torch.where(new_mask, theta, 0.0))
+        self.reserve = torch.where(new_mask, 0.0, theta)
+        self.mask, self.trained = new_mask, new_trained
+        grad = self.param.grad
+        if grad is not None and not grown_gradient:
+            grad.masked_fill_(grown, 0.0)
+        return RewireStats(
+            self.name, self.n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
+        )
+
+    def load_topology(self, mask: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """A checkpoint's mask; the reserve and trained set come with the method's state
+        (:meth:`load_reserve`)."""
+        self._park()
+        super().load_topology(mask, optimizer)
+        self.reserve.masked_fill_(self.mask, 0.0)
+        self.trained = self._trained | self.mask
+
+    def reserve_state(self) -> dict[str, Tensor]:
+        return {"reserve": self.reserve.detach().cpu().clone(), "trained": self.trained.cpu()}
+
+    def load_reserve(self, state: dict[str, Tensor]) -> None:
+        reserve, trained = state["reserve"], state["trained"]
+        if tuple(reserve.shape) != self.shape or tuple(trained.shape) != self.shape:
+            raise ConfigError(
+                f"the saved reserve of {self.name} has shape {tuple(reserve.shape)}, the "
+                f"weight {self.shape}: the state belongs to a different model"
+            )
+        device = self.param.device
+        self.reserve = torch.where(self.mask, 0.0, reserve.to(device, self.param.dtype))
+        self.trained = trained.to(device=device, dtype=torch.bool) | self.mask
+
+    @torch.no_grad()
+    def violations(self, optimizer: torch.optim.Optimizer | None) -> list[str]:
+        found = super().violations(optimizer)
+        if self._open:
+            found.append("an optimizer step was opened (mask_gradient) and never closed")
+        inside = int(self.reserve[self.mask].count_nonzero())
+        if inside:
+            found.append(f"its reserve holds {inside} values at active positions")
+        if bool((self.mask & ~self._trained).any()):
+            found.append("some active weights are outside its trained set")
+        return found
+
+
+def magnitude_plan(
+    weight: ReservedWeight, n_forward: int, n_trained: int, tie_break: TieBreak
+) -> ReservedRewiring:
+    """The plan that makes A the top ``n_forward`` of ``|θ|`` under the weight's pattern
+    (per row block and group, as :func:`rigl.selection.prune`) and B that plus the next
+    ``n_trained - n_forward`` largest (unstructured; all positions when ``n_trained`` is
+    the layer's size)."""
+    grid, device = weight.grid, weight.param.device
+    score = weight.values().abs().reshape(-1)
+    every = torch.arange(weight.numel, device=device)
+    chosen = every[selection.prune(every, score, n_forward, grid, tie_break).keep]
+    in_new = torch.zeros(weight.numel, dtype=torch.bool, device=device)
+    in_new[chosen] = True
+    was = weight.mask.reshape(-1)
+    trained = None
+    if n_trained < weight.numel:
+        rest = every[~in_new]
+        extra = selection.prune(
+            rest, score[rest], n_trained - chosen.numel(), _unstructured(grid), tie_break
+        )
+        trained = torch.cat([chosen, rest[extra.keep]]).sort().values
+    return ReservedRewiring(in_new[weight.active_positions()], chosen[~was[chosen]], None, trained)
+
+
+def _unstructured(grid: Grid) -> Grid:
+    return dataclasses.replace(grid, pattern=UNSTRUCTURED)
+
+
+class MagnitudeReserve:
+    """Mixin (before :class:`rigl.Sparsifier`) for methods whose forward set is the top-K of
+    a dense θ by magnitude and whose optimizer trains a superset of it: the layers are
+    :class:`ReservedWeight` s, A and B are chosen by :func:`magnitude_plan` at the start and
+    every ΔT steps (``update_interval``, default 1) from ``begin_step`` (default 0) to
+    ``end_step`` (default: the whole run), and a checkpoint carries the reserves.
+    A method sets :meth:`trained_count` (default: every position) and adds its penalty
+    in ``observe_gradients``."""
+
+    update_before_step = False
+    default_skip_optimizer_step = False
+    supports_sparse_backend = False  # the reserve is dense
+    supports_sharding = False
+
+    def __init__(
+        self,
+        *args: Any,
+        update_interval: int = 1,
+        begin_step: int | float | None = 0,
+        end_step: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.update(update_interval=update_interval, begin_step=begin_step)
+        super().__init__(*args, end_step=end_step, **kwargs)  # type: ignore[call-arg]
+
+    def trained_count(self, index: int, n_active: int, numel: int) -> int:
+        """How many positions of layer ``index`` the optimizer trains (B); at least A's."""
+        del index, n_active
+        return numel
+
+    def build_schedule(self, **args: Any) -> UpdateSchedule:
+        if self._skip_option:  # type: ignore[attr-defined]
+            raise ConfigError(
+                f"{self.name} refreshes its masks after optimizer steps; "  # type: ignore[attr-defined]
+                "skip_optimizer_step_on_update=True would skip them all: leave it unset"
+            )
+        end = args.pop("end_step")
+        total = self.total_steps  # type: ignore[attr-defined]
+        end = (
+            sys.maxsize
+            if end is None and total is None
+            else resolve_step(1.0 if end is None else end, total, "end_step")
+        )
+        return UpdateSchedule(end_step=end, **args)
+
+    def masked_weight(self, index: int, target: Target, mask: Tensor) -> SparseStorage:
+        """A reserved weight whose sets are the magnitude ones from the start."""
+        patterns = self.patterns  # type: ignore[attr-defined]
+        weight = ReservedWeight(target.name, target.param, mask, target.blocks, patterns[index])
+        generator = update_generator(self.seed, -3, index)  # type: ignore[attr-defined]
+        n_trained = self.trained_count(index, weight.n_active, weight.numel)
+        weight.install(magnitude_plan(weight, weight.n_active, n_trained, generator), None)
+        return weight
+
+    def plan_layer(
+        self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
+    ) -> Rewiring | None:
+        del step
+        assert isinstance(weight, ReservedWeight)
+        n_trained = self.trained_count(index, weight.n_active, weight.numel)
+        return magnitude_plan(weight, weight.n_active, n_trained, generator)
+
+    def reserved(self) -> list[ReservedWeight]:
+        return [w for w in self.weights if isinstance(w, ReservedWeight)]  # type: ignore[attr-defined]
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()  # type: ignore[misc]
+        state["reserves"] = {w.name: w.reserve_state() for w in self.reserved()}
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)  # type: ignore[misc]
+        reserves = state.get("reserves")
+        if reserves is None:
+            raise ConfigError(
+                f"the state dict has no reserves: {self.name} needs the dense values it "  # type: ignore[attr-defined]
+                "keeps outside its masks; it was saved by another version or method"
+            )
+        for weight in self.reserved():
+            weight.load_reserve(reserves[weight.name])
+
+
+def penalize(weight: ReservedWeight, where: Tensor, scale: Tensor | float) -> None:
+    """Add ``scale * θ`` to the gradient at ``where`` (the gradient of ``scale/2 θ²``;
+    ``scale`` a number or a tensor shaped like the weight); nothing without a gradient."""
+    grad = weight.param.grad
+    if grad is None:
+        return
+    theta = weight.values()
+    grad.add_(torch.where(where, theta * scale, 0.0).to(grad.dtype))
