@@ -113,11 +113,13 @@ def _check_battery(method, distribution, model_name, optimizer_name, **options):
             # masked weights are exactly zero and the count is exact
             assert bool((weight.param[~weight.mask] == 0).all()), weight.name
             assert int(weight.mask.sum()) == weight.n_active == n_expected, (weight.name, t)
-            # optimizer state is zero wherever the weight is inactive (so grown weights start
-            # with zero momentum / Adam moments)
+            # optimizer state is zero wherever the weight is not trained: the inactive
+            # weights (so grown weights start with zero momentum / Adam moments), or outside
+            # the trained set of a method that trains more than its forward set (reserve)
+            untrained = ~getattr(weight, "trained", weight.mask)
             for key, value in optimizer.state[weight.param].items():
                 if torch.is_tensor(value) and value.shape == weight.param.shape:
-                    assert bool((value[~weight.mask] == 0).all()), (key, weight.name, t)
+                    assert bool((value[untrained] == 0).all()), (key, weight.name, t)
             grown = weight.mask & ~old_mask
             if grown.any():
                 updates_seen += 1

@@ -203,6 +203,123 @@ def test_grow_init_zeros_is_todays_behaviour_and_initial_values_are_checkpointed
     assert torch.equal(d.initial_values["0.weight"], c.initial_values["0.weight"])
 
 
+# -- SR-STE and Top-KAST: a dense θ, a forward subset (rigl.reserve) ------------------------
+THETA = [[0.5, -0.1, 0.2, -0.4], [0.1, 0.3, -0.25, 0.05]]
+
+
+def _reserved(method, dense_grad, **options):
+    """``method`` on one 2x4 Linear holding THETA; one SGD step (lr 0.1, momentum 0.9: the
+    first step moves by lr x gradient) with the dense gradient ``dense_grad``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(THETA))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = rigl.create(method, model, optimizer, total_steps=10, seed=1, **options)
+    weight = sparsifier.weights[0]
+    before = weight.mask.clone()
+    model[0].weight.grad = torch.tensor(dense_grad)
+    sparsifier.step()
+    sparsifier.check()
+    return sparsifier, weight, before, optimizer.state[weight.param]["momentum_buffer"]
+
+
+def test_srste_trains_every_weight_straight_through_and_decays_the_pruned_ones():
+    # 2:4, lambda_w 1: row 0 starts with A = {0, 3} (|θ| 0.5, 0.4), row 1 with {1, 2}.
+    # θ' = θ - 0.1 (g + (1 - A) θ): position 1 (g = -5) gets -0.1 + 0.1 * 5.1 = 0.41 and
+    # overtakes position 3 (0.4); the pruned 2, (1, 0), (1, 3) shrink by 10%.
+    grad = [[0.0, -5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    sparsifier, weight, before, momentum = _reserved(
+        "srste", grad, sparsity=0.5, pattern="2:4", lambda_w=1.0, distribution="uniform"
+    )
+    assert before.tolist() == [[True, False, False, True], [False, True, True, False]]
+    assert weight.mask.tolist() == [[True, True, False, False], [False, True, True, False]]
+    torch.testing.assert_close(
+        weight.param.detach(), torch.tensor([[0.5, 0.41, 0, 0], [0, 0.3, -0.25, 0]])
+    )
+    torch.testing.assert_close(
+        weight.reserve, torch.tensor([[0, 0, 0.18, -0.4], [0.09, 0, 0, 0.045]])
+    )
+    assert bool(weight.trained.all())  # SR-STE trains all of θ: no optimizer state is reset
+    torch.testing.assert_close(momentum, torch.tensor([[0.0, -5.1, 0.2, 0.0], [0.1, 0, 0, 0.05]]))
+    assert sparsifier.update_count == 1
+    assert rigl.get_method("srste").train_step_flops(1.0, 10.0, update_interval=1) == 12.0
+
+
+def test_topkast_forwards_the_top_k_and_trains_the_top_k_plus_m():
+    # 8 weights, sparsity 0.75: A = top 2 {0, 3}; backward_sparsity 0.5: B = top 4, A and
+    # {5, 6} (|θ| 0.3, 0.25). penalty 1, D = 1/4: the gradient gets θ on A and 4 θ on B \ A;
+    # outside B nothing moves (position 2's gradient -10 is dropped).
+    grad = [[0.0, 0.0, -10.0, 0.0], [0.0, -2.0, 0.0, 0.0]]
+    sparsifier, weight, before, momentum = _reserved(
+        "topkast", grad, sparsity=0.75, backward_sparsity=0.5, penalty=1.0, distribution="uniform"
+    )
+    assert before.reshape(-1).nonzero().squeeze(1).tolist() == [0, 3]
+    # θ' = [0.45, -0.1, 0.2, -0.36 | 0.1, 0.38, -0.15, 0.05]: A = {0, 5}, B = A + {3, 2}
+    assert weight.mask.reshape(-1).nonzero().squeeze(1).tolist() == [0, 5]
+    assert weight.trained.reshape(-1).nonzero().squeeze(1).tolist() == [0, 2, 3, 5]
+    theta = torch.tensor([[0.45, -0.1, 0.2, -0.36], [0.1, 0.38, -0.15, 0.05]])
+    torch.testing.assert_close(weight.values(), theta)
+    torch.testing.assert_close(weight.param.detach(), theta * weight.mask)
+    # momentum: kept on B (0 and 3 stay trained, 5 too), reset where 6 left B, fresh at 2
+    torch.testing.assert_close(momentum, torch.tensor([[0.5, 0, 0, -0.4], [0, -0.8, 0, 0]]))
+    facts = sparsifier.train_flops_facts()
+    assert facts == {"backward_ratio": 2.0}
+    assert rigl.get_method("topkast").train_step_flops(1.0, 10.0, update_interval=1, **facts) == 4.0
+
+
+@pytest.mark.parametrize("method", ["srste", "topkast"])
+def test_reserved_methods_resume_bit_identically(method):
+    """The reserve (θ outside A) and B travel in the sparsifier's state: a run stopped at
+    step 6 and resumed from its state dicts ends exactly as the run that never stopped."""
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sparsifier = rigl.create(method, model, optimizer, sparsity=0.75, total_steps=12, seed=2)
+        if state is not None:
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(state[1])
+            sparsifier.load_state_dict(state[2])
+        for t in range(sparsifier.step_count, steps):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(t))
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            sparsifier.step()
+        return model, optimizer, sparsifier
+
+    whole = run(12)
+    half = run(6)
+    saved = [{k: v.clone() for k, v in half[0].state_dict().items()},
+             half[1].state_dict(), half[2].state_dict()]  # fmt: skip
+    resumed = run(12, saved)
+    for a, b in zip(whole[2].weights, resumed[2].weights, strict=True):
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.values(), b.values())
+        assert torch.equal(a.trained, b.trained)
+    for a, b in zip(whole[0].parameters(), resumed[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = half[2].state_dict()
+    del state["extra"]["reserves"]
+    with pytest.raises(rigl.ConfigError, match="no reserves"):
+        run(12, [saved[0], saved[1], state])
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("topkast", {"sparsity": 0.8, "backward_sparsity": 0.9}, "backward_sparsity=0.9 is above"),
+        ("topkast", {"penalty": -1.0}, "penalty=-1"),
+        ("srste", {"lambda_w": -1.0}, "lambda_w=-1"),
+        ("srste", {"skip_optimizer_step_on_update": True}, "would skip them all"),
+        ("topkast", {"backend": "sparse"}, "backend='sparse' does not support"),
+    ],
+)
+def test_reserved_methods_refuse_bad_options(method, options, message):
+    with pytest.raises(rigl.ConfigError, match=message):
+        _one_layer(method, **options)
+
+
 # -- the command line ----------------------------------------------------------------------
 def test_the_newer_methods_train_compare_and_count_flops_through_the_cli(tmp_path):
     """``rigl train`` (MEST on the compressed backend, with an option), ``rigl compare``
@@ -218,7 +335,7 @@ def test_the_newer_methods_train_compare_and_count_flops_through_the_cli(tmp_pat
                              checkpoint_every=0, method_options={"drop_lambda": 2.0,
                                                                  "grow_init": "random_normal"})  # fmt: skip
     plain = tiny_run_config(tmp_path / "plain", data, epochs=1, checkpoint_every=0)
-    compare = ["compare", "--config", str(plain), "--methods", "mest,granet",
+    compare = ["compare", "--config", str(plain), "--methods", "mest,granet,srste,topkast",
                "--sparsities", "0.8", "--seeds", "1", "--jobs", "1",
                "--out", str(tmp_path / "c")]  # fmt: skip
     train, cmp, flops = _run_cli(
@@ -230,8 +347,11 @@ def test_the_newer_methods_train_compare_and_count_flops_through_the_cli(tmp_pat
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["train_flops_ratio"] == pytest.approx(final["inference_flops_ratio"])  # 3 f_S
     assert "| MEST |" in cmp["out"] and "| GraNet |" in cmp["out"]
+    assert "| SR-STE |" in cmp["out"] and "| Top-KAST |" in cmp["out"]
     records = json.loads((tmp_path / "c" / "results.json").read_text())["records"]
-    assert sorted(r["method"] for r in records) == ["dense", "granet", "mest"]
+    assert sorted(r["method"] for r in records) == ["dense", "granet", "mest", "srste", "topkast"]
+    srste = next(r for r in records if r["method"] == "srste")  # 2 f_S + f_D: dense weight grad
+    assert srste["inference_flops_ratio"] < srste["train_flops_ratio"] < 1
     granet = next(r for r in records if r["method"] == "granet")
     assert granet["train_flops_ratio"] > granet["inference_flops_ratio"]  # the dense start
     report = json.loads(flops["out"])
