@@ -93,6 +93,33 @@ def test_recorder_every_second_update_merges_rows(tmp_path):
     assert not (tmp_path / "first_layer.npz").exists()
 
 
+def test_recorder_thins_a_schedule_that_updates_every_step(tmp_path, monkeypatch):
+    """SR-STE refreshes its masks after every step: with more updates than MAX_RECORDS the
+    automatic ``every`` records every ceil(n / MAX_RECORDS)-th one (here 60 updates, at
+    most 25 records: every 3rd); a schedule with fewer keeps every update."""
+    from rigl.experiments.training import recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "MAX_RECORDS", 25)
+    torch.manual_seed(0)
+    model = TinyMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = rigl.create("srste", model, optimizer, sparsity=0.8, total_steps=60)
+    recorder = MaskRecorder(tmp_path / "srste", snapshot_every=0, sparsifier=sparsifier)
+    assert recorder.every == 3
+    for step in range(60):
+        x = torch.randn(16, 12, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), x[:, :4].argmax(1)).backward()
+        sparsifier.step()
+        recorder(step + 1, model, sparsifier, {"kind": "step"})
+    assert sparsifier.update_count == 60
+    rows = [r for r in read_rows(tmp_path / "srste" / "dynamics.csv") if r["step"] != "0"]
+    assert len(rows) == 20 * len(sparsifier.weights) and {r["updates"] for r in rows} == {"3"}
+    rigl_run = MaskRecorder(tmp_path / "rigl", snapshot_every=0)
+    train_tiny(rigl_run)  # 11 updates in 60 steps: every one recorded
+    assert rigl_run.every == 1
+
+
 def test_recorder_state_dict_round_trip(tmp_path):
     recorder = MaskRecorder(tmp_path / "a", snapshot_every=10)
     train_tiny(recorder, steps=30)

@@ -28,6 +28,7 @@ between modules.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,10 @@ class MaskRecorder:
 
     Args:
         run_dir: the run folder; files are created (or appended to, on resume) there.
-        every: record every ``every``-th topology update (default: each one). Recording
+        every: record every ``every``-th topology update. Default (None): each one, or,
+            for a schedule with more than ``MAX_RECORDS`` updates in ``total_steps`` (SR-STE
+            and Top-KAST refresh their masks after every step), every ``ceil(n /
+            MAX_RECORDS)``-th, so recording stays a small part of the run. Recording
             is O(weights) tensor work done only at updates, through the sparsifier's
             ``update_hooks`` (or, for sparsifiers without them, by comparing
             ``update_count`` at each call); with ``every > 1`` the skipped updates are
@@ -101,14 +105,14 @@ class MaskRecorder:
         self,
         run_dir: str | os.PathLike[str],
         *,
-        every: int = 1,
+        every: int | None = None,
         snapshot_every: int = 100,
         track_lifetimes: bool = True,
         input_shape: tuple[int, ...] | None = None,
         sparsifier: Any = None,
     ) -> None:
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every={every!r} must be an int >= 1")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every={every!r} must be an int >= 1 (or None: automatic)")
         if not isinstance(snapshot_every, int) or snapshot_every < 0:
             raise ValueError(f"snapshot_every={snapshot_every!r} must be an int >= 0 (0 = off)")
         self.run_dir = Path(run_dir)
@@ -154,6 +158,8 @@ class MaskRecorder:
     def _attach(self, sparsifier: Any) -> None:
         """Follow ``sparsifier``: an update hook when it has them, else polling per call."""
         self._sparsifier = sparsifier
+        if self.every is None:
+            self.every = _auto_every(sparsifier)
         hooks = getattr(sparsifier, "update_hooks", None)
         self._hooked = isinstance(hooks, list)
         if self._hooked:
@@ -166,7 +172,7 @@ class MaskRecorder:
         self._maybe_record(sparsifier, int(sparsifier.step_count))
 
     def _maybe_record(self, sparsifier: Any, step: int) -> None:
-        if int(sparsifier.update_count) - self._seen_updates >= self.every:
+        if int(sparsifier.update_count) - self._seen_updates >= (self.every or 1):
             self._record_update(sparsifier, step)
 
     def close(self, sparsifier: Any = None) -> None:
@@ -364,3 +370,17 @@ def _fraction(sparsifier: Any, step: int) -> float | None:
 
 def _total(sparsifier: Any) -> int | None:
     return getattr(sparsifier, "total_steps", None)
+
+
+MAX_RECORDS = 200  # automatic `every`: at most about this many recorded updates per run
+
+
+def _auto_every(sparsifier: Any) -> int:
+    """1, or the thinning that keeps a run's recorded updates near :data:`MAX_RECORDS`
+    (counted from the schedule over ``total_steps``; 1 when either is unknown). The same
+    on a resume: a function of the schedule only."""
+    total, should_update = _total(sparsifier), getattr(sparsifier, "should_update", None)
+    if not total or should_update is None:
+        return 1
+    n_updates = sum(1 for t in range(total) if should_update(t))
+    return max(1, math.ceil(n_updates / MAX_RECORDS))
