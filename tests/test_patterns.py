@@ -3,6 +3,8 @@ the grouped drop and grow (hand-computed 2:4, fan-in and block updates on tiny t
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from rigl.config import SparsityConfig
 from rigl.errors import ConfigError
 from rigl.patterns import Pattern, fit_counts, initial_positions, parse_pattern, violations
 from rigl.rewiring import Grid
+from rigl.summary import budget as summary_budget
 
 T, F = True, False
 
@@ -176,3 +179,58 @@ def test_grouped_prune_keeps_the_same_number_in_every_group():
         active, score, 5, Grid(1, 8, pattern=Pattern("nm", n=2, m=4)), torch.zeros(8)
     )
     assert plan.keep.nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 7]  # ceil(5 / 2) = 3 each
+
+
+# -- the budget in summary() ---------------------------------------------------------------------
+def _tiny_budget(pattern, sparsity, distribution):
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10))  # 192 + 120 weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 1:8: the 12-input layer is left unstructured
+        sp = rigl.create(
+            "static", model, None, sparsity=sparsity, pattern=pattern, distribution=distribution
+        )
+    return sp, summary_budget(sp.summary())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sparsity", "distribution", "requested", "targets", "deviation", "pp", "line"),
+    [
+        # uniform 0.7: 192 - floor(134.4) = 58 and 120 - 84 = 36 requested, 94 in all.
+        # fan-in (units of 12 and 10 weights): 60 and 40 are nearest, 100 overshoots by 6;
+        # 30 instead of 40 leaves 4 short (closer): 90, 4 / 312 = 1.28 points sparser
+        ("fanin", 0.7, "uniform", [58, 36], [60, 30], -4, 1.282,
+         "budget: requested sparsity 0.6987 (94 active), achieved 0.7115 (90 active): "
+         "-4 weights, +1.28 pp"),
+        # block 2x4 (units of 8): 56 and 32 (round(4.5) = 4), 88 is 6 short; a tile more in
+        # the layer furthest below its ideal (the second: 4 against 2 weights): 96
+        ("block:2x4", 0.7, "uniform", [58, 36], [56, 40], 2, -0.641,
+         "budget: requested sparsity 0.6987 (94 active), achieved 0.6923 (96 active): "
+         "+2 weights, -0.64 pp"),
+        # ERK 0.875: budget 24 + 15 = 39, eps = 39 / (28 + 22), shares 21.84 and 17.16 ->
+        # 22 and 17; 1:8 gives the first layer 192 / 8 = 24, the second (12 inputs) keeps 17
+        ("1:8", 0.875, "erk", [22, 17], [24, 17], 2, -0.641,
+         "budget: requested sparsity 0.8750 (39 active), achieved 0.8686 (41 active): "
+         "+2 weights, -0.64 pp"),
+        ("unstructured", 0.7, "uniform", [58, 36], [58, 36], 0, 0.0,
+         "budget: requested sparsity 0.6987 (94 active), achieved 0.6987 (94 active): "
+         "+0 weights, +0.00 pp"),
+    ],
+)  # fmt: skip
+def test_summary_shows_how_far_the_pattern_moved_the_budget(
+    pattern, sparsity, distribution, requested, targets, deviation, pp, line
+):
+    sp, budget = _tiny_budget(pattern, sparsity, distribution)
+    assert sp.requested_counts == requested and sp.target_counts == targets
+    assert [r.requested for r in sp.summary()] == requested
+    assert (budget.requested, budget.active, budget.total) == (sum(requested), sum(targets), 312)
+    assert budget.deviation == deviation
+    assert budget.deviation_pp == pytest.approx(pp, abs=1e-3)
+    assert budget.requested_sparsity == pytest.approx(1 - sum(requested) / 312)
+    assert sp.summary_table().splitlines()[-1] == line
+    sp.remove()
+
+
+def test_a_summary_row_without_its_request_has_no_budget():
+    row = rigl.LayerSummary("fc.weight", (4, 3), 0.5, 6, 12)  # built by hand, positionally
+    assert row.requested is None and summary_budget([row]) is None
+    assert summary_budget([]) is None
