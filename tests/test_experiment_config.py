@@ -77,9 +77,7 @@ def test_lm_patterns_preset_puts_every_layer_of_the_char_gpt_under_its_pattern()
     four = {(s, p) for s in (0.5, 0.75, 0.875, 0.9) for p in ("unstructured", "fanin")}
     assert cases == {(0.0, "unstructured")} | four | fixed
     for sparsity, pattern in sorted(fixed | {(0.9, "fanin")}):
-        model = build_model(
-            "char_gpt", num_classes=256, input_shape=(128,), **config.model_options
-        )
+        model = build_model("char_gpt", num_classes=256, input_shape=(128,), **config.model_options)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a layer left unstructured warns
             sp = rigl.create(
