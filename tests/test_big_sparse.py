@@ -8,8 +8,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import rigl
-from rigl import topology
+from rigl import selection, topology
 from rigl.blockwise import blockwise_topk
+from rigl.patterns import initial_positions, parse_pattern
+from rigl.rewiring import Grid
 from rigl.sparse import SparseLinear
 from rigl.sparse import storage as sparse_storage
 from rigl.topology import random_indices, random_indices_outside, topk_indices, update_generator
@@ -163,6 +165,40 @@ def test_grow_candidates_keep_counts_and_fall_back_to_exact_rigl_when_not_fewer(
 def test_grow_candidates_are_validated(bad):
     with pytest.raises(rigl.ConfigError, match="grow_candidates"):
         rigl.create("rigl", nn.Linear(4, 4), None, grow_candidates=bad)
+
+
+@pytest.mark.parametrize("pattern", ["fanin", "block:4x4"])
+def test_sampled_growth_under_a_pattern_reads_and_holds_only_candidates(pattern):
+    """On a 4096 x 8192 weight (134 MB as float32) at density 0.001, a sampled fan-in or
+    block update allocates memory for the active weights and the candidates only (N:M's
+    density is N/M: its active weights are a fixed share of the layer anyway)."""
+    rows, cols = 4096, 8192
+    parsed = parse_pattern(pattern)
+    n_active = {"fanin": 8 * rows, "block:4x4": 16 * 2048}[pattern]
+    active = initial_positions(parsed, rows, cols, n_active, torch.Generator().manual_seed(0))
+    score = torch.rand(n_active, generator=torch.Generator().manual_seed(1))
+    asked = []
+
+    def scores_at(flat):
+        asked.append(flat.numel())
+        return (flat * 2654435761 % 1000).float()  # a score without a dense table
+
+    n_update, grid, plan = n_active // 4, Grid(rows, cols, pattern=parsed), []
+
+    def update() -> None:
+        generator = torch.Generator().manual_seed(2)
+        plan.append(
+            selection.rewire_sampled(
+                active, score, scores_at, grid, n_update, 2 * n_update, generator
+            )
+        )
+
+    largest, op = _largest_allocation(update)
+    assert plan[0].grown.numel() == int((~plan[0].keep).sum()) == n_update
+    assert sum(asked) <= 4 * n_update  # the candidates, never the whole layer
+    # a few int64 / float32 entries per active weight and per candidate (2 n_update);
+    # a dense float32 score would be 4 rows cols = 134 MB
+    assert largest < 32 * (n_active + 2 * n_update), (largest, op)
 
 
 # -- the memory bound ----------------------------------------------------------------------

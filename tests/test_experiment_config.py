@@ -44,14 +44,49 @@ def test_yaml_reads_exponent_floats_and_flags_win(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["main", "mnist5k", "mnist1d_mlp", "cifar10_wrn22_2", "mnist5k_lenet", "mnist5k_wrn"]
-)
+    "name",
+    [
+        "main", "mnist5k", "mnist1d_mlp", "cifar10_wrn22_2", "mnist5k_lenet", "mnist5k_wrn",
+        "lm", "pydoc_char_gpt", "patterns", "lm_patterns",
+    ],
+)  # fmt: skip
 def test_shipped_configs_are_valid(name):
     path = REPO / "configs" / f"{name}.yaml"
     base, settings = read_sweep_file(path)
     config = from_dict(base, source=str(path))
     if settings:
         assert len(expand(config, settings).runs) > 0
+
+
+def test_lm_patterns_preset_puts_every_layer_of_the_char_gpt_under_its_pattern():
+    """``--preset lm_patterns``: dense, RigL and fan-in at four sparsities, 2:4 / 1:4 / 1:8
+    at theirs, 3 seeds; every sparsified layer of the char GPT (64 or 256 inputs) holds
+    N:M, none is left unstructured (no warning), the tied embedding stays dense."""
+    import warnings
+
+    import rigl
+    from rigl.experiments.models.zoo import build_model
+
+    base, settings = read_sweep_file(find_preset("lm_patterns"))
+    config = from_dict(base)
+    assert config.dataset == "pydoc" and config.model == "char_gpt"
+    runs = expand(config, settings).runs
+    assert len(runs) == 3 * (1 + 4 + 4 + 3)
+    cases = {(r.sparsity, dict(r.extra).get("pattern", "unstructured")) for r in runs}
+    fixed = {(0.5, "2:4"), (0.75, "1:4"), (0.875, "1:8")}
+    four = {(s, p) for s in (0.5, 0.75, 0.875, 0.9) for p in ("unstructured", "fanin")}
+    assert cases == {(0.0, "unstructured")} | four | fixed
+    for sparsity, pattern in sorted(fixed | {(0.9, "fanin")}):
+        model = build_model("char_gpt", num_classes=256, input_shape=(128,), **config.model_options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a layer left unstructured warns
+            sp = rigl.create(
+                "rigl", model, None, sparsity=sparsity, pattern=pattern,
+                distribution=config.distribution, total_steps=100, update_interval=25,
+            )  # fmt: skip
+        assert len(sp.weights) == 12 and all(str(w.pattern) == pattern for w in sp.weights)
+        assert "embedding.weight" in sp.left_dense
+        sp.remove()
 
 
 def test_cifar_recipe_matches_the_paper():

@@ -14,6 +14,7 @@ from torch import nn
 import rigl
 from conftest import MODELS, batch, make_optimizer
 from rigl.schedules import PruningSchedule, UpdateSchedule
+from rigl.sparse import CondensedLinear
 from rigl.sparse.storage import SparseWeight
 
 STEPS, INTERVAL = 24, 4
@@ -321,19 +322,23 @@ def test_patterns_choose_the_same_masks_on_both_backends(method, pattern, monkey
         assert torch.equal(mask, runs[1].masks[name]), name
 
 
-@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("masked", {}), ("sparse", {}), ("sparse", {"grow_candidates": 1.5})],
+    ids=["masked", "sparse", "sparse-sampled"],
+)
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
-def test_resume_under_a_pattern_is_bit_identical(pattern, backend):
-    model, optimizer, sparsifier = _pattern_run("rigl", pattern, backend=backend)
+def test_resume_under_a_pattern_is_bit_identical(pattern, backend, options):
+    model, optimizer, sparsifier = _pattern_run("rigl", pattern, backend=backend, **options)
     _pattern_steps(model, optimizer, sparsifier, P_STEPS)
-    model2, optimizer2, sparsifier2 = _pattern_run("rigl", pattern, backend=backend)
+    model2, optimizer2, sparsifier2 = _pattern_run("rigl", pattern, backend=backend, **options)
     _pattern_steps(model2, optimizer2, sparsifier2, 5)
     saved = [
         {k: v.clone() for k, v in model2.state_dict().items()},
         optimizer2.state_dict(),
         sparsifier2.state_dict(),
     ]
-    model3, optimizer3, sparsifier3 = _pattern_run("rigl", pattern, backend=backend)
+    model3, optimizer3, sparsifier3 = _pattern_run("rigl", pattern, backend=backend, **options)
     sparsifier3.load_state_dict(saved[2])
     model3.load_state_dict(saved[0])
     optimizer3.load_state_dict(saved[1])
@@ -342,3 +347,72 @@ def test_resume_under_a_pattern_is_bit_identical(pattern, backend):
         assert torch.equal(mask, sparsifier3.masks[name]), name
     for a, b in zip(model.state_dict().values(), model3.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def _count_sampled(monkeypatch) -> list[str]:
+    """Record the weights whose growth ran through rigl.selection.rewire_sampled."""
+    from rigl import selection
+
+    calls, sampled = [], selection.rewire_sampled
+
+    def counting(active, drop_score, scores_at, grid, *args):
+        calls.append(grid.name)
+        return sampled(active, drop_score, scores_at, grid, *args)
+
+    monkeypatch.setattr(selection, "rewire_sampled", counting)
+    return calls
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_invariants_of_sampled_growth_under_patterns(pattern, monkeypatch):
+    """RigL's grow_candidates on compressed layers (CondensedLinear for fan-in and N:M, CSR
+    for blocks): after every step exact counts and the pattern (``check()``), grown weights
+    and their optimizer state zero; every layer grew from candidates."""
+    calls = _count_sampled(monkeypatch)
+    model, optimizer, sparsifier = _pattern_run(
+        "rigl", pattern, backend="sparse", grow_candidates=1.5
+    )
+    condensed = pattern != "block:2x4"  # fan-in and N:M layers: values (out, k)
+    assert all(isinstance(w.layer, CondensedLinear) == condensed for w in sparsifier.weights)
+    before = {w.name: _entries(w, optimizer)[0] for w in sparsifier.weights}
+
+    def check(t):
+        sparsifier.check()
+        for weight in sparsifier.weights:
+            pos, values, states = _entries(weight, optimizer)
+            grown = ~torch.isin(pos, before[weight.name])
+            assert bool((values[grown] == 0).all()), (weight.name, t)
+            for state in states:
+                assert bool((state[grown] == 0).all()), (weight.name, t)
+            before[weight.name] = pos
+
+    _pattern_steps(model, optimizer, sparsifier, P_STEPS, on_step=check)
+    assert sparsifier.update_count > 0
+    assert [w.n_active for w in sparsifier.weights] == sparsifier.target_counts
+    assert set(calls) == {w.name for w in sparsifier.weights}
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_sampled_growth_under_patterns_chooses_the_same_masks_on_both_backends(
+    pattern, monkeypatch
+):
+    """The masked storage samples too once told it holds no dense gradient: the same
+    candidates, gradients and masks as the compressed one (a function of the seed)."""
+    from rigl.storage import MaskedWeight
+
+    calls = _count_sampled(monkeypatch)
+    runs, n_sampled = [], []
+    for backend, holds in (("masked", True), ("masked", False), ("sparse", False)):
+        monkeypatch.setattr(MaskedWeight, "holds_dense_gradient", holds)
+        model, optimizer, sparsifier = _pattern_run(
+            "rigl", pattern, backend=backend, grow_candidates=1.5
+        )
+        _pattern_steps(model, optimizer, sparsifier, P_STEPS)
+        sparsifier.check()
+        runs.append(sparsifier.masks)
+        n_sampled.append(len(calls) - sum(n_sampled))
+    exact, masked, compressed = runs
+    assert n_sampled[0] == 0 and n_sampled[1] == n_sampled[2] > 0
+    for name, mask in masked.items():
+        assert torch.equal(mask, compressed[name]), name
+    assert any(not torch.equal(m, exact[k]) for k, m in masked.items())  # not the exact scan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -104,3 +106,25 @@ def test_sampled_prefilter_gives_the_exact_top_k(monkeypatch, levels, k):
     monkeypatch.setattr(topology, "_PREFILTER_MIN", 10**12)  # force the plain top-k
     exact = topk_indices(score, k, update_generator(5, 1, 2))
     assert sorted(fast.tolist()) == sorted(exact.tolist())
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5])
+def test_random_subsets_are_uniform_distinct_and_sorted_in_every_row(k):
+    """k distinct sorted values of [0, 5) per row; every one of the C(5, k) subsets about
+    equally often over 20,000 rows (2k <= 5 is rejection sampling, 2k > 5 keys every value)."""
+    rows, n = 20_000, 5
+    draws = topology.random_subsets(rows, n, k, torch.Generator().manual_seed(k))
+    assert draws.shape == (rows, k) and draws.dtype == torch.int64
+    assert bool((draws[:, 1:] > draws[:, :-1]).all()) and bool(((draws >= 0) & (draws < n)).all())
+    codes = (draws * n ** torch.arange(k)).sum(1)  # one code per subset
+    counts = torch.unique(codes, return_counts=True)[1]
+    assert counts.numel() == math.comb(n, k)
+    expected = rows / math.comb(n, k)
+    assert bool(((counts - expected).abs() < 6 * expected**0.5 + 1).all()), counts
+    again = topology.random_subsets(rows, n, k, torch.Generator().manual_seed(k))
+    assert torch.equal(draws, again)
+
+
+def test_random_subsets_refuse_more_than_there_are():
+    with pytest.raises(ValueError, match="cannot choose 4 of 3"):
+        topology.random_subsets(2, 3, 4, torch.Generator())

@@ -14,7 +14,11 @@ block, with ``split_evenly(n, blocks)`` drops and grows: every block keeps its c
 Under a structured pattern (:attr:`rigl.rewiring.Grid.pattern`): N:M and fan-in choose
 within their groups (:mod:`rigl.structured`); a block pattern pools the scores over each
 R x C tile (the sum), selects on the tile grid as if unstructured, and expands the chosen
-tiles back to their weights. A priority tensor is then over tile ids.
+tiles back to their weights. A priority tensor is then over tile ids. Sampled growth
+(:func:`rewire_sampled`) follows the same patterns.
+
+(About 320 lines: the exact and the sampled update under every pattern, pruning, and the
+flat-mask forms the golden tables use, one dispatch each.)
 """
 
 from __future__ import annotations
@@ -111,10 +115,7 @@ def rewire(
         )
         return Rewiring(plan.keep[inverse], tile_members(plan.grown, pattern, grid.cols))
     if kind in ("fanin", "nm"):
-        if kind == "nm":  # the global drop; the groups that lost regrow
-            keep = drop(drop_score, min(n_update, active.numel()), tie_break, active)
-        else:
-            keep = structured.drop_in_groups(active, drop_score, n_update, grid, tie_break)
+        keep = _group_drop(active, drop_score, grid, n_update, tie_break)
         return Rewiring(keep, structured.grow_in_groups(grow, grid, active, keep, tie_break))
 
     def grow_block(kept: Tensor, k: int, sub: Grid, tie: TieBreak, row0: int) -> Tensor:
@@ -132,10 +133,32 @@ def rewire_sampled(
     n_candidates: int,
     generator: torch.Generator,
 ) -> Rewiring:
-    """:func:`rewire` with :func:`grow_sampled` growth (``n_candidates`` per block); for
-    unstructured weights only (see :func:`samples_growth`)."""
-    if not samples_growth(grid):
-        raise ValueError(f"{grid.name}: sampled growth is not defined under pattern {grid.pattern}")
+    """:func:`rewire` with growth from sampled candidates: the drop is :func:`rewire`'s,
+    and the grow score is read only at the candidates (``scores_at(flat)``). Unstructured:
+    ``n_candidates`` drawn per row block (:func:`grow_sampled`). Fan-in and N:M: drawn
+    within each row / each group that lost weights, the counts kept
+    (:func:`rigl.structured.grow_sampled_in_groups`). Blocks: ``ceil(n_candidates / (R C))``
+    free tiles, each scored by the sum over its weights. See :func:`samples_growth` for
+    when this saves over the exact scan."""
+    kind = grid.pattern.kind
+    if kind == "block":
+        pattern, size = grid.pattern, grid.pattern.r * grid.pattern.c
+        tiles, inverse, pooled, tile_grid = _tiles(active, drop_score, grid)
+
+        def tile_scores(ids: Tensor) -> Tensor:
+            return scores_at(tile_members(ids, pattern, grid.cols)).reshape(-1, size).sum(1)
+
+        plan = rewire_sampled(
+            tiles, pooled, tile_scores, tile_grid, n_update // size, -(-n_candidates // size),
+            generator,
+        )  # fmt: skip
+        return Rewiring(plan.keep[inverse], tile_members(plan.grown, pattern, grid.cols))
+    if kind in ("fanin", "nm"):
+        keep = _group_drop(active, drop_score, grid, n_update, generator)
+        grown = structured.grow_sampled_in_groups(
+            scores_at, grid, active, keep, n_candidates, generator
+        )
+        return Rewiring(keep, grown)
 
     def grow_block(kept: Tensor, k: int, sub: Grid, tie: TieBreak, row0: int) -> Tensor:
         offset = row0 * sub.cols
@@ -166,9 +189,31 @@ def prune(active: Tensor, score: Tensor, n_keep: int, grid: Grid, tie_break: Tie
     return Rewiring(torch.cat(keeps), torch.zeros(0, dtype=torch.int64, device=active.device))
 
 
-def samples_growth(grid: Grid) -> bool:
-    """Whether :func:`rewire_sampled` applies to this weight (unstructured only)."""
-    return not grid.pattern.structured
+def samples_growth(grid: Grid, n_active: int, n_update: int, n_candidates: int) -> bool:
+    """Whether :func:`rewire_sampled` saves over the exact scan for a weight of ``n_active``
+    that updates ``n_update`` with ``n_candidates``: something grows, and the candidates
+    are at most half of the positions they are drawn from (with more, the exact scan costs
+    about as much and is exact). Those positions: the layer's not kept (unstructured,
+    and N:M, whose losing groups are known only after the drop), each row's (fan-in:
+    ``n_update // rows`` regrown per row), free tiles (blocks)."""
+    pattern = grid.pattern
+    if pattern.kind == "fanin":
+        lost = n_update // grid.rows
+        per_row = -(-n_candidates // grid.rows)
+        return lost > 0 and 2 * max(lost, per_row) <= grid.cols - n_active // grid.rows + lost
+    size = pattern.r * pattern.c if pattern.kind == "block" else 1
+    n_update, n_candidates = n_update // size, -(-n_candidates // size)
+    return n_update > 0 and 2 * n_candidates <= (grid.numel - n_active) // size + n_update
+
+
+def _group_drop(
+    active: Tensor, drop_score: Tensor, grid: Grid, n_update: int, tie_break: TieBreak
+) -> Tensor:
+    """Keep mask of a fan-in or N:M drop: N:M drops globally (the groups that lost
+    regrow), fan-in the same number in every row."""
+    if grid.pattern.kind == "nm":
+        return drop(drop_score, min(n_update, active.numel()), tie_break, active)
+    return structured.drop_in_groups(active, drop_score, n_update, grid, tie_break)
 
 
 def _tiles(active: Tensor, score: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor, Grid]:

@@ -37,6 +37,7 @@ from rigl.summary import LayerSummary
 from rigl.targets import (
     Target,
     make_config,
+    requested_counts,
     scan_targets,
     target_counts,
     target_patterns,
@@ -156,7 +157,10 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         )
         check_in_optimizer(self.optimizer, self.targets)
         check_optimizer_kind(self.optimizer, self.targets)
-        self.target_counts = target_counts(self.targets, self.config)
+        # the distribution's counts, then rounded to what the pattern holds (the summary
+        # shows how far the total moved)
+        self.requested_counts = requested_counts(self.targets, self.config)
+        self.target_counts = target_counts(self.targets, self.config, self.requested_counts)
         self.patterns = target_patterns(self.targets, self.target_counts, self.config)
         self.backend = self._check_backend(self._backend_option)
         # (backend, why) per target: backend="sparse" keeps what it cannot convert masked

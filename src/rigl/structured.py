@@ -16,16 +16,26 @@ Counts per update (``n`` = the method's drop count, ``floor(fraction * n_active)
   as many as it lost, from its own free positions (the just-dropped included), so the
   drop is as global as unstructured RigL's and every group ends with exactly N. (Equal
   per-group counts would round ``fraction * N`` down to 0 for 2:4 at the usual 0.3.)
+
+Sampled growth (RigL's ``grow_candidates``, :func:`grow_sampled_in_groups`) keeps these
+counts and reads the grow score only at candidates drawn within each group that grows:
+every row (fan-in), or the groups that lost weights (N:M), each drawing its share of the
+layer's ``n_candidates`` in proportion to what it regrows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from rigl.patterns import Pattern
 from rigl.rewiring import Grid, Rewiring, RowScores, check_finite
-from rigl.topology import TieBreak
+from rigl.topology import TieBreak, random_subsets
+
+# The grow score at given flat positions only (RigL: |gradient_at(flat)|).
+ScoresAt = Callable[[Tensor], Tensor]
 
 
 def group_size(pattern: Pattern, cols: int) -> int:
@@ -112,3 +122,73 @@ def prune_groups(
     shape = (groups, per_group)
     keep = segment_topk(score.reshape(shape), per_keep, _priority(tie_break, active.reshape(shape)))
     return Rewiring(keep.reshape(-1), active[:0])
+
+
+def grow_sampled_in_groups(
+    scores_at: ScoresAt,
+    grid: Grid,
+    active: Tensor,
+    keep: Tensor,
+    n_candidates: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Flat positions grown: each group regrows what it lost to ``keep``, the best by
+    ``scores_at`` among candidates drawn uniformly from its positions not kept (the
+    just-dropped included). A group that regrows ``l`` of the ``n`` lost in all draws
+    ``max(l, ceil(n_candidates l / n))`` candidates, all of its free positions if it has
+    no more. Draws from ``generator``: the candidates, then a priority per candidate."""
+    groups, per_group = _table(active, grid)
+    lost = per_group - keep.reshape(groups, per_group).sum(1)
+    n_lost = int(lost.sum())
+    if n_lost == 0:
+        return active[:0]
+    if grid.pattern.kind == "fanin":
+        return _grow_sampled_rows(scores_at, grid, active[keep], lost, n_candidates, generator)
+    losing = lost.nonzero().squeeze(1)
+    m, regrow = grid.pattern.m, lost[losing]
+    positions = losing.unsqueeze(1) * m + torch.arange(m, device=active.device)  # (L, M)
+    is_kept = torch.isin(positions, active[keep])
+    share = torch.maximum(regrow, -(-n_candidates * regrow // n_lost))
+    n_cand = torch.minimum(share, m - per_group + regrow)  # at most the group's free ones
+    keys = torch.rand(positions.shape, generator=generator).to(positions.device)
+    candidate = segment_topk(keys.masked_fill(is_kept, -1.0), n_cand, keys)
+    values = _read(scores_at, positions[candidate], grid.name)
+    score = torch.full(positions.shape, -torch.inf, dtype=values.dtype, device=values.device)
+    score[candidate] = values
+    priority = torch.rand(positions.shape, generator=generator).to(positions.device)
+    return positions[segment_topk(score, regrow, priority)]
+
+
+def _grow_sampled_rows(
+    scores_at: ScoresAt,
+    grid: Grid,
+    kept: Tensor,
+    lost: Tensor,
+    n_candidates: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Fan-in's sampled growth: every row lost the same ``d`` (the drop of
+    :func:`drop_in_groups`) and draws ``c = max(d, ceil(n_candidates / rows))`` of its
+    free columns (``kept``: the sorted kept positions, the same number per row)."""
+    rows, cols = grid.rows, grid.cols
+    d = int(lost[0])
+    if bool((lost != d).any()):
+        raise ValueError(f"{grid.name}: fan-in rows lost different numbers of weights")
+    kept_cols = (kept % cols).reshape(rows, kept.numel() // rows)  # sorted within a row
+    n_free = cols - kept_cols.shape[1]
+    c = min(n_free, max(d, -(-n_candidates // rows)))
+    ranks = random_subsets(rows, n_free, c, generator).to(kept.device)
+    # the j-th free column of a row is j plus the number of kept columns at or before it:
+    # with kept columns k_0 < k_1 < ..., the number of i with k_i - i <= j
+    shifted = kept_cols - torch.arange(kept_cols.shape[1], device=kept.device)
+    col = ranks + torch.searchsorted(shifted.contiguous(), ranks, right=True)
+    flat = torch.arange(rows, device=kept.device).unsqueeze(1) * cols + col  # (rows, c)
+    score = _read(scores_at, flat.reshape(-1), grid.name).reshape(rows, c)
+    priority = torch.rand((rows, c), generator=generator).to(flat.device)
+    return flat[segment_topk(score, d, priority)]
+
+
+def _read(scores_at: ScoresAt, flat: Tensor, name: str) -> Tensor:
+    score = scores_at(flat)
+    check_finite(score, name)
+    return score

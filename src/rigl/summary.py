@@ -3,6 +3,8 @@
 ``summary()`` puts the measured density (non-zero entries now) beside the target one, so a
 weight that went dense behind the sparsifier's back shows; it names the backend of every
 layer and why (``backend="sparse"`` keeps some layers masked), ties and parametrizations.
+The table's budget line compares the active weights with what the distribution asked for
+(a structured pattern rounds every layer to whole rows, groups or tiles).
 """
 
 from __future__ import annotations
@@ -29,12 +31,70 @@ class LayerSummary:
     measured_density: float = float("nan")  # non-zero entries / n_total, counted now
     backend: str = "masked"  # "masked" (dense weight and mask) or "sparse" (SparseLinear)
     note: str = ""  # why this backend; tied names; q/k/v blocks; parametrization
+    # active weights the distribution asked for, before a structured pattern rounded the
+    # count (None: not known, e.g. a row built by hand)
+    requested: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The sparsified layers together: the active weights the distribution asked for
+    (``requested``) against those active now (``active``, the bookkeeping counts), of
+    ``total`` weights. A structured pattern rounds each layer to whole rows, groups or
+    tiles, so the two may differ by a few units; unstructured they are equal (a method
+    with a dense start has more active until its pruning ends)."""
+
+    requested: int
+    active: int
+    total: int
+
+    @property
+    def requested_sparsity(self) -> float:
+        return 1.0 - self.requested / self.total if self.total else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.active / self.total if self.total else 0.0
+
+    @property
+    def deviation(self) -> int:
+        """Active weights beyond the request (negative: fewer)."""
+        return self.active - self.requested
+
+    @property
+    def deviation_pp(self) -> float:
+        """Sparsity minus the requested sparsity, in percentage points."""
+        return 100.0 * (self.sparsity - self.requested_sparsity)
+
+    def line(self) -> str:
+        weights = "weight" if abs(self.deviation) == 1 else "weights"
+        return (
+            f"budget: requested sparsity {self.requested_sparsity:.4f} "
+            f"({self.requested:,} active), achieved {self.sparsity:.4f} "
+            f"({self.active:,} active): {self.deviation:+,} {weights}, "
+            f"{self.deviation_pp:+.2f} pp"
+        )
+
+
+def budget(rows: list[LayerSummary]) -> Budget | None:
+    """The :class:`Budget` of the summarised layers, or None if a row lacks ``requested``."""
+    if not rows or any(r.requested is None for r in rows):
+        return None
+    return Budget(
+        sum(r.requested or 0 for r in rows),
+        sum(r.n_active for r in rows),
+        sum(r.n_total for r in rows),
+    )
 
 
 def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
     rows = []
-    for weight, target, (backend, why) in zip(
-        sparsifier.weights, sparsifier.targets, sparsifier.layer_backends, strict=True
+    for weight, target, (backend, why), requested in zip(
+        sparsifier.weights,
+        sparsifier.targets,
+        sparsifier.layer_backends,
+        sparsifier.requested_counts,
+        strict=True,
     ):
         notes = [n for n in (why, target.note) if n]
         if weight.blocks > 1:
@@ -56,6 +116,7 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
                 weight.n_nonzero / weight.numel,
                 backend,
                 "; ".join(notes),
+                requested,
             )
         )
     return rows
@@ -63,7 +124,8 @@ def summarize(sparsifier: Sparsifier) -> list[LayerSummary]:
 
 def format_table(rows: list[LayerSummary], left_dense: dict[str, str]) -> str:
     """One line per layer and a total line, each column as wide as its longest entry (long
-    names and huge counts never push the others out); tied weights left dense below."""
+    names and huge counts never push the others out); the budget line (:class:`Budget`)
+    when the rows know their requested counts; tied weights left dense below."""
     active, total = sum(r.n_active for r in rows), sum(r.n_total for r in rows)
     nonzero = sum(r.measured_density * r.n_total for r in rows)
     cells = [("layer", "shape", "density", "measured", "active", "total")]
@@ -94,6 +156,8 @@ def format_table(rows: list[LayerSummary], left_dense: dict[str, str]) -> str:
         + tail
         for row, tail in zip(cells, tails, strict=True)
     ]
+    if (totals := budget(rows)) is not None:
+        lines.append(totals.line())
     lines += [f"dense: {name} ({why})" for name, why in left_dense.items()]
     return "\n".join(lines)
 

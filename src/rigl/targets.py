@@ -212,8 +212,21 @@ def custom_indices(targets: list[Target], config: SparsityConfig) -> dict[int, f
     return fixed
 
 
-def target_counts(targets: list[Target], config: SparsityConfig) -> list[int]:
-    """Exact active-weight count of every target under ``config``.
+def target_counts(
+    targets: list[Target], config: SparsityConfig, requested: list[int] | None = None
+) -> list[int]:
+    """Exact active-weight count of every target under ``config``: the distribution's
+    counts (``requested``, :func:`requested_counts` when None) rounded to what the
+    config's pattern holds."""
+    if requested is None:
+        requested = requested_counts(targets, config)
+    return _fit_pattern(targets, requested, config.parsed_pattern)
+
+
+def requested_counts(targets: list[Target], config: SparsityConfig) -> list[int]:
+    """Active-weight count of every target as the distribution gives it, before a
+    structured pattern rounds it: the budget the pattern matches as closely as it can
+    (``summary_table()`` shows the deviation).
 
     A target of several blocks (a packed q/k/v projection) enters the distribution as
     that many layers of the block shape, as the three maps it computes would (ERK scores
@@ -232,7 +245,7 @@ def target_counts(targets: list[Target], config: SparsityConfig) -> list[int]:
     totals = [0] * len(targets)
     for i, n in zip(owner, counts, strict=True):
         totals[i] += n
-    return _fit_pattern(targets, totals, config.parsed_pattern)
+    return totals
 
 
 def view_2d(target: Target) -> tuple[int, int]:

@@ -24,13 +24,17 @@ class RigL(SET):
     topology is updated first, then the step runs with the new mask).
 
     ``grow_candidates`` (default None: exact RigL) is for layers too large to scan: on a
-    layer whose storage does not hold the dense gradient (``backend="sparse"``) that grows ``k`` connections, the gradient is
-    computed only at ``ceil(grow_candidates * k)`` positions drawn uniformly among those
-    not kept, and the ``k`` largest grow. 1 is SET with zero-initialised growth; large
+    layer whose storage does not hold the dense gradient (``backend="sparse"``) that
+    grows ``k`` connections, the gradient is computed only at ``ceil(grow_candidates * k)``
+    positions drawn uniformly among those not kept, and the ``k`` largest grow. Under a
+    pattern the candidates are drawn within every row (fan-in), within the groups that
+    lost weights (N:M) or as free tiles (blocks), and the pattern's counts hold
+    (:func:`rigl.selection.rewire_sampled`). 1 is SET with zero-initialised growth; large
     values approach exact RigL; where the candidates would be more than half of the
-    positions not kept, the layer grows exactly. Exact growth computes the full ``out x in`` gradient,
-    one block of rows at a time: ``out * in * batch`` multiply-adds per layer and update.
-    Masked layers hold the dense gradient anyway and always grow exactly.
+    positions they are drawn from, the layer grows exactly
+    (:func:`rigl.selection.samples_growth`). Exact growth computes the full ``out x in``
+    gradient, one block of rows at a time: ``out * in * batch`` multiply-adds per layer
+    and update. Masked layers hold the dense gradient anyway and always grow exactly.
     """
 
     update_before_step = True
@@ -60,13 +64,11 @@ class RigL(SET):
     def plan_layer(
         self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
     ) -> Rewiring | None:
-        exact = weight.holds_dense_gradient or not selection.samples_growth(weight.grid)
-        if self.grow_candidates is None or exact:
+        if self.grow_candidates is None or weight.holds_dense_gradient:
             return super().plan_layer(index, weight, step, generator)
         n_update = math.floor(self.schedule.fraction(step) * weight.n_active)
         n_candidates = math.ceil(self.grow_candidates * n_update)
-        free = weight.numel - weight.n_active + n_update
-        if n_update == 0 or 2 * n_candidates > free:
+        if not selection.samples_growth(weight.grid, weight.n_active, n_update, n_candidates):
             return super().plan_layer(index, weight, step, generator)  # little saving: exact
         return selection.rewire_sampled(
             weight.active_positions(),
