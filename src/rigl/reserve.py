@@ -20,35 +20,26 @@ bring their θ, weights leaving it take theirs to the reserve, and the optimizer
 or leaves B. Positions outside B keep their θ frozen in the reserve. Cost: one more dense
 tensor per layer; masked backend only.
 
-:class:`MagnitudeReserve` is the method half: the mixin that SR-STE and Top-KAST share
-(their sets are the top-K of ``|θ|`` under the layer's pattern, refreshed every ΔT steps, 1
-by default, through the whole run).
+:mod:`rigl.magnitude_reserve` is the method half: the mixin that SR-STE and Top-KAST
+share.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from rigl import selection
-from rigl.config import resolve_step
 from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.rewiring import Grid, Rewiring
-from rigl.schedules import UpdateSchedule
 from rigl.seam import RewireStats
 from rigl.storage import MaskedWeight
-from rigl.topology import TieBreak, update_generator
-
-if TYPE_CHECKING:
-    from rigl.seam import SparseStorage
-    from rigl.targets import Target
+from rigl.topology import TieBreak
 
 
 @dataclass(frozen=True)
@@ -236,95 +227,3 @@ def magnitude_plan(
 
 def _unstructured(grid: Grid) -> Grid:
     return dataclasses.replace(grid, pattern=UNSTRUCTURED)
-
-
-class MagnitudeReserve:
-    """Mixin (before :class:`rigl.Sparsifier`) for methods whose forward set is the top-K of
-    a dense θ by magnitude and whose optimizer trains a superset of it: the layers are
-    :class:`ReservedWeight` s, A and B are chosen by :func:`magnitude_plan` at the start and
-    every ΔT steps (``update_interval``, default 1) from ``begin_step`` (default 0) to
-    ``end_step`` (default: the whole run), and a checkpoint carries the reserves.
-    A method sets :meth:`trained_count` (default: every position) and adds its penalty
-    in ``observe_gradients``."""
-
-    update_before_step = False
-    default_skip_optimizer_step = False
-    supports_sparse_backend = False  # the reserve is dense
-    supports_sharding = False
-
-    def __init__(
-        self,
-        *args: Any,
-        update_interval: int = 1,
-        begin_step: int | float | None = 0,
-        end_step: int | float | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.update(update_interval=update_interval, begin_step=begin_step)
-        super().__init__(*args, end_step=end_step, **kwargs)  # type: ignore[call-arg]
-
-    def trained_count(self, index: int, n_active: int, numel: int) -> int:
-        """How many positions of layer ``index`` the optimizer trains (B); at least A's."""
-        del index, n_active
-        return numel
-
-    def build_schedule(self, **args: Any) -> UpdateSchedule:
-        if self._skip_option:  # type: ignore[attr-defined]
-            raise ConfigError(
-                f"{self.name} refreshes its masks after optimizer steps; "  # type: ignore[attr-defined]
-                "skip_optimizer_step_on_update=True would skip them all: leave it unset"
-            )
-        end = args.pop("end_step")
-        total = self.total_steps  # type: ignore[attr-defined]
-        end = (
-            sys.maxsize
-            if end is None and total is None
-            else resolve_step(1.0 if end is None else end, total, "end_step")
-        )
-        return UpdateSchedule(end_step=end, **args)
-
-    def masked_weight(self, index: int, target: Target, mask: Tensor) -> SparseStorage:
-        """A reserved weight whose sets are the magnitude ones from the start."""
-        patterns = self.patterns  # type: ignore[attr-defined]
-        weight = ReservedWeight(target.name, target.param, mask, target.blocks, patterns[index])
-        generator = update_generator(self.seed, -3, index)  # type: ignore[attr-defined]
-        n_trained = self.trained_count(index, weight.n_active, weight.numel)
-        weight.install(magnitude_plan(weight, weight.n_active, n_trained, generator), None)
-        return weight
-
-    def plan_layer(
-        self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
-    ) -> Rewiring | None:
-        del step
-        assert isinstance(weight, ReservedWeight)
-        n_trained = self.trained_count(index, weight.n_active, weight.numel)
-        return magnitude_plan(weight, weight.n_active, n_trained, generator)
-
-    def reserved(self) -> list[ReservedWeight]:
-        return [w for w in self.weights if isinstance(w, ReservedWeight)]  # type: ignore[attr-defined]
-
-    def extra_state(self) -> dict[str, Any]:
-        state = super().extra_state()  # type: ignore[misc]
-        state["reserves"] = {w.name: w.reserve_state() for w in self.reserved()}
-        return state
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)  # type: ignore[misc]
-        reserves = state.get("reserves")
-        if reserves is None:
-            raise ConfigError(
-                f"the state dict has no reserves: {self.name} needs the dense values it "  # type: ignore[attr-defined]
-                "keeps outside its masks; it was saved by another version or method"
-            )
-        for weight in self.reserved():
-            weight.load_reserve(reserves[weight.name])
-
-
-def penalize(weight: ReservedWeight, where: Tensor, scale: Tensor | float) -> None:
-    """Add ``scale * θ`` to the gradient at ``where`` (the gradient of ``scale/2 θ²``;
-    ``scale`` a number or a tensor shaped like the weight); nothing without a gradient."""
-    grad = weight.param.grad
-    if grad is None:
-        return
-    theta = weight.values()
-    grad.add_(torch.where(where, theta * scale, 0.0).to(grad.dtype))

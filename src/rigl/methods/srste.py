@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from rigl.errors import check_real
-from rigl.reserve import MagnitudeReserve, penalize
+from rigl.magnitude_reserve import MagnitudeReserve, penalize
 from rigl.sparsifier import Sparsifier, register_method
 
 

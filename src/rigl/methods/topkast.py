@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rigl.errors import ConfigError, check_real
-from rigl.reserve import MagnitudeReserve, penalize
+from rigl.magnitude_reserve import MagnitudeReserve, penalize
 from rigl.sparsifier import Sparsifier, register_method
 
 
