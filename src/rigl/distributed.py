@@ -26,6 +26,9 @@ The usual order::
 
 A model sharded with FSDP2 (``fully_shard``) is the other way: see :mod:`rigl.fsdp`
 (the consistency check works there too; ``sync_sparsifier`` does not).
+
+Over 300 lines: the data-parallel helpers (setup, wrapping, seed sync, the consistency
+check and its divergence finder) form one user-facing API, documented in one place.
 """
 
 from __future__ import annotations

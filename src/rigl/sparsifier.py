@@ -8,6 +8,9 @@ weights are :class:`rigl.seam.SparseStorage` objects, masked or compressed; a me
 them through that interface only. The hooks run after the whole ``__init__`` chain, so a
 subclass sets its attributes after ``super().__init__()``. The step loop is
 :mod:`rigl.step_loop`; the registry is :mod:`rigl.registry` (its names are re-exported).
+
+Over 300 lines: construction, the hooks' default implementations and inspection are one
+class's methods, each documented for method writers; the step loop already lives apart.
 """
 
 from __future__ import annotations

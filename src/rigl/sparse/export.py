@@ -15,6 +15,9 @@ metadata holds the rigl version, the method and the per-layer shapes and densiti
 ``CondensedLinear`` layers (a condensed layer is saved as the same CSR) take the topology
 and values directly; a dense parameter (``nn.Linear``, conv, a masked model) receives the
 densified weight, zeros elsewhere, and the sparsifier's masks are set.
+
+Over 300 lines: saving, reading (with the corrupt-file checks) and loading into either
+backend share the file layout defined here.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ the torch extensions directory (``TORCH_EXTENSIONS_DIR``); a line on stderr says
 it compiles. If the build fails, a warning is issued once and the torch fallback
 (``torch.sparse`` CSR products) is used. ``RIGL_SPARSE_KERNELS=torch`` forces the
 fallback, ``=cpp`` makes a build failure an error.
+
+Over 300 lines: the operand checks, the build and cache of the extension and the torch
+fallbacks belong to the same three products and are tested together.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ block of output rows by block (:attr:`SparseWeight.grid`), one matrix product ea
 the bounded-memory scan of :mod:`rigl.blockwise`. No dense score, mask or gradient matrix
 is built. A :class:`~rigl.rewiring.Rewiring` is installed by merging two sorted runs (the
 kept positions and the grown ones) with the compiled ``merge_plan`` where it exists.
+
+Over 300 lines: one class implementing every member of the seam's protocol on the
+compressed layout (scores, install, checkpoints, violations); the selection maths it
+calls is already in :mod:`rigl.selection` and :mod:`rigl.blockwise`.
 """
 
 from __future__ import annotations

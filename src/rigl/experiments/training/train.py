@@ -18,6 +18,9 @@ up to float rounding. Logged losses and accuracies are summed over the ranks (th
 set is split between them), so they are the global batch's and the full test set's.
 Only rank 0 writes the run folder; every rank reads the checkpoint when resuming (with
 several machines, ``out`` must be on a shared file system).
+
+Over 300 lines: the run's life cycle reads top to bottom in one file (its helpers are
+in the sibling modules).
 """
 
 from __future__ import annotations
