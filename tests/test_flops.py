@@ -484,3 +484,22 @@ def test_cli_errors(capsys) -> None:
     assert status == 2 and "sparsity=1.5" in err
     with pytest.raises(SystemExit):
         flops_cli.main(["--model", "wrn", "--input", "3xx"])
+
+
+def test_cli_facts_reach_the_methods_formula(capsys) -> None:
+    """``--fact`` hands a schedule fact to the method's training-cost formula (Top-KAST's
+    ``backward_ratio``: ``(2 + r) f_S``); an unknown key or a non-number is a clear error."""
+    base = ["--model", "mlp", "--sparsity", "0.9", "--method", "topkast", "--json"]
+    _, out, _ = run_cli(base, capsys)
+    default = json.loads(out)
+    _, out, _ = run_cli([*base, "--fact", "backward_ratio=4"], capsys)
+    four = json.loads(out)
+    f_s, f_d = default["flops_sparse"], default["flops_dense"]
+    assert default["train_flops_ratio"] == pytest.approx(4 * f_s / (3 * f_d))  # r = 2
+    assert four["train_flops_ratio"] == pytest.approx(6 * f_s / (3 * f_d))
+    status, _, err = run_cli([*base, "--fact", "backward_ratoi=4"], capsys)
+    assert status == 2 and "reads backward_ratio" in err
+    status, _, err = run_cli([*base, "--fact", "backward_ratio"], capsys)
+    assert status == 2 and "KEY=NUMBER" in err
+    status, _, err = run_cli([*base[:-3], "--method", "static", "--fact", "x=1"], capsys)
+    assert status == 2 and "reads no schedule facts" in err

@@ -12,16 +12,19 @@ This command needs torch only (no optional package).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import sys
 
 import torch
 
 import rigl
+from rigl.errors import ConfigError
 from rigl.experiments.models.zoo import build_model, example_input, list_models, model_defaults
 from rigl.flops import CONVENTIONS, FlopsReport, count_flops, train_flops_ratio
 from rigl.flops_size import SizeReport, model_size
-from rigl.registry import is_dense
+from rigl.registry import find_method, is_dense
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -78,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training method, for the training FLOPs")  # fmt: skip
     p.add_argument("--multiplier", type=float, default=1.0, help="training length (5 for 5x)")
     p.add_argument("--update-interval", type=int, default=100, help="ΔT, steps between updates")
+    p.add_argument("--fact", action="append", default=[], metavar="KEY=VALUE",
+                   help="a schedule fact the method's training cost reads (repeatable), e.g. "
+                   "backward_ratio=3 for topkast or pruning_end=0.5 for gmp; a run's own "
+                   "facts are in its final.json (default: the method's)")  # fmt: skip
     p.add_argument("--convention", default="macs", choices=CONVENTIONS,
                    help="macs: 2 x density x multiply-adds, biases left out; micronet: "
                    "the MicroNet counter of the official RigL FLOPs colabs")  # fmt: skip
@@ -113,8 +120,36 @@ def _report(args: argparse.Namespace) -> tuple[FlopsReport, SizeReport, float]:
         report.flops_dense,
         update_interval=args.update_interval,
         multiplier=args.multiplier,
+        **parse_facts(args.method, args.fact),
     )
     return report, model_size(model, densities), train
+
+
+def parse_facts(method: str, items: list[str]) -> dict[str, float]:
+    """``["key=value", ...]`` as numbers, each a keyword of the method's
+    ``train_step_flops`` (a ConfigError naming the ones it reads otherwise)."""
+    known = [
+        name
+        for name, param in inspect.signature(
+            find_method(method).train_step_flops
+        ).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name != "update_interval"
+    ]
+    facts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if key not in known:
+            raise ConfigError(
+                f"--fact {item!r}: method {method!r} reads "
+                + (", ".join(known) if known else "no schedule facts")
+            )
+        try:
+            facts[key] = float(value) if sep else float("nan")
+        except ValueError:
+            facts[key] = float("nan")
+        if not math.isfinite(facts[key]):
+            raise ConfigError(f"--fact {item!r}: give KEY=NUMBER, e.g. {key}=0.5")
+    return facts
 
 
 def _table(report: FlopsReport, size: SizeReport, train: float, args: argparse.Namespace) -> str:
