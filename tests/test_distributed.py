@@ -111,6 +111,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             "rigl": _train("rigl", env),
             "rigl_ties": _train("rigl", env, ties=True),
             "snfs_accumulated": _train("snfs", env, accumulate=True),
+            # a dense θ outside the masks (rigl.reserve): the reserves agree as well
+            "topkast": _train("topkast", env),
         }
         # a sparsifier seeded by rank: detected, then fixed from rank 0
         model, _, sparsifier = _build("set", seed=10 + rank)
@@ -164,7 +166,7 @@ def _assert_same(a: dict, b: dict, *, exact: bool) -> None:
             torch.testing.assert_close(a["weights"][name], b["weights"][name], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("run", ["rigl", "rigl_ties", "snfs_accumulated"])
+@pytest.mark.parametrize("run", ["rigl", "rigl_ties", "snfs_accumulated", "topkast"])
 def test_ranks_agree_and_match_one_process(ranks, run):
     _assert_same(ranks[0][run], ranks[1][run], exact=True)
     method = run.split("_")[0]
@@ -176,6 +178,11 @@ def test_ranks_agree_and_match_one_process(ranks, run):
         torch.testing.assert_close(ranks[0][run]["grads"][name], grad, rtol=0, atol=1e-12)
     if run.endswith("ties"):  # growth among exactly tied (zero) gradients happened
         assert single["tie_grown"] > 0 and ranks[0][run]["tie_grown"] == single["tie_grown"]
+    if method == "topkast":  # the values outside the masks were stepped from synced gradients
+        for name, kept in single["extra"]["reserves"].items():
+            ours = ranks[0][run]["extra"]["reserves"][name]
+            torch.testing.assert_close(ours["reserve"], kept["reserve"], rtol=0, atol=1e-10)
+            assert torch.equal(ours["trained"], kept["trained"])
     if method == "snfs":  # the gradient momentum was kept from synced gradients
         for name, ema in single["extra"]["ema"].items():
             torch.testing.assert_close(ranks[0][run]["extra"]["ema"][name], ema)
