@@ -110,7 +110,8 @@ def find_preset(name: str) -> Path:
 
 
 # dataset -> its tuned training config in configs/, the base its presets use (a test
-# checks that every preset's base is the tuned config of its dataset)
+# checks that a preset of the same dataset and model uses it as its base; a preset of
+# another model, e.g. wrn_backends's WRN on mnist5k, has that model's own config)
 TUNED_CONFIGS = {
     "mnist1d": "mnist1d_mlp",
     "mnist5k": "mnist5k_lenet",
