@@ -305,6 +305,13 @@ def test_reserved_methods_resume_bit_identically(method):
         run(12, [saved[0], saved[1], state])
 
 
+def test_reserved_methods_refuse_a_sparse_gradient_embedding():
+    model = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(rigl.ConfigError, match=r"Embedding\(sparse=True\)"):
+        rigl.create("topkast", model, optimizer, sparse_embeddings=True, total_steps=10)
+
+
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [

@@ -73,6 +73,12 @@ class MagnitudeReserve:
 
     def masked_weight(self, index: int, target: Target, mask: Tensor) -> SparseStorage:
         """A reserved weight whose sets are the magnitude ones from the start."""
+        if getattr(target.module, "sparse", False) is True:  # nn.Embedding(sparse=True)
+            raise ConfigError(
+                f"{self.name} needs a dense gradient for {target.name}, which "  # type: ignore[attr-defined]
+                "nn.Embedding(sparse=True) does not give: use sparse=False, or leave "
+                "embeddings dense (sparse_embeddings=False, the default)"
+            )
         patterns = self.patterns  # type: ignore[attr-defined]
         weight = ReservedWeight(target.name, target.param, mask, target.blocks, patterns[index])
         generator = update_generator(self.seed, -3, index)  # type: ignore[attr-defined]
