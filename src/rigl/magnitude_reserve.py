@@ -82,13 +82,13 @@ class MagnitudeReserve:
         patterns = self.patterns  # type: ignore[attr-defined]
         weight = ReservedWeight(target.name, target.param, mask, target.blocks, patterns[index])
         generator = update_generator(self.seed, -3, index)  # type: ignore[attr-defined]
-        n_trained = self.trained_count(index, weight.n_active, weight.numel)
-        weight.install(magnitude_plan(weight, weight.n_active, n_trained, generator), None)
+        weight.install(self.plan_layer(index, weight, -3, generator), None)
         return weight
 
     def plan_layer(
         self, index: int, weight: SparseStorage, step: int, generator: torch.Generator
     ) -> Rewiring | None:
+        """A = the top ``n_active`` of ``abs(θ)``, B = the top :meth:`trained_count`."""
         del step
         assert isinstance(weight, ReservedWeight)
         n_trained = self.trained_count(index, weight.n_active, weight.numel)

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from rigl import selection
 from rigl.errors import ConfigError
-from rigl.optim_state import reset_drifting_state, reset_optimizer_state
+from rigl.optim_state import reset_optimizer_state
 from rigl.patterns import UNSTRUCTURED, Pattern
-from rigl.rewiring import Grid, Rewiring
+from rigl.rewiring import Rewiring
 from rigl.seam import RewireStats
 from rigl.storage import MaskedWeight
 from rigl.topology import TieBreak
@@ -97,9 +97,7 @@ class ReservedWeight(MaskedWeight):
     def mask_gradient(self) -> None:
         """Before the optimizer step: the gradient outside B to zero, and B \\ A's values
         back into the parameter so that the step trains them."""
-        grad = self.param.grad
-        if grad is not None:
-            grad.masked_fill_(self._untrained, 0.0)
+        self._zero_gradient(self._untrained)
         if not self._open:
             self.param.copy_(torch.where(self._inactive & self._trained, self.reserve, self.param))
             self._open = True
@@ -111,10 +109,7 @@ class ReservedWeight(MaskedWeight):
         """After the step: B \\ A's values back to the reserve, the parameter (and, if
         ``gradient``, its gradient) zero outside A; drifting optimizer state fresh outside B."""
         self._park()
-        self.param.mul_(self.mask)
-        if gradient:
-            MaskedWeight.mask_gradient(self)  # outside A: the step is over
-        reset_drifting_state(optimizer, self.param, self._untrained)
+        super().apply_mask(optimizer, gradient)
 
     def _park(self) -> None:
         if self._open:
@@ -138,30 +133,25 @@ class ReservedWeight(MaskedWeight):
         :class:`ReservedRewiring`, else B grows by the new active weights)."""
         self._park()
         theta = self.values().reshape(-1)
-        flat = self.mask.reshape(-1).clone()
-        flat[self.active_positions()[~rewiring.keep]] = False
-        flat[rewiring.grown] = True
         if rewiring.grown_values is not None:
             theta[rewiring.grown] = rewiring.grown_values.to(theta.dtype)
-        new_mask = flat.reshape(self.shape)
-        trained = getattr(rewiring, "trained", None)
-        if trained is None:
-            new_trained = self._trained | new_mask
-        else:
-            new_trained = torch.zeros_like(flat)
-            new_trained[trained] = True
+        theta = theta.reshape(self.shape)
+        new_mask = self._mask_after(rewiring)
+        if isinstance(rewiring, ReservedRewiring) and rewiring.trained is not None:
+            new_trained = torch.zeros(self.numel, dtype=torch.bool, device=new_mask.device)
+            new_trained[rewiring.trained] = True
             new_trained = new_trained.reshape(self.shape)
             if bool((new_mask & ~new_trained).any()):
                 raise ValueError(f"{self.name}: the trained set must contain the active one")
+        else:
+            new_trained = self._trained | new_mask
         reset_optimizer_state(optimizer, self.param, new_trained ^ self._trained)
-        theta = theta.reshape(self.shape)
         grown, dropped = new_mask & ~self.mask, self.mask & ~new_mask
         self.param.copy_(torch.where(new_mask, theta, 0.0))
         self.reserve = torch.where(new_mask, 0.0, theta)
         self.mask, self.trained = new_mask, new_trained
-        grad = self.param.grad
-        if grad is not None and not grown_gradient:
-            grad.masked_fill_(grown, 0.0)
+        if not grown_gradient:
+            self._zero_gradient(grown)
         return RewireStats(
             self.name, self.n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
         )
@@ -218,12 +208,9 @@ def magnitude_plan(
     trained = None
     if n_trained < weight.numel:
         rest = every[~in_new]
+        unstructured = dataclasses.replace(grid, pattern=UNSTRUCTURED)  # B needs no pattern
         extra = selection.prune(
-            rest, score[rest], n_trained - chosen.numel(), _unstructured(grid), tie_break
+            rest, score[rest], n_trained - chosen.numel(), unstructured, tie_break
         )
         trained = torch.cat([chosen, rest[extra.keep]]).sort().values
     return ReservedRewiring(in_new[weight.active_positions()], chosen[~was[chosen]], None, trained)
-
-
-def _unstructured(grid: Grid) -> Grid:
-    return dataclasses.replace(grid, pattern=UNSTRUCTURED)

@@ -94,20 +94,24 @@ class MaskedWeight:
         its initial value; other state stays fresh there by itself."""
         self.param.mul_(self.mask)
         if gradient:
-            self.mask_gradient()
+            self._zero_gradient(self._inactive)
         reset_drifting_state(optimizer, self.param, self._untrained)
 
     @torch.no_grad()
     def mask_gradient(self) -> None:
-        """Zero the gradient of the inactive weights: filled, not multiplied, so an inf at
-        an inactive position does not become a NaN that the optimizer step spreads."""
+        """Before the optimizer step: zero the gradient of the inactive weights."""
+        self._zero_gradient(self._inactive)
+
+    def _zero_gradient(self, where: Tensor) -> None:
+        """The gradient to zero at ``where``: filled, not multiplied, so an inf there does
+        not become a NaN that the optimizer step spreads."""
         grad = self.param.grad
         if grad is None:
             return
         if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient stays sparse
-            grad.mul_(self.mask)
+            grad.mul_(~where)
         else:
-            grad.masked_fill_(self._inactive, 0.0)
+            grad.masked_fill_(where, 0.0)
 
     _untrained_label = "inactive"
 
@@ -191,10 +195,7 @@ class MaskedWeight:
         become zero (their state fresh too); kept weights keep value, state and gradient.
         Grown weights keep their gradient if ``grown_gradient``, else it is zeroed; the
         dropped ones' is zeroed after the step (:meth:`apply_mask`)."""
-        flat = self._mask.reshape(-1).clone()
-        flat[self.active_positions()[~rewiring.keep]] = False
-        flat[rewiring.grown] = True
-        new_mask = flat.reshape(self.shape)
+        new_mask = self._mask_after(rewiring)
         grown = new_mask & ~self.mask
         dropped = self.mask & ~new_mask
         self.param.masked_fill_(grown | dropped, 0.0)
@@ -204,15 +205,18 @@ class MaskedWeight:
             start[rewiring.grown] = rewiring.grown_values.to(self.param.dtype)
             self.param.copy_(torch.where(grown, start.reshape(self.shape), self.param))
         self.mask = new_mask
-        grad = self.param.grad
-        if grad is not None and not grown_gradient:
-            if grad.is_sparse:
-                grad.mul_(~grown)
-            else:
-                grad.masked_fill_(grown, 0.0)
+        if not grown_gradient:
+            self._zero_gradient(grown)
         return RewireStats(
             self.name, self._n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
         )
+
+    def _mask_after(self, rewiring: Rewiring) -> Tensor:
+        """The bool mask ``rewiring`` leaves: the kept weights and the grown ones."""
+        flat = self._mask.reshape(-1).clone()
+        flat[self.active_positions()[~rewiring.keep]] = False
+        flat[rewiring.grown] = True
+        return flat.reshape(self.shape)
 
     # -- checkpoints ------------------------------------------------------------------
     def topology_state(self) -> Tensor:
