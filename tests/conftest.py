@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +143,41 @@ def sparse_kernels(request, monkeypatch) -> str:
     elif kernels.extension() is None:
         pytest.skip("the C++ kernels did not build")
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (torchrun workers run with one; tiny models run
+    fastest on one, and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, out: Path, world: int, timeout_s: float) -> list[dict]:
+    """Run ``worker(rank, port, out)`` in ``world`` processes; each saves ``rank{r}.pt`` in
+    ``out`` (or writes ``rank{r}.err`` and raises). Returns the ranks' results; fails the
+    test naming the failing rank's traceback, or on timeout (no process is left behind)."""
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process run timed out")
+    except Exception:
+        errors = [p.read_text() for p in sorted(out.glob("*.err"))]
+        pytest.fail("a rank failed:\n" + "\n".join(errors))
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -40,15 +40,6 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def one_thread():
-    """The torchrun workers run with one thread; so does the in-process reference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(folder: Path, data_root: Path, **changes) -> Path:
     """30 steps of RigL (5 topology updates) on 240 MNIST-1D examples, global batch 24."""
     return tiny_run_config(folder, data_root, lr=0.3, tensorboard=False, **changes)

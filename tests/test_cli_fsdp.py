@@ -27,15 +27,6 @@ def torchrun(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*TORCHRUN, *args], env=env, capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture
-def one_thread():
-    """The torchrun workers run with one thread; so does the in-process reference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def full_state(run: Path) -> dict:
     """The final checkpoint, its DCP folder (if sharded) read as one plain state dict."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -14,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import rigl
-from conftest import TinyMLP, batch
+from conftest import TinyMLP, batch, spawn_ranks
 from rigl import distributed as rd
 
 WORLD, STEPS, TIMEOUT_S = 2, 12, 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(method: str, seed: int = 3) -> tuple[nn.Module, torch.optim.Optimizer, rigl.Sparsifier]:
@@ -139,20 +130,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Results of the two-process run (run once for the module)."""
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the two-process run timed out")
-    except Exception:
-        errors = [p.read_text() for p in sorted(out.glob("*.err"))]
-        pytest.fail("a rank failed:\n" + "\n".join(errors))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, out, WORLD, TIMEOUT_S)
 
 
 def _assert_same(a: dict, b: dict, *, exact: bool) -> None:

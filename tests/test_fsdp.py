@@ -5,8 +5,6 @@ resume bit-identically on 2 ranks and load into one process."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -14,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import rigl
 import rigl.fsdp
-from conftest import batch
+from conftest import batch, spawn_ranks
 from rigl import distributed as rd
 from rigl.errors import ConfigError
 from rigl.guard import UsageError
@@ -202,30 +199,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         rd.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
     """Results of the two-process run (run once for the module), and its folder."""
     out = tmp_path_factory.mktemp("fsdp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the two-process run timed out")
-    except Exception:
-        errors = [p.read_text() for p in sorted(out.glob("*.err"))]
-        pytest.fail("a rank failed:\n" + "\n".join(errors))
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
+    return spawn_ranks(_worker, out, WORLD, TIMEOUT_S), out
 
 
 def _single(run: str) -> dict:

@@ -19,16 +19,9 @@ from rigl.experiments.reports.interp import interpolate_state
 from rigl.experiments.reports.rundata import RunData, load_run, read_rows, survival_curve
 from rigl.experiments.training.recorder import MaskRecorder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
+
 FIGURES = ["first_layer.png", "density.png", "dynamics.png", "training.png", "interpolation.png"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_tiny(recorder: MaskRecorder | None, steps: int = 60, *, hooks: bool = True):
