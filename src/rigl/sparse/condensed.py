@@ -21,14 +21,12 @@ included, beside the pattern arguments; the products live in ``condensed_ops``.)
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from rigl.config import ConfigError
 from rigl.sparse.condensed_ops import CondensedIndex
-from rigl.sparse.function import GrowInputs, apply_sparse_linear
+from rigl.sparse.function import apply_sparse_linear
 from rigl.sparse.grow import GrowScores
 from rigl.sparse.index import SparseIndex, _sort
 
@@ -119,16 +117,7 @@ class CondensedLinear(GrowScores, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         k, self._nm = fan_in_of(in_features, fan_in, density, nm)
         cols = random_cols(out_features, in_features, k, self.group, generator)
-        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
-        values = torch.empty(cols.numel(), dtype=dtype).uniform_(-bound, bound, generator=generator)
-        self.values = nn.Parameter(values)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound))
-            if bias
-            else None
-        )
-        self.kernels: str | None = None  # None: best available; "cpp" or "torch" to force
-        self._grow = GrowInputs()
+        self._init_parameters(cols.numel(), bias, generator, dtype)
         self._index: CondensedIndex
         self._install(CondensedIndex.from_cols(cols, self.shape, self.group))
 

@@ -6,21 +6,46 @@ output gradient ``dyt`` (:class:`~rigl.sparse.function.GrowInputs`); the dense g
 ``dW = sum_i dyt_i @ xt_i^T`` is then computed a block of rows at a time
 (:meth:`GrowScores.grad_rows`) or at given positions only (:meth:`GrowScores.grad_at`).
 A layer provides ``_grow`` (GrowInputs), ``values``, ``in_features``, ``out_features``
-and ``kernels``; the counts both layers report (``shape``, ``n_active``, ``density``) are
+and ``kernels`` (set up by :meth:`GrowScores._init_parameters`, ``nn.Linear``'s
+initialisation); the counts both layers report (``shape``, ``n_active``, ``density``) are
 here too.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rigl.sparse import kernels
+from rigl.sparse.function import GrowInputs
 from rigl.sparse.index import SparseIndex
 
 
 class GrowScores:
     """Mixin of the grow-score methods and counts of a compressed linear layer."""
+
+    def _init_parameters(
+        self,
+        n_values: int,
+        bias: bool,
+        generator: torch.Generator | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        """``values`` (``n_values``, from ``generator``) and ``bias`` uniform in
+        ``±1/sqrt(in_features)`` as ``nn.Linear``'s; kernels chosen at run time; no grow
+        inputs kept yet."""
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features else 0.0
+        values = torch.empty(n_values, dtype=dtype).uniform_(-bound, bound, generator=generator)
+        self.values = nn.Parameter(values)
+        self.bias = (
+            nn.Parameter(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound))
+            if bias
+            else None
+        )
+        self.kernels: str | None = None  # None: best available; "cpp" or "torch" to force
+        self._grow = GrowInputs()
 
     @property
     def shape(self) -> tuple[int, int]:

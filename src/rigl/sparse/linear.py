@@ -14,8 +14,6 @@ rather than ``.view`` on it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -58,18 +56,9 @@ class SparseLinear(GrowScores, nn.Module):
         numel = in_features * out_features
         n_active = round(density * numel)
         flat = random_indices(numel, n_active, generator)  # O(n_active) for huge layers
-        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
-        values = torch.empty(n_active, dtype=dtype).uniform_(-bound, bound, generator=generator)
-        self.values = nn.Parameter(values)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound))
-            if bias
-            else None
-        )
-        self.kernels: str | None = None  # None: best available; "cpp" or "torch" to force
-        self._grow = GrowInputs()
+        self._init_parameters(n_active, bias, generator, dtype)
         self._index: SparseIndex
-        self._set_index(flat, values)
+        self._set_index(flat, self.values.detach())
 
     # -- construction ----------------------------------------------------------------
     @classmethod
