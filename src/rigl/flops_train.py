@@ -59,6 +59,20 @@ def pruning_flops_fraction(
     return total / (n + 1)
 
 
+def pruning_window_facts(schedule: Any, total_steps: int | None) -> dict[str, float]:
+    """A cubic pruning schedule's window as the facts :func:`pruning_flops_fraction` reads
+    (``pruning_begin``, ``pruning_end``, ``pruning_interval``: fractions of
+    ``total_steps``); empty when the run's length is unknown."""
+    if total_steps is None:
+        return {}
+    begin, end = schedule.begin_step, schedule.end_step
+    return {
+        "pruning_begin": begin / total_steps,
+        "pruning_end": min(1.0, max(end, begin + 1) / total_steps),
+        "pruning_interval": schedule.update_interval / total_steps,
+    }
+
+
 def train_flops_ratio(
     method: str,
     f_sparse: float,

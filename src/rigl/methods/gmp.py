@@ -14,6 +14,7 @@ from rigl.flops_train import (
     PRUNING_END,
     PRUNING_INTERVAL,
     pruning_flops_fraction,
+    pruning_window_facts,
 )
 from rigl.rewiring import Rewiring
 from rigl.schedules import PruningSchedule
@@ -53,14 +54,7 @@ class GMP(Sparsifier):
 
     def train_flops_facts(self) -> dict[str, float]:
         """This run's pruning schedule as fractions of ``total_steps``."""
-        if self.total_steps is None:
-            return {}
-        begin, end, total = self.schedule.begin_step, self.schedule.end_step, self.total_steps
-        return {
-            "pruning_begin": begin / total,
-            "pruning_end": min(1.0, max(end, begin + 1) / total),
-            "pruning_interval": self.schedule.update_interval / total,
-        }
+        return pruning_window_facts(self.schedule, self.total_steps)
 
     def build_schedule(self, **args: Any) -> PruningSchedule:
         end = resolve_step(args["end_step"], self.total_steps, "end_step")

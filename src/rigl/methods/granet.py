@@ -13,7 +13,13 @@ from torch import Tensor
 from rigl import selection
 from rigl.config import resolve_step
 from rigl.errors import ConfigError, check_real
-from rigl.flops_train import PRUNING_BEGIN, PRUNING_END, PRUNING_INTERVAL, pruning_flops_fraction
+from rigl.flops_train import (
+    PRUNING_BEGIN,
+    PRUNING_END,
+    PRUNING_INTERVAL,
+    pruning_flops_fraction,
+    pruning_window_facts,
+)
 from rigl.grow_init import GrowInit
 from rigl.rewiring import Rewiring, RowScores
 from rigl.schedules import PruningSchedule, UpdateSchedule
@@ -79,18 +85,12 @@ class GraNet(GrowInit, Sparsifier):
 
     def train_flops_facts(self) -> dict[str, float]:
         """This run's pruning window as fractions of ``total_steps``, and ``r0``."""
-        if self.total_steps is None:
+        facts = pruning_window_facts(self.schedule, self.total_steps)
+        if not facts:
             return {}
-        begin, end, total = self.schedule.begin_step, self.schedule.end_step, self.total_steps
         sparsity = self.config.sparsity
-        return {
-            "pruning_begin": begin / total,
-            "pruning_end": min(1.0, max(end, begin + 1) / total),
-            "pruning_interval": self.schedule.update_interval / total,
-            "initial_sparsity_fraction": min(1.0, self.initial_sparsity / sparsity)
-            if sparsity > 0
-            else 0.0,
-        }
+        r0 = min(1.0, self.initial_sparsity / sparsity) if sparsity > 0 else 0.0
+        return {**facts, "initial_sparsity_fraction": r0}
 
     def build_schedule(self, **args: Any) -> PruningSchedule:
         end = resolve_step(args["end_step"], self.total_steps, "end_step")
