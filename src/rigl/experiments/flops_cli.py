@@ -144,10 +144,10 @@ def parse_facts(method: str, items: list[str]) -> dict[str, float]:
                 + (", ".join(known) if known else "no schedule facts")
             )
         try:
-            facts[key] = float(value) if sep else float("nan")
+            facts[key] = float(value)
         except ValueError:
-            facts[key] = float("nan")
-        if not math.isfinite(facts[key]):
+            facts[key] = math.nan  # also for a KEY without "=NUMBER"
+        if not sep or not math.isfinite(facts[key]):
             raise ConfigError(f"--fact {item!r}: give KEY=NUMBER, e.g. {key}=0.5")
     return facts
 
