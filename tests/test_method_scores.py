@@ -303,6 +303,14 @@ def test_reserved_methods_resume_bit_identically(method):
     del state["extra"]["reserves"]
     with pytest.raises(rigl.ConfigError, match="no reserves"):
         run(12, [saved[0], saved[1], state])
+    state = half[2].state_dict()
+    del state["extra"]["reserves"]["0.weight"]
+    with pytest.raises(rigl.ConfigError, match=r"no reserve for 0\.weight"):
+        run(12, [saved[0], saved[1], state])
+    state = half[2].state_dict()
+    state["extra"]["reserves"]["0.weight"]["reserve"] = torch.zeros(3, 3)
+    with pytest.raises(rigl.ConfigError, match="saved reserve of 0.weight has shape"):
+        run(12, [saved[0], saved[1], state])
 
 
 def test_reserved_methods_refuse_a_sparse_gradient_embedding():

@@ -110,6 +110,12 @@ class MagnitudeReserve:
                 f"the state dict has no reserves: {self.name} needs the dense values it "  # type: ignore[attr-defined]
                 "keeps outside its masks; it was saved by another version or method"
             )
+        missing = [w.name for w in self.reserved() if w.name not in reserves]
+        if missing:
+            raise ConfigError(
+                f"the state dict has no reserve for {', '.join(missing)}: it belongs to "
+                "a different model"
+            )
         for weight in self.reserved():
             weight.load_reserve(reserves[weight.name])
 
