@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from rigl import topology
 from rigl.selection import drop_and_grow, magnitude_prune
@@ -92,20 +93,53 @@ def test_random_mask_has_the_exact_count_and_is_seeded():
     assert int(a.sum()) == 17 and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def _levels(n: int, levels: int | None, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if levels is None:
+        return torch.rand(n, generator=g)
+    return torch.randint(0, levels, (n,), generator=g).float()  # masses of exact ties
+
+
+@pytest.mark.parametrize("low_wins", [False, True])
 @pytest.mark.parametrize("levels", [None, 7, 1000])
-@pytest.mark.parametrize("k", [1, 300, 4000])
-def test_sampled_prefilter_gives_the_exact_top_k(monkeypatch, levels, k):
-    g = torch.Generator().manual_seed(k)
-    n = 100_000
-    score = (
-        torch.rand(n, generator=g)
-        if levels is None
-        else torch.randint(0, levels, (n,), generator=g).float()
-    )
-    fast = topk_indices(score, k, update_generator(5, 1, 2))
+@pytest.mark.parametrize("k", [1, 300, 4000, 10_000, 50_000, 99_999])
+def test_sampled_band_gives_the_exact_top_k(monkeypatch, levels, k, low_wins):
+    """The banded top-k (a sampled bracket of the k-th value) chooses what the plain
+    top-k chooses, ties included, and draws as many tie priorities."""
+    score = _levels(100_000, levels, k)
+    fast_gen, exact_gen = update_generator(5, 1, 2), update_generator(5, 1, 2)
+    fast = topk_indices(score, k, fast_gen, low_wins=low_wins)
     monkeypatch.setattr(topology, "_PREFILTER_MIN", 10**12)  # force the plain top-k
-    exact = topk_indices(score, k, update_generator(5, 1, 2))
-    assert sorted(fast.tolist()) == sorted(exact.tolist())
+    exact = topk_indices(score, k, exact_gen, low_wins=low_wins)
+    assert fast.numel() == k and sorted(fast.tolist()) == sorted(exact.tolist())
+    assert torch.equal(torch.rand(3, generator=fast_gen), torch.rand(3, generator=exact_gen))
+
+
+@pytest.mark.parametrize("levels", [None, 7, 1000])
+@pytest.mark.parametrize("k", [0, 1, 2, 700, 1500, 1999, 2000])
+@pytest.mark.parametrize("priority", [False, True])
+def test_bottomk_keep_is_the_exact_complement_of_the_bottom_k(levels, k, priority):
+    """From either side (k <= n/2: drop the k smallest; k > n/2: keep the n - k largest with
+    the smaller priority winning ties), the same positions, with the same tie draws."""
+    n = 2000
+    score = _levels(n, levels, k + 11)
+    tie = torch.rand(n, generator=torch.Generator().manual_seed(3)) if priority else None
+    gen_a, gen_b = update_generator(1, 2, 3), update_generator(1, 2, 3)
+    keep = topology.bottomk_keep(score, k, tie if priority else gen_a)
+    expected = torch.ones(n, dtype=torch.bool)
+    expected[topk_indices(-score, k, tie if priority else gen_b)] = False
+    assert torch.equal(keep, expected) and int((~keep).sum()) == k
+    assert torch.equal(torch.rand(3, generator=gen_a), torch.rand(3, generator=gen_b))
+
+
+def test_bottomk_keep_breaks_ties_by_priority_golden():
+    """Scores [1, 1, 1, 1, 5, 5] with priorities [.1 .9 .5 .3 .2 .8]: the 5 smallest are the
+    four 1s and the 5 of larger priority (position 5, 0.8 > 0.2); dropping 3 of the 1s
+    drops the three larger priorities (1, 2, 3) and keeps 0. Both sides give the same."""
+    score = torch.tensor([1.0, 1, 1, 1, 5, 5])
+    tie = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.8])
+    assert topology.bottomk_keep(score, 5, tie).tolist() == [F, F, F, F, T, F]
+    assert topology.bottomk_keep(score, 3, tie).tolist() == [T, F, F, F, T, T]
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 5])

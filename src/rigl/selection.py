@@ -32,7 +32,13 @@ from rigl import structured
 from rigl.blockwise import blockwise_topk
 from rigl.patterns import tile_members, tile_of
 from rigl.rewiring import Grid, Rewiring, RowScores, check_finite
-from rigl.topology import TieBreak, random_indices_outside, split_evenly, topk_indices
+from rigl.topology import (
+    TieBreak,
+    bottomk_keep,
+    random_indices_outside,
+    split_evenly,
+    topk_indices,
+)
 
 # The grow step of one block: (kept positions, k, its grid, tie-break, first row) -> the
 # k grown positions, local to the block.
@@ -43,12 +49,10 @@ def drop(score: Tensor, n_drop: int, tie_break: TieBreak, positions: Tensor) -> 
     """Bool over the entries of ``score`` (one per active weight, flat order): False at the
     ``n_drop`` smallest. ``positions`` are those weights' flat positions, where a priority
     tensor is looked up; a generator draws for tied entries only, in order."""
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     if n_drop <= 0:
-        return keep
+        return torch.ones(score.numel(), dtype=torch.bool, device=score.device)
     tie = tie_break[positions] if isinstance(tie_break, Tensor) else tie_break
-    keep[topk_indices(-score, n_drop, tie)] = False
-    return keep
+    return bottomk_keep(score, n_drop, tie)
 
 
 def grow_topk(grow: RowScores, grid: Grid, kept: Tensor, k: int, tie_break: TieBreak) -> Tensor:

@@ -18,53 +18,61 @@ from torch import Tensor
 TieBreak = Tensor | torch.Generator
 
 
-def _priority(tie_break: TieBreak, index: Tensor) -> Tensor:
+def _priority(tie_break: TieBreak, index: Tensor, low_wins: bool = False) -> Tensor:
     """Priorities of the entries ``index``: looked up in a tensor, or drawn for just those
-    entries (in index order) from a seeded generator, so no O(N) draw is needed."""
+    entries (in index order) from a seeded generator, so no O(N) draw is needed. With
+    ``low_wins`` negated (the same draws), so the smaller priority wins."""
     if isinstance(tie_break, Tensor):
-        return tie_break[index]
-    return torch.rand(index.numel(), generator=tie_break).to(index.device)
+        priority = tie_break[index]
+    else:
+        priority = torch.rand(index.numel(), generator=tie_break).to(index.device)
+    return -priority if low_wins else priority
 
 
 def _subset(tie_break: TieBreak, index: Tensor) -> TieBreak:
     return tie_break[index] if isinstance(tie_break, Tensor) else tie_break
 
 
-def topk_indices(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
-    """Indices of the ``k`` largest entries of a 1-D ``score``.
+def topk_indices(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool = False) -> Tensor:
+    """Indices of the ``k`` largest entries of a 1-D ``score``, in no particular order.
 
-    Exact ties at the k-th value are resolved by priority (larger wins). Cost: one
-    ``topk`` and one comparison pass; priorities are drawn only when there is a tie.
+    Exact ties at the k-th value are resolved by priority (larger wins; smaller with
+    ``low_wins``, which :func:`bottomk_keep` uses to choose the exact complement of a
+    bottom-k). Cost: a few comparison passes and a top-k over the entries near the k-th
+    value (:func:`_banded`); priorities are drawn only when there is a tie.
     """
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=score.device)
     if k > score.numel():
         raise ValueError(f"cannot choose {k} of {score.numel()} positions")
-    if score.numel() >= _PREFILTER_MIN and k * _PREFILTER_RATIO <= score.numel():
-        candidates = _prefilter(score, k)
-        if candidates is not None:
-            return candidates[_exact_topk(score[candidates], k, _subset(tie_break, candidates))]
-    return _exact_topk(score, k, tie_break)
+    if score.numel() >= _PREFILTER_MIN and k < score.numel():
+        chosen = _banded(score, k, tie_break, low_wins)
+        if chosen is not None:
+            return chosen
+    return _exact_topk(score, k, tie_break, low_wins)
 
 
-def _exact_topk(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+def _exact_topk(score: Tensor, k: int, tie_break: TieBreak, low_wins: bool = False) -> Tensor:
     values, index = torch.topk(score, k, sorted=False)
     threshold = values.min()
     if int((score >= threshold).count_nonzero()) == k:
         return index
     above = (score > threshold).nonzero().squeeze(1)
     tied = (score == threshold).nonzero().squeeze(1)
-    best = torch.topk(_priority(tie_break, tied), k - above.numel()).indices
+    best = torch.topk(_priority(tie_break, tied, low_wins), k - above.numel()).indices
     return torch.cat([above, tied[best]])
 
 
-# A full top-k over N entries costs O(N log k); when k << N a threshold estimated from a
-# random sample, one comparison pass and a top-k over the few survivors is several times
-# cheaper. It stays exact: if at least k entries reach the threshold t, the k-th largest
-# value is >= t, so every top-k entry (and every entry tied with the k-th) survives.
+# A full top-k over N entries costs O(N log k) and, for k near N / 10 of millions of
+# entries, far more than a few comparison passes. A random sample of the scores brackets
+# the k-th largest value between two thresholds lo <= hi; the entries above hi are in the
+# top k for sure, and the rest are chosen by a top-k over the narrow band [lo, hi]. It
+# stays exact: when count(> hi) <= k <= count(>= lo), the k-th largest value lies in the
+# band, and so does every entry tied with it, in flat order as in the plain top-k (the
+# same tie draws). When the sample misses, the plain top-k runs.
 _PREFILTER_MIN = 65_536
-_PREFILTER_RATIO = 16
 _SAMPLE = 8_192
+_BAND_SIGMAS = 5  # half-width of the band: sampling standard deviations of the rank
 
 
 def sample_positions(n: int, device: torch.device | str = "cpu") -> Tensor:
@@ -83,16 +91,43 @@ def _sample_positions(n: int) -> Tensor:  # cached: the same n recurs at every u
     return torch.sort(torch.randint(0, n, (_SAMPLE,), generator=generator)).values
 
 
-def _prefilter(score: Tensor, k: int) -> Tensor | None:
-    """Indices of entries at or above a sampled threshold, or None if fewer than k survive."""
+def _banded(score: Tensor, k: int, tie_break: TieBreak, low_wins: bool) -> Tensor | None:
+    """:func:`topk_indices` through a sampled band around the k-th largest value, or None
+    if the sample missed it (or a mass of ties makes the band as large as the input)."""
     n = score.numel()
-    sample = score[sample_positions(n, score.device)]
-    # aim for ~2x the needed survivors (plus a margin for sampling noise)
-    rank = max(1, sample.numel() - int(2 * k * sample.numel() / n) - 16)
-    threshold = torch.kthvalue(sample, rank).values
-    survivors = (score >= threshold).nonzero().squeeze(1)
-    # too few survivors: the sample missed; too many (mass of ties): no saving
-    return survivors if k <= survivors.numel() <= n // 4 else None
+    sample = score[sample_positions(n, score.device)].sort().values
+    size = sample.numel()
+    rank = size - k * size / n  # expected sample rank (0-based, ascending) of the k-th largest
+    q = k / n
+    margin = _BAND_SIGMAS * (size * q * (1 - q)) ** 0.5 + 8
+    lo = sample[max(0, int(rank - margin))]
+    hi = sample[min(size - 1, int(rank + margin))]
+    above = (score > hi).nonzero().squeeze(1)
+    if above.numel() > k:
+        return None
+    band = ((score >= lo) & (score <= hi)).nonzero().squeeze(1)
+    if above.numel() + band.numel() < k or band.numel() > n // 2:
+        return None
+    rest = k - above.numel()
+    if rest == 0:
+        return above
+    best = _exact_topk(score[band], rest, _subset(tie_break, band), low_wins)
+    return torch.cat([above, band[best]])
+
+
+def bottomk_keep(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+    """Bool over ``score``: False at its ``k`` smallest entries (ties: the larger priority
+    is dropped), i.e. the complement of ``topk_indices(-score, k, tie_break)``, computed
+    from whichever side is smaller: keeping the ``n - k`` largest with the smaller
+    priority winning among ties picks exactly that complement, with the same tie draws."""
+    n = score.numel()
+    if 2 * k <= n:
+        keep = torch.ones(n, dtype=torch.bool, device=score.device)
+        keep[topk_indices(-score, k, tie_break)] = False
+        return keep
+    keep = torch.zeros(n, dtype=torch.bool, device=score.device)
+    keep[topk_indices(score, n - k, tie_break, low_wins=True)] = True
+    return keep
 
 
 def topk_mask(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
