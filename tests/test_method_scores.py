@@ -371,3 +371,45 @@ def test_the_newer_methods_train_compare_and_count_flops_through_the_cli(tmp_pat
     assert granet["train_flops_ratio"] > granet["inference_flops_ratio"]  # the dense start
     report = json.loads(flops["out"])
     assert report["inference_flops_ratio"] < report["train_flops_ratio"] < 1
+
+
+@pytest.mark.parametrize("levels", [None, 3, 50])
+@pytest.mark.parametrize(
+    "n_forward, n_trained", [(1, 2), (30, 60), (100, 200), (150, 200), (30, 200)]
+)
+@pytest.mark.parametrize("priority", [False, True])
+def test_magnitude_plan_mask_path_chooses_what_the_position_path_chooses(
+    monkeypatch, levels, n_forward, n_trained, priority
+):
+    """SR-STE / Top-KAST's per-step plan on an unstructured one-block layer runs on bool
+    masks (no position tensors); the general path (rigl.selection.prune over positions)
+    must give the same A, B and tie draws, with masses of tied magnitudes."""
+    from rigl import reserve
+    from rigl.topology import update_generator
+
+    gen = torch.Generator().manual_seed(n_forward + (levels or 0))
+    if levels is None:
+        theta = torch.rand(10, 20, generator=gen)
+    else:
+        theta = torch.randint(-levels, levels + 1, (10, 20), generator=gen).float()
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[torch.randperm(200, generator=gen)[:n_forward]] = True
+    tie = torch.rand(200, generator=gen)
+
+    def plan():
+        weight = reserve.ReservedWeight("w", nn.Parameter(theta.clone()), mask.reshape(10, 20))
+        tie_break = tie if priority else update_generator(0, 4, 1)
+        result = reserve.magnitude_plan(weight, n_forward, n_trained, tie_break)
+        after = None if priority else torch.rand(2, generator=tie_break)
+        return result, after
+
+    fast, fast_after = plan()
+    monkeypatch.setattr(reserve, "_MASK_PATH", False)
+    general, general_after = plan()
+    assert torch.equal(fast.keep, general.keep) and torch.equal(fast.grown, general.grown)
+    if n_trained == 200:
+        assert fast.trained is None and general.trained is None
+    else:
+        assert torch.equal(fast.trained, general.trained) and fast.trained.numel() == n_trained
+    assert fast_after is None or torch.equal(fast_after, general_after)
+    assert int(fast.keep.sum()) + fast.grown.numel() == n_forward

@@ -39,7 +39,7 @@ from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.rewiring import Rewiring
 from rigl.seam import RewireStats
 from rigl.storage import MaskedWeight
-from rigl.topology import TieBreak
+from rigl.topology import TieBreak, bottomk_keep
 
 
 @dataclass(frozen=True)
@@ -200,17 +200,39 @@ def magnitude_plan(
     the layer's size)."""
     grid, device = weight.grid, weight.param.device
     score = weight.values().abs().reshape(-1)
-    every = torch.arange(weight.numel, device=device)
-    chosen = every[selection.prune(every, score, n_forward, grid, tie_break).keep]
-    in_new = torch.zeros(weight.numel, dtype=torch.bool, device=device)
-    in_new[chosen] = True
+    mask_path = _MASK_PATH and grid.blocks == 1
+    if mask_path and grid.pattern.kind == "unstructured":
+        in_new = _top_mask(score, n_forward, tie_break)
+    else:
+        every = torch.arange(weight.numel, device=device)
+        chosen = every[selection.prune(every, score, n_forward, grid, tie_break).keep]
+        in_new = torch.zeros(weight.numel, dtype=torch.bool, device=device)
+        in_new[chosen] = True
     was = weight.mask.reshape(-1)
     trained = None
-    if n_trained < weight.numel:
-        rest = every[~in_new]
-        unstructured = dataclasses.replace(grid, pattern=UNSTRUCTURED)  # B needs no pattern
-        extra = selection.prune(
-            rest, score[rest], n_trained - chosen.numel(), unstructured, tie_break
-        )
-        trained = torch.cat([chosen, rest[extra.keep]]).sort().values
-    return ReservedRewiring(in_new[weight.active_positions()], chosen[~was[chosen]], None, trained)
+    if n_trained < weight.numel:  # B \\ A: the next largest outside A, unstructured
+        n_extra = n_trained - int(in_new.count_nonzero())
+        if mask_path:
+            extra = _top_mask(score.masked_fill(in_new, -torch.inf), n_extra, tie_break)
+            trained = (in_new | extra).nonzero().squeeze(1)
+        else:
+            rest = (~in_new).nonzero().squeeze(1)
+            unstructured = dataclasses.replace(grid, pattern=UNSTRUCTURED)  # no pattern in B
+            keep = selection.prune(rest, score[rest], n_extra, unstructured, tie_break).keep
+            trained = torch.cat([in_new.nonzero().squeeze(1), rest[keep]]).sort().values
+    grown = (in_new & ~was).nonzero().squeeze(1)
+    return ReservedRewiring(in_new[weight.active_positions()], grown, None, trained)
+
+
+# The plan runs after every step on every layer, so one unstructured block (the common case)
+# is chosen on bool masks, without the int64 position tensors (8 bytes a weight) the general
+# path builds; both choose the same (tests/test_method_scores.py switches this off).
+_MASK_PATH = True
+
+
+def _top_mask(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
+    """Bool mask of the ``k`` largest of ``score``, chosen as :func:`rigl.selection.prune`
+    chooses them in one unstructured block (drop the rest: among ties the larger priority
+    is dropped), in O(numel) passes without position tensors. Entries at ``-inf`` (A, when
+    choosing B \\ A) are the smallest, so never chosen while ``k`` finite ones remain."""
+    return bottomk_keep(score, score.numel() - k, tie_break)
