@@ -40,7 +40,7 @@ def pattern(n_out, n_in, k, group=None, seed=0):
         (16, 16, 16, None, 33),  # dense
         (40, 24, 12, 4, 200),  # 2:4
         (9, 32, 4, 8, 64),  # 1:8
-        (66, 64, 16, 4, 130),  # 1:4 on two threads: row blocks of 8 and left-over rows
+        (66, 64, 16, 4, 130),  # 1:4, two threads: lockstep row blocks (8 AVX-512, 3 AVX2), rest
         (5, 12, 0, None, 9),  # no active input: bias only
     ],
 )
