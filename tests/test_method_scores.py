@@ -313,6 +313,50 @@ def test_reserved_methods_resume_bit_identically(method):
         run(12, [saved[0], saved[1], state])
 
 
+@pytest.mark.parametrize("method", ["srste", "topkast"])
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda r: r.pop("2.weight"), r"no reserve for 2\.weight"),
+        (lambda r: r["2.weight"].update(trained=torch.ones(2, 2)), "has shape \\(2, 2\\)"),
+        (lambda r: r.update({"2.weight": [1, 2]}), "not a dict of 'reserve' and 'trained'"),
+    ],
+)
+def test_a_refused_reserve_leaves_the_sparsifier_and_model_as_they_were(method, corrupt, message):
+    """The reserves are checked before any mask is installed: after the ConfigError the
+    sparsifier (masks, reserves, step) and the model are exactly as before the load."""
+
+    def build(steps):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sparsifier = rigl.create(method, model, optimizer, sparsity=0.75, total_steps=12, seed=2)
+        for t in range(steps):
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(t))
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            sparsifier.step()
+        return model, sparsifier
+
+    _, trained = build(6)
+    state = trained.state_dict()
+    corrupt(state["extra"]["reserves"])
+    model, fresh = build(0)
+    before = [(w.mask.clone(), w.values().clone(), w.trained.clone()) for w in fresh.weights]
+    params = [p.detach().clone() for p in model.parameters()]
+    assert any(
+        not torch.equal(w.mask, v.mask) for w, v in zip(trained.weights, fresh.weights, strict=True)
+    )
+    with pytest.raises(rigl.ConfigError, match=message):
+        fresh.load_state_dict(state)
+    for w, (mask, values, trained_set) in zip(fresh.weights, before, strict=True):
+        assert torch.equal(w.mask, mask) and torch.equal(w.values(), values)
+        assert torch.equal(w.trained, trained_set)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert fresh.step_count == 0
+    fresh.check()  # the invariants hold (counts, zeros, optimizer state)
+
+
 def test_reserved_methods_refuse_a_sparse_gradient_embedding():
     model = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

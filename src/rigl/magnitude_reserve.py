@@ -102,8 +102,8 @@ class MagnitudeReserve:
         state["reserves"] = {w.name: w.reserve_state() for w in self.reserved()}
         return state
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)  # type: ignore[misc]
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        super().check_extra_state(state)  # type: ignore[misc]
         reserves = state.get("reserves")
         if reserves is None:
             raise ConfigError(
@@ -117,7 +117,13 @@ class MagnitudeReserve:
                 "a different model"
             )
         for weight in self.reserved():
-            weight.load_reserve(reserves[weight.name])
+            weight.check_reserve(reserves[weight.name])
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.check_extra_state(state)
+        super().load_extra_state(state)  # type: ignore[misc]
+        for weight in self.reserved():
+            weight.load_reserve(state["reserves"][weight.name])
 
 
 def penalize(weight: ReservedWeight, where: Tensor, scale: Tensor | float) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -167,13 +168,27 @@ class ReservedWeight(MaskedWeight):
     def reserve_state(self) -> dict[str, Tensor]:
         return {"reserve": self.reserve.detach().cpu().clone(), "trained": self.trained.cpu()}
 
-    def load_reserve(self, state: dict[str, Tensor]) -> None:
-        reserve, trained = state["reserve"], state["trained"]
-        if tuple(reserve.shape) != self.shape or tuple(trained.shape) != self.shape:
+    def check_reserve(self, state: Any) -> None:
+        """ConfigError naming this layer unless ``state`` is a reserve this weight can load:
+        ``reserve`` and ``trained`` tensors of the weight's shape."""
+        tensors = [
+            state.get(key) if isinstance(state, dict) else None for key in ("reserve", "trained")
+        ]
+        if not all(isinstance(t, Tensor) for t in tensors):
             raise ConfigError(
-                f"the saved reserve of {self.name} has shape {tuple(reserve.shape)}, the "
-                f"weight {self.shape}: the state belongs to a different model"
+                f"the saved reserve of {self.name} is not a dict of 'reserve' and 'trained' "
+                "tensors: the state is corrupt or was saved by another version"
             )
+        for t in tensors:
+            if tuple(t.shape) != self.shape:
+                raise ConfigError(
+                    f"the saved reserve of {self.name} has shape {tuple(t.shape)}, the "
+                    f"weight {self.shape}: the state belongs to a different model"
+                )
+
+    def load_reserve(self, state: dict[str, Tensor]) -> None:
+        self.check_reserve(state)
+        reserve, trained = state["reserve"], state["trained"]
         device = self.param.device
         self.reserve = torch.where(self.mask, 0.0, reserve.to(device, self.param.dtype))
         self.trained = trained.to(device=device, dtype=torch.bool) | self.mask

@@ -298,6 +298,12 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
     def extra_state(self) -> dict[str, Any]:
         return {}
 
+    def check_extra_state(self, state: dict[str, Any]) -> None:
+        """Raise a ConfigError if :meth:`load_extra_state` could not load ``state``;
+        ``load_state_dict`` calls it before changing anything, so a refused state leaves
+        the sparsifier and the model as they were."""
+        del state
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
         del state
 

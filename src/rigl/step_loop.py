@@ -188,6 +188,7 @@ class StepLoop:
             )
         check_model_names(self.targets, state["masks"])
         masks = [w.check_topology(state["masks"][w.name]) for w in self.weights]  # all first
+        self.check_extra_state(state.get("extra", {}))  # before anything changes
         for weight, mask in zip(self.weights, masks, strict=True):
             weight.load_topology(mask, self.optimizer)  # compressed: the optimizer state too
         self.step_count = int(state["step"])
