@@ -131,12 +131,9 @@ class ReservedWeight(MaskedWeight):
         """Re-split θ by ``rewiring``: grown weights bring their θ from the reserve (or take
         ``grown_values``), dropped ones move theirs there; optimizer state is reset only
         where a position enters or leaves the trained set (``rewiring.trained`` if it is a
-        :class:`ReservedRewiring`, else B grows by the new active weights)."""
+        :class:`ReservedRewiring`, else B grows by the new active weights). Only the
+        positions that change are touched (SR-STE and Top-KAST install after every step)."""
         self._park()
-        theta = self.values().reshape(-1)
-        if rewiring.grown_values is not None:
-            theta[rewiring.grown] = rewiring.grown_values.to(theta.dtype)
-        theta = theta.reshape(self.shape)
         new_mask = self._mask_after(rewiring)
         if isinstance(rewiring, ReservedRewiring) and rewiring.trained is not None:
             new_trained = torch.zeros(self.numel, dtype=torch.bool, device=new_mask.device)
@@ -144,18 +141,61 @@ class ReservedWeight(MaskedWeight):
             new_trained = new_trained.reshape(self.shape)
             if bool((new_mask & ~new_trained).any()):
                 raise ValueError(f"{self.name}: the trained set must contain the active one")
-        else:
-            new_trained = self._trained | new_mask
-        reset_optimizer_state(optimizer, self.param, new_trained ^ self._trained)
-        grown, dropped = new_mask & ~self.mask, self.mask & ~new_mask
-        self.param.copy_(torch.where(new_mask, theta, 0.0))
-        self.reserve = torch.where(new_mask, 0.0, theta)
-        self.mask, self.trained = new_mask, new_trained
-        if not grown_gradient:
-            self._zero_gradient(grown)
+            changed = new_trained ^ self._trained
+        else:  # B grows by the active weights it lacks (none, for SR-STE's B of everything)
+            changed = new_mask & self._untrained
+            new_trained = self._trained | new_mask if bool(changed.any()) else self._trained
+        if new_trained is not self._trained:
+            reset_optimizer_state(optimizer, self.param, changed)
+        dropped = self.active_positions()[~rewiring.keep]
+        grown = rewiring.grown
+        regrown = self.mask.reshape(-1)[grown]  # dropped and grown again: stays active
+        self._move(dropped, grown, rewiring.grown_values)
+        self.mask = new_mask
+        if new_trained is not self._trained:
+            self.trained = new_trained
+        new = grown[~regrown]
+        if not grown_gradient and self.param.grad is not None:
+            self._zero_gradient_at(new)
+        n_regrown = int(regrown.count_nonzero())
         return RewireStats(
-            self.name, self.n_active, int(dropped.count_nonzero()), int(grown.count_nonzero())
+            self.name, self.n_active, dropped.numel() - n_regrown, grown.numel() - n_regrown
         )
+
+    def _move(self, dropped: Tensor, grown: Tensor, grown_values: Tensor | None) -> None:
+        """Dropped positions' values to the reserve, then grown positions' values (their θ,
+        or ``grown_values``) into the parameter; both tensors stay zero where the other holds
+        the value. A position dropped and grown again keeps its value."""
+        param = self.param.detach()
+        if not param.is_contiguous():  # a flat view would be a copy: re-split the whole θ
+            theta = (param + self.reserve).reshape(-1)
+            active = torch.zeros(self.numel, dtype=torch.bool, device=theta.device)
+            active[self.active_positions()] = True
+            active[dropped] = False
+            active[grown] = True
+            if grown_values is not None:
+                theta[grown] = grown_values.to(theta.dtype)
+            theta, active = theta.reshape(self.shape), active.reshape(self.shape)
+            param.copy_(torch.where(active, theta, 0.0))
+            self.reserve = torch.where(active, 0.0, theta)
+            return
+        flat, reserve = param.view(-1), self.reserve.view(-1)
+        reserve[dropped] = flat[dropped]
+        flat[dropped] = 0.0
+        values = reserve[grown] if grown_values is None else grown_values.to(flat.dtype)
+        flat[grown] = values
+        reserve[grown] = 0.0
+
+    def _zero_gradient_at(self, positions: Tensor) -> None:
+        grad = self.param.grad
+        if grad is None or not positions.numel():
+            return
+        if grad.is_sparse or not grad.is_contiguous():
+            where = torch.zeros(self.numel, dtype=torch.bool, device=positions.device)
+            where[positions] = True
+            self._zero_gradient(where.reshape(self.shape))
+        else:
+            grad.view(-1)[positions] = 0.0
 
     def load_topology(self, mask: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """A checkpoint's mask; the reserve and trained set come with the method's state
