@@ -41,6 +41,7 @@ format: setup
 
 bench: setup  ## benchmarks; results are written under benchmarks/results/
 	$(BIN)/python benchmarks/bench_topology_update.py
+	$(BIN)/python benchmarks/bench_method_step.py
 	$(BIN)/python benchmarks/bench_sparse_kernels.py
 	$(BIN)/python benchmarks/bench_sparse_update.py
 	$(BIN)/python benchmarks/bench_mnist5k_backends.py
