@@ -132,5 +132,5 @@ def penalize(weight: ReservedWeight, where: Tensor, scale: Tensor | float) -> No
     grad = weight.param.grad
     if grad is None:
         return
-    theta = weight.values()
-    grad.add_(torch.where(where, theta * scale, 0.0).to(grad.dtype))
+    term = weight.values().mul_(scale)  # a new tensor: scaled and masked in place
+    grad.add_(torch.where(where, term, term.new_zeros(()), out=term).to(grad.dtype))

@@ -82,6 +82,8 @@ class ReservedWeight(MaskedWeight):
     def trained(self, trained: Tensor) -> None:
         self._trained = trained
         self._untrained_cache = ~trained
+        self._all_trained = not bool(self._untrained_cache.any())  # SR-STE: B is everything
+        self._parked_cache: Tensor | None = None
 
     @property
     def _untrained(self) -> Tensor:
@@ -98,9 +100,11 @@ class ReservedWeight(MaskedWeight):
     def mask_gradient(self) -> None:
         """Before the optimizer step: the gradient outside B to zero, and B \\ A's values
         back into the parameter so that the step trains them."""
-        self._zero_gradient(self._untrained)
+        if not self._all_trained:
+            self._zero_gradient(self._untrained)
         if not self._open:
-            self.param.copy_(torch.where(self._inactive & self._trained, self.reserve, self.param))
+            param = self.param.detach()
+            torch.where(self._parked(), self.reserve, param, out=param)
             self._open = True
 
     @torch.no_grad()
@@ -114,11 +118,19 @@ class ReservedWeight(MaskedWeight):
 
     def _park(self) -> None:
         if self._open:
-            self.reserve.copy_(
-                torch.where(self._inactive & self._trained, self.param, self.reserve)
-            )
+            torch.where(self._parked(), self.param.detach(), self.reserve, out=self.reserve)
             self.param.masked_fill_(self._inactive, 0.0)
             self._open = False
+
+    def _parked(self) -> Tensor:
+        """B \\ A: the positions whose values go to the reserve between steps (computed once
+        per mask and trained set)."""
+        if self._parked_cache is None or self._parked_for is not self._mask:
+            self._parked_cache = (
+                self._inactive if self._all_trained else self._inactive & self._trained
+            )
+            self._parked_for = self._mask
+        return self._parked_cache
 
     # -- topology ------------------------------------------------------------------------
     @torch.no_grad()
