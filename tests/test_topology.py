@@ -107,12 +107,16 @@ def test_sampled_band_gives_the_exact_top_k(monkeypatch, levels, k, low_wins):
     """The banded top-k (a sampled bracket of the k-th value) chooses what the plain
     top-k chooses, ties included, and draws as many tie priorities."""
     score = _levels(100_000, levels, k)
-    fast_gen, exact_gen = update_generator(5, 1, 2), update_generator(5, 1, 2)
+    fast_gen, mask_gen, exact_gen = (update_generator(5, 1, 2) for _ in range(3))
     fast = topk_indices(score, k, fast_gen, low_wins=low_wins)
+    mask = topk_mask(score, k, mask_gen, low_wins=low_wins)  # the band as a bool mask
     monkeypatch.setattr(topology, "_PREFILTER_MIN", 10**12)  # force the plain top-k
     exact = topk_indices(score, k, exact_gen, low_wins=low_wins)
     assert fast.numel() == k and sorted(fast.tolist()) == sorted(exact.tolist())
-    assert torch.equal(torch.rand(3, generator=fast_gen), torch.rand(3, generator=exact_gen))
+    assert mask.nonzero().squeeze(1).tolist() == sorted(exact.tolist())
+    after = torch.rand(3, generator=exact_gen)
+    assert torch.equal(torch.rand(3, generator=fast_gen), after)
+    assert torch.equal(torch.rand(3, generator=mask_gen), after)
 
 
 @pytest.mark.parametrize("levels", [None, 7, 1000])

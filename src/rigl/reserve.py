@@ -266,7 +266,7 @@ def magnitude_plan(
     ``n_trained - n_forward`` largest (unstructured; all positions when ``n_trained`` is
     the layer's size)."""
     grid, device = weight.grid, weight.param.device
-    score = weight.values().abs().reshape(-1)
+    score = weight.values().abs_().reshape(-1)  # values() is a new tensor
     mask_path = _MASK_PATH and grid.blocks == 1
     if mask_path and grid.pattern.kind == "unstructured":
         in_new = _top_mask(score, n_forward, tie_break)

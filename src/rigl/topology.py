@@ -46,9 +46,9 @@ def topk_indices(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool =
     if k > score.numel():
         raise ValueError(f"cannot choose {k} of {score.numel()} positions")
     if score.numel() >= _PREFILTER_MIN and k < score.numel():
-        chosen = _banded(score, k, tie_break, low_wins)
-        if chosen is not None:
-            return chosen
+        band = _band(score, k, tie_break, low_wins)
+        if band is not None:
+            return torch.cat([band[0].nonzero().squeeze(1), band[1]])
     return _exact_topk(score, k, tie_break, low_wins)
 
 
@@ -91,9 +91,13 @@ def _sample_positions(n: int) -> Tensor:  # cached: the same n recurs at every u
     return torch.sort(torch.randint(0, n, (_SAMPLE,), generator=generator)).values
 
 
-def _banded(score: Tensor, k: int, tie_break: TieBreak, low_wins: bool) -> Tensor | None:
-    """:func:`topk_indices` through a sampled band around the k-th largest value, or None
-    if the sample missed it (or a mass of ties makes the band as large as the input)."""
+def _band(
+    score: Tensor, k: int, tie_break: TieBreak, low_wins: bool
+) -> tuple[Tensor, Tensor] | None:
+    """The top k through a sampled band around the k-th largest value: ``(above, chosen)``,
+    a bool mask of the entries above the band (all in the top k) and the indices of the
+    band's share, or None if the sample missed (or a mass of ties makes the band as large
+    as the input). No tie is drawn before it is known not to be None."""
     n = score.numel()
     sample = score[sample_positions(n, score.device)].sort().values
     size = sample.numel()
@@ -102,17 +106,35 @@ def _banded(score: Tensor, k: int, tie_break: TieBreak, low_wins: bool) -> Tenso
     margin = _BAND_SIGMAS * (size * q * (1 - q)) ** 0.5 + 8
     lo = sample[max(0, int(rank - margin))]
     hi = sample[min(size - 1, int(rank + margin))]
-    above = (score > hi).nonzero().squeeze(1)
-    if above.numel() > k:
+    above = score > hi
+    n_above = int(above.count_nonzero())
+    if n_above > k:
         return None
     band = ((score >= lo) & (score <= hi)).nonzero().squeeze(1)
-    if above.numel() + band.numel() < k or band.numel() > n // 2:
+    if n_above + band.numel() < k or band.numel() > n // 2:
         return None
-    rest = k - above.numel()
+    rest = k - n_above
     if rest == 0:
+        return above, band[:0]
+    return above, band[_exact_topk(score[band], rest, _subset(tie_break, band), low_wins)]
+
+
+def topk_mask(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool = False) -> Tensor:
+    """Bool mask of :func:`topk_indices` (the same entries, the same tie draws), built
+    without the list of chosen indices where the band applies."""
+    n = score.numel()
+    if 0 < k < n and n >= _PREFILTER_MIN:
+        band = _band(score, k, tie_break, low_wins)
+        chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
+        if band is None:
+            chosen[_exact_topk(score, k, tie_break, low_wins)] = True
+            return chosen
+        above, share = band
+        above[share] = True
         return above
-    best = _exact_topk(score[band], rest, _subset(tie_break, band), low_wins)
-    return torch.cat([above, band[best]])
+    chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
+    chosen[topk_indices(score, k, tie_break, low_wins=low_wins)] = True
+    return chosen
 
 
 def bottomk_keep(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
@@ -122,19 +144,8 @@ def bottomk_keep(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
     priority winning among ties picks exactly that complement, with the same tie draws."""
     n = score.numel()
     if 2 * k <= n:
-        keep = torch.ones(n, dtype=torch.bool, device=score.device)
-        keep[topk_indices(-score, k, tie_break)] = False
-        return keep
-    keep = torch.zeros(n, dtype=torch.bool, device=score.device)
-    keep[topk_indices(score, n - k, tie_break, low_wins=True)] = True
-    return keep
-
-
-def topk_mask(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
-    """Bool mask of :func:`topk_indices`."""
-    chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    chosen[topk_indices(score, k, tie_break)] = True
-    return chosen
+        return ~topk_mask(-score, k, tie_break)
+    return topk_mask(score, n - k, tie_break, low_wins=True)
 
 
 def split_evenly(n: int, parts: int) -> list[int]:
