@@ -457,3 +457,26 @@ def test_magnitude_plan_mask_path_chooses_what_the_position_path_chooses(
         assert torch.equal(fast.trained, general.trained) and fast.trained.numel() == n_trained
     assert fast_after is None or torch.equal(fast_after, general_after)
     assert int(fast.keep.sum()) + fast.grown.numel() == n_forward
+
+
+def test_reserved_install_on_a_non_contiguous_parameter_matches_the_contiguous_one():
+    """A transposed parameter has no flat view: install re-splits the whole θ instead of
+    moving the changed positions, and must leave the same parameter, reserve and mask."""
+    from rigl import reserve
+    from rigl.topology import update_generator
+
+    theta = torch.randn(20, 10, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(10, 20, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(200, generator=torch.Generator().manual_seed(8))[:40]] = True
+    results = []
+    for param in (nn.Parameter(theta.t().contiguous()), nn.Parameter(theta.t())):
+        weight = reserve.ReservedWeight("w", param, mask.clone())
+        for step in range(3):
+            with torch.no_grad():  # move θ so that the magnitude plan changes the masks
+                weight.reserve.mul_(1.5 + step)
+            plan = reserve.magnitude_plan(weight, 40, 80, update_generator(0, step, 0))
+            weight.install(plan, None)
+        results.append((param.detach().clone(), weight.reserve.clone(), weight.mask.clone()))
+    (p0, r0, m0), (p1, r1, m1) = results
+    assert torch.equal(m0, m1) and torch.equal(p0, p1) and torch.equal(r0, r1)
+    assert not torch.equal(m0, mask)  # the masks did change

@@ -120,7 +120,7 @@ class MagnitudeReserve:
             weight.check_reserve(reserves[weight.name])
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.check_extra_state(state)
+        # load_state_dict ran check_extra_state on this state before changing anything
         super().load_extra_state(state)  # type: ignore[misc]
         for weight in self.reserved():
             weight.load_reserve(state["reserves"][weight.name])

@@ -159,13 +159,12 @@ class ReservedWeight(MaskedWeight):
             new_trained = self._trained | new_mask if bool(changed.any()) else self._trained
         if new_trained is not self._trained:
             reset_optimizer_state(optimizer, self.param, changed)
+            self.trained = new_trained
         dropped = self.active_positions()[~rewiring.keep]
         grown = rewiring.grown
         regrown = self.mask.reshape(-1)[grown]  # dropped and grown again: stays active
-        self._move(dropped, grown, rewiring.grown_values)
+        self._move(dropped, grown, rewiring.grown_values, new_mask)
         self.mask = new_mask
-        if new_trained is not self._trained:
-            self.trained = new_trained
         new = grown[~regrown]
         if not grown_gradient and self.param.grad is not None:
             self._zero_gradient_at(new)
@@ -174,22 +173,20 @@ class ReservedWeight(MaskedWeight):
             self.name, self.n_active, dropped.numel() - n_regrown, grown.numel() - n_regrown
         )
 
-    def _move(self, dropped: Tensor, grown: Tensor, grown_values: Tensor | None) -> None:
+    def _move(
+        self, dropped: Tensor, grown: Tensor, grown_values: Tensor | None, new_mask: Tensor
+    ) -> None:
         """Dropped positions' values to the reserve, then grown positions' values (their θ,
         or ``grown_values``) into the parameter; both tensors stay zero where the other holds
         the value. A position dropped and grown again keeps its value."""
         param = self.param.detach()
         if not param.is_contiguous():  # a flat view would be a copy: re-split the whole θ
             theta = (param + self.reserve).reshape(-1)
-            active = torch.zeros(self.numel, dtype=torch.bool, device=theta.device)
-            active[self.active_positions()] = True
-            active[dropped] = False
-            active[grown] = True
             if grown_values is not None:
                 theta[grown] = grown_values.to(theta.dtype)
-            theta, active = theta.reshape(self.shape), active.reshape(self.shape)
-            param.copy_(torch.where(active, theta, 0.0))
-            self.reserve = torch.where(active, 0.0, theta)
+            theta = theta.reshape(self.shape)
+            param.copy_(torch.where(new_mask, theta, 0.0))
+            self.reserve = torch.where(new_mask, 0.0, theta)
             return
         flat, reserve = param.view(-1), self.reserve.view(-1)
         reserve[dropped] = flat[dropped]
@@ -239,7 +236,7 @@ class ReservedWeight(MaskedWeight):
                 )
 
     def load_reserve(self, state: dict[str, Tensor]) -> None:
-        self.check_reserve(state)
+        """Load a reserve :meth:`check_reserve` accepted."""
         reserve, trained = state["reserve"], state["trained"]
         device = self.param.device
         self.reserve = torch.where(self.mask, 0.0, reserve.to(device, self.param.dtype))

@@ -39,16 +39,33 @@ def topk_indices(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool =
     Exact ties at the k-th value are resolved by priority (larger wins; smaller with
     ``low_wins``, which :func:`bottomk_keep` uses to choose the exact complement of a
     bottom-k). Cost: a few comparison passes and a top-k over the entries near the k-th
-    value (:func:`_banded`); priorities are drawn only when there is a tie.
+    value (:func:`_band`); priorities are drawn only when there is a tie.
     """
+    band = _band_if_large(score, k, tie_break, low_wins)
+    if band is not None:
+        return torch.cat([band[0].nonzero().squeeze(1), band[1]])
+    return _checked_topk(score, k, tie_break, low_wins)
+
+
+def topk_mask(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool = False) -> Tensor:
+    """Bool mask of :func:`topk_indices` (the same entries, the same tie draws), built
+    without the list of chosen indices where the band applies."""
+    band = _band_if_large(score, k, tie_break, low_wins)
+    if band is not None:
+        above, share = band
+        above[share] = True
+        return above
+    chosen = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    chosen[_checked_topk(score, k, tie_break, low_wins)] = True
+    return chosen
+
+
+def _checked_topk(score: Tensor, k: int, tie_break: TieBreak, low_wins: bool) -> Tensor:
+    """:func:`_exact_topk` for any ``k``: none for ``k <= 0``, a ValueError above the size."""
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=score.device)
     if k > score.numel():
         raise ValueError(f"cannot choose {k} of {score.numel()} positions")
-    if score.numel() >= _PREFILTER_MIN and k < score.numel():
-        band = _band(score, k, tie_break, low_wins)
-        if band is not None:
-            return torch.cat([band[0].nonzero().squeeze(1), band[1]])
     return _exact_topk(score, k, tie_break, low_wins)
 
 
@@ -119,22 +136,13 @@ def _band(
     return above, band[_exact_topk(score[band], rest, _subset(tie_break, band), low_wins)]
 
 
-def topk_mask(score: Tensor, k: int, tie_break: TieBreak, *, low_wins: bool = False) -> Tensor:
-    """Bool mask of :func:`topk_indices` (the same entries, the same tie draws), built
-    without the list of chosen indices where the band applies."""
-    n = score.numel()
-    if 0 < k < n and n >= _PREFILTER_MIN:
-        band = _band(score, k, tie_break, low_wins)
-        chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
-        if band is None:
-            chosen[_exact_topk(score, k, tie_break, low_wins)] = True
-            return chosen
-        above, share = band
-        above[share] = True
-        return above
-    chosen = torch.zeros(n, dtype=torch.bool, device=score.device)
-    chosen[topk_indices(score, k, tie_break, low_wins=low_wins)] = True
-    return chosen
+def _band_if_large(
+    score: Tensor, k: int, tie_break: TieBreak, low_wins: bool
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`_band` where it saves work (a large score, 0 < k < size), else None."""
+    if score.numel() < _PREFILTER_MIN or not 0 < k < score.numel():
+        return None
+    return _band(score, k, tie_break, low_wins)
 
 
 def bottomk_keep(score: Tensor, k: int, tie_break: TieBreak) -> Tensor:
