@@ -65,8 +65,10 @@ def test_products_match_dense(use, n_out, n_in, batch, density):
 
 
 @pytest.mark.parametrize("use", BACKENDS)
-@pytest.mark.parametrize("batch", [1, 3, 37])
-def test_gradcheck(use, batch):
+@pytest.mark.parametrize(("batch", "panel"), [(1, None), (3, None), (37, None), (37, 8)])
+def test_gradcheck(use, batch, panel, monkeypatch):
+    if panel:  # 37 rows in panels of at most 8 columns: 5 panels, the last one padded
+        monkeypatch.setattr(kernels, "PANEL_WIDTH", panel)
     mask = random_pattern((9, 11), 0.4, empty_rows=(3,))
     index = index_of(mask)
     gen = torch.Generator().manual_seed(2)
@@ -294,3 +296,100 @@ def test_a_built_extension_is_loaded_without_the_build_tools(monkeypatch, capsys
     assert ext is not None and hasattr(ext, "forward")
     assert capsys.readouterr().err == ""
     assert os.path.dirname(ext.__file__).startswith(os.path.realpath(folder))
+
+
+# -- panels: batches wider than kernels.PANEL_WIDTH ------------------------------------------
+@pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("n", "f", "width"), [(210, 33, 64), (256, 40, 64), (5, 7, 2), (9, 1, 4)])
+def test_panels_round_trip_and_zero_padding(dtype, n, f, width):
+    a = torch.randn(n, f).to(dtype)
+    panels = kernels.to_panels(a, width)
+    n_panels = -(-n // width)
+    assert panels.shape == (n_panels, f, width)
+    for p in range(n_panels):  # panel p is rows p * width ... transposed, then zeros
+        rows = a[p * width : (p + 1) * width]
+        assert torch.equal(panels[p, :, : len(rows)], rows.t())
+        assert not panels[p, :, len(rows) :].any()
+    back = kernels.from_panels(panels, n)
+    assert back.is_contiguous() and torch.equal(back, a)
+
+
+def test_panel_width_covers_the_batch_in_equal_multiples_of_64(monkeypatch):
+    monkeypatch.setattr(kernels, "PANEL_WIDTH", 256)
+    assert kernels.panel_width(200) == 200  # one panel: the plain transpose
+    for n in (257, 300, 1000, 4096, 4097, 10_000):
+        width = kernels.panel_width(n)
+        n_panels = -(-n // width)
+        assert width % 64 == 0 and width <= 256
+        assert (n_panels - 1) * width < n <= n_panels * width
+        assert n_panels == -(-n // 256)  # no more panels than needed
+
+
+def _layers(kind):
+    from rigl.sparse import CondensedLinear, SparseLinear
+
+    gen = torch.Generator().manual_seed(0)
+    if kind == "unstructured":
+        layer = SparseLinear(48, 40, density=0.2, generator=gen)
+    else:
+        pattern = {"fanin": {"fan_in": 5}, "2:4": {"nm": "2:4"}}[kind]
+        layer = CondensedLinear(48, 40, generator=gen, **pattern)
+    return layer, layer.to_dense()
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
+@pytest.mark.parametrize("kind", ["unstructured", "fanin", "2:4"])
+def test_a_batch_in_panels_matches_the_dense_layer(monkeypatch, kind):
+    """A batch of 3 x 70 = 210 rows in panels of 64 (the last one 18 rows and zero
+    padding): output (row-major, as nn.Linear's), input and weight gradients, bias gradient
+    and the grow scores (dense gradient by rows and at positions) equal the dense layer's."""
+    monkeypatch.setattr(kernels, "PANEL_WIDTH", 64)
+    sparse, dense = _layers(kind)
+    x = torch.randn(3, 70, 48)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sparse.keep_grow_inputs(True)
+    ys, yd = sparse(xs), dense(xd)
+    assert ys.is_contiguous()  # panels come back row-major
+    torch.testing.assert_close(ys, yd, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(yd)
+    ys.backward(dy)
+    yd.backward(dy)
+    assert sparse._grow.xts[0].shape == (4, 48, 64)  # the backward saw panels
+    torch.testing.assert_close(xs.grad, xd.grad, rtol=1e-4, atol=1e-5)
+    mask = dense.weight.detach() != 0
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        sparse.grad_rows(3, 17), dense.weight.grad[3:17], rtol=1e-4, atol=1e-5
+    )
+    flat = torch.tensor([0, 7, 500, 1919])
+    torch.testing.assert_close(
+        sparse.grad_at(flat), dense.weight.grad.reshape(-1)[flat], rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+def test_products_take_panels_as_the_transposed_batch(use):
+    """The products on panels (n_panels, in, width) give the panels of the products on the
+    plain feature-major batch, on the compiled kernels and the torch fallback alike."""
+    mask = random_pattern((30, 20), 0.3)
+    index = index_of(mask)
+    values = torch.randn(int(mask.sum()))
+    bias = torch.randn(30)
+    x, dy = torch.randn(100, 20), torch.randn(100, 30)
+    xp = torch.zeros(4, 20, 32)
+    dyp = torch.zeros(4, 30, 32)
+    for p in range(4):
+        xp[p, :, : len(x[32 * p : 32 * (p + 1)])] = x[32 * p : 32 * (p + 1)].t()
+        dyp[p, :, : len(dy[32 * p : 32 * (p + 1)])] = dy[32 * p : 32 * (p + 1)].t()
+    yt = kernels.forward(values, index, x.t().contiguous(), bias, use=use)
+    yp = kernels.forward(values, index, xp, bias, use=use)
+    dxt, dw = kernels.backward(values, index, x.t().contiguous(), dy.t().contiguous(), use=use)
+    dxp, dwp = kernels.backward(values, index, xp, dyp, use=use)
+    for p in range(4):
+        cols = slice(32 * p, min(100, 32 * (p + 1)))
+        width = cols.stop - cols.start
+        torch.testing.assert_close(yp[p, :, :width], yt[:, cols])
+        torch.testing.assert_close(dxp[p, :, :width], dxt[:, cols])
+    torch.testing.assert_close(dwp, dw, rtol=1e-5, atol=1e-5)

@@ -180,6 +180,7 @@ def forward(
         grouped = index.group is not None
         yt = ext.condensed_forward(values.view(n_out, k), index.col_idx, xt, bias, grouped)
         return yt.to(dtype)
+    panels, xt = xt, kernels._flat(xt)
     yt = torch.empty(n_out, xt.shape[1], dtype=xt.dtype, device=xt.device)
     w = values.view(n_out, k)
     with kernels._no_autocast(xt.device):
@@ -188,7 +189,7 @@ def forward(
             yt[r0:r1] = torch.einsum("rk,rkb->rb", w[r0:r1], gathered)
     if bias is not None:
         yt += bias[:, None]
-    return yt.to(dtype)
+    return kernels._like(yt, panels).to(dtype)
 
 
 def backward(
@@ -219,6 +220,7 @@ def weight_grad(
     if ext is not None:
         return ext.condensed_weight_grad(index.col_idx, xt, dyt)
     n_out, k = index.col_idx.shape
+    xt, dyt = kernels._flat(xt), kernels._flat(dyt)
     dw = torch.empty(n_out, k, dtype=xt.dtype, device=xt.device)
     with kernels._no_autocast(xt.device):
         for r0, r1 in _row_blocks(n_out, k * xt.shape[1]):  # dw[o, j] = <dy[o], x[idx[o, j]]>
@@ -236,7 +238,7 @@ def _semi_structured(
     device, pattern or dtype, or a shape or GPU they refuse (the general products run
     then). The weight is compressed anew on every call, as it changes every step."""
     two_four = index.group == 4 and 2 * index.k == index.shape[1]
-    if values.device.type != "cuda" or not two_four:
+    if values.device.type != "cuda" or not two_four or xt.dim() != 2:
         return None
     if values.dtype not in (torch.float16, torch.bfloat16):
         return None

@@ -85,7 +85,12 @@ class GrowScores:
         """
         if not self._grow.xts:
             raise RuntimeError("no kept batch: call keep_grow_inputs() before backward()")
-        pieces = zip(self._grow.xts, self._grow.dyts, strict=True)  # (in, B_i), (out, B_i)
+        # (in, B_i), (out, B_i); a batch kept in panels adds one product per panel
+        pieces = (
+            (xp, dyp)
+            for xt, dyt in zip(self._grow.xts, self._grow.dyts, strict=True)
+            for xp, dyp in (zip(xt, dyt, strict=True) if xt.dim() == 3 else [(xt, dyt)])
+        )
         xt, dyt = next(pieces)
         # In the dtype of the kept inputs (bf16 under autocast), summed in that of values:
         # the same products and sums as autograd makes for .grad of a dense weight.

@@ -185,23 +185,30 @@ def check_operands(
     for name, t, rows, what in operands:
         if t is None:
             continue
-        if t.dim() != 2 or t.shape[0] != rows:
+        if t.dim() not in (2, 3) or t.shape[-2] != rows:
             raise ValueError(
-                f"{name} has {t.shape[0] if t.dim() else 0} rows (shape {tuple(t.shape)}), "
-                f"the weight has {rows} {what}"
+                f"{name} has {t.shape[-2] if t.dim() > 1 else 0} rows (shape "
+                f"{tuple(t.shape)}), the weight has {rows} {what}"
             )
         if t.dtype != dtype or t.device != device:
             raise ValueError(
                 f"{name} has dtype {t.dtype} on device {t.device}, values {dtype} on {device}"
             )
-    if dyt is not None and dyt.shape[1] != xt.shape[1]:
-        raise ValueError(f"xt and dyt differ in batch size ({xt.shape[1]} and {dyt.shape[1]})")
+    if dyt is not None and (dyt.dim() != xt.dim() or _batch(dyt) != _batch(xt)):
+        raise ValueError(
+            f"xt and dyt differ in batch size or panels ({tuple(xt.shape)} and {tuple(dyt.shape)})"
+        )
     if bias is not None and (bias.shape != (n_out,) or bias.dtype != dtype):
         raise ValueError(
             f"bias is {bias.dtype} of shape {tuple(bias.shape)}, expected {dtype} of ({n_out},)"
         )
     if (bias is not None and bias.device != device) or index.row_ptr.device != device:
         raise ValueError(f"bias or index on another device than values ({device})")
+
+
+def _batch(t: Tensor) -> tuple[int, ...]:
+    """The batch part of an activation's shape: ``(B,)``, or ``(n_panels, width)``."""
+    return (t.shape[-1],) if t.dim() == 2 else (t.shape[0], t.shape[2])
 
 
 def _computed(t: Tensor | None) -> Tensor | None:
@@ -211,10 +218,63 @@ def _computed(t: Tensor | None) -> Tensor | None:
     return t.to(_COMPUTE_DTYPE[t.dtype]).contiguous()
 
 
+# -- panels --------------------------------------------------------------------------------
+# Batches above PANEL_WIDTH columns are cut into panels (see to_panels), chosen by
+# measurement: the compiled forward of a 512 x 2048 layer at density 0.02 runs at about 23
+# multiply-adds per ns on batches of 128 to 1,024 columns, 5 at 4,096 (one (in x B)
+# activation: every gathered row on another page).
+PANEL_WIDTH = 256
+
+
+def panel_width(n: int) -> int:
+    """The width of the panels of an ``n``-row batch: ``n`` itself (one panel) up to
+    :data:`PANEL_WIDTH`, else about equal panels of at most that width, a multiple of 64."""
+    if n <= PANEL_WIDTH:
+        return n
+    per_panel = -(-n // -(-n // PANEL_WIDTH))  # ceil(n / ceil(n / PANEL_WIDTH))
+    return min(PANEL_WIDTH, -(-per_panel // 64) * 64)
+
+
+def to_panels(a: Tensor, width: int | None = None, *, use: str | None = None) -> Tensor:
+    """The feature-major form of a row-major activation ``a`` ``(N, F)``, as the products
+    take it: ``(F, N)`` (one panel, the transpose) when the batch fits one panel or the
+    compiled kernels are not in use, else ``(n_panels, F, width)``: panel ``p`` holds rows
+    ``p * width`` to ``(p + 1) * width`` transposed, the last panel's missing rows zero
+    (so that they add nothing to a weight gradient)."""
+    n = a.shape[0]
+    width = panel_width(n) if width is None else width
+    ext = _pick(use, a.device)
+    if width >= n or ext is None or a.dtype not in _COMPUTE_DTYPE:
+        return transpose(a, use=use)
+    return ext.to_panels(a.contiguous(), width)
+
+
+def from_panels(at: Tensor, n: int, *, use: str | None = None) -> Tensor:
+    """Row-major ``(n, F)`` from the panels of :func:`to_panels` (``(F, n)``: the transpose,
+    a view when it can be one)."""
+    if at.dim() == 2:
+        return at.t()
+    return _pick("cpp").from_panels(at.contiguous(), n)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Panels ``(n_panels, F, width)`` as one ``(F, n_panels * width)`` (the fallbacks)."""
+    return t if t.dim() == 2 else t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _like(t: Tensor, panels: Tensor) -> Tensor:
+    """``t`` ``(R, n_panels * width)`` back in the panel layout of ``panels``."""
+    if panels.dim() == 2:
+        return t
+    n_panels, _, width = panels.shape
+    return t.reshape(t.shape[0], n_panels, width).transpose(0, 1).contiguous()
+
+
 def forward(
     values: Tensor, index: SparseIndex, xt: Tensor, bias: Tensor | None, *, use: str | None = None
 ) -> Tensor:
-    """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)``."""
+    """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)`` (or panels:
+    ``(n_panels, in, width)`` in, ``(n_panels, out, width)`` out)."""
     check_operands(values, index, xt, bias=bias)
     dtype = values.dtype
     values, xt, bias = _computed(values), _computed(xt), _computed(bias)
@@ -222,10 +282,10 @@ def forward(
     if ext is not None:
         return ext.forward(values, index.row_ptr, index.col_idx, xt, bias).to(dtype)
     with _no_autocast(values.device):
-        yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), xt)
+        yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), _flat(xt))
     if bias is not None:
         yt += bias[:, None]
-    return yt.to(dtype)
+    return _like(yt, xt).to(dtype)
 
 
 def backward(
@@ -238,7 +298,8 @@ def backward(
     *,
     use: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted."""
+    """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted. Panels as
+    :func:`forward` takes them give ``dxt`` in panels too."""
     check_operands(values, index, xt, dyt)
     dtype = values.dtype
     values, xt, dyt = _computed(values), _computed(xt), _computed(dyt)
@@ -257,7 +318,8 @@ def backward(
         )
     else:
         with _no_autocast(values.device):
-            dxt, dw = _backward_torch(values, index, xt, dyt, want_dx, want_dw)
+            dxt, dw = _backward_torch(values, index, _flat(xt), _flat(dyt), want_dx, want_dw)
+        dxt = None if dxt is None else _like(dxt, xt)
     return (dxt.to(dtype) if want_dx else None), (dw.to(dtype) if want_dw else None)
 
 

@@ -6,10 +6,14 @@ or gradient is built during ordinary steps; a dense gradient block exists only w
 grow step of RigL (Evci et al. 2020, "Rigging the Lottery") asks for one
 (:meth:`SparseLinear.grad_rows`, scanned block by block in :mod:`rigl.sparse.storage`).
 
-Layout: the kernels work on feature-major activations. The output of :meth:`forward` is a
+Layout: the kernels work on feature-major activations. For a batch of up to
+``rigl.sparse.kernels.PANEL_WIDTH`` (256) rows the output of :meth:`forward` is a
 transposed view (``y.t()`` is contiguous); element-wise ops keep that layout, so a
 following ``SparseLinear`` reads it without a copy. Use ``.reshape``/``.contiguous()``
-rather than ``.view`` on it.
+rather than ``.view`` on it. A larger batch (a transformer's batch x tokens) is cut into
+panels of at most that many rows, each transposed on its own, so that the rows a kernel
+gathers stay close together; the output then comes back row-major, as ``nn.Linear``'s,
+which is what attention and the ops after it read fastest.
 """
 
 from __future__ import annotations

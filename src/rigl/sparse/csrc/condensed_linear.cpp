@@ -177,30 +177,35 @@ inline int64_t forward_rows_nm(const T* vals, const int32_t* idx, int64_t k, con
   return r0;
 }
 
+// xt (n_panels x in x width) panels (one panel: in x B), yt likewise (out rows).
 template <typename T>
 void forward_impl(const T* vals, const int32_t* idx, int64_t k, const T* xt, const T* bias, T* yt,
-                  int64_t n_out, int64_t batch, bool grouped) {
-  const int nt = n_threads((k + 1) * n_out * batch);
+                  int64_t n_out, int64_t n_in, int64_t n_panels, int64_t width, bool grouped) {
+  const int nt = n_threads((k + 1) * n_out * n_panels * width);
 #pragma omp parallel num_threads(nt)
   {
     int64_t r0, r1;
     row_range(n_out, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
-    for (int64_t c0 = 0; c0 < batch; c0 += kChunk) {
-      const int c = static_cast<int>(std::min<int64_t>(kChunk, batch - c0));
-      const int64_t from =
-          grouped ? forward_rows_nm<T>(vals, idx, k, xt, bias, yt, r0, r1, batch, c0, c) : r0;
-      for (int64_t o = from; o < r1; ++o) {
-        const T b = bias ? bias[o] : T(0);
-        T* out = yt + o * batch + c0;
+    for (int64_t p = 0; p < n_panels; ++p) {
+      const T* xp = xt + p * n_in * width;
+      T* yp = yt + p * n_out * width;
+      for (int64_t c0 = 0; c0 < width; c0 += kChunk) {
+        const int c = static_cast<int>(std::min<int64_t>(kChunk, width - c0));
+        const int64_t from =
+            grouped ? forward_rows_nm<T>(vals, idx, k, xp, bias, yp, r0, r1, width, c0, c) : r0;
+        for (int64_t o = from; o < r1; ++o) {
+          const T b = bias ? bias[o] : T(0);
+          T* out = yp + o * width + c0;
 #ifdef __AVX2__
-        if constexpr (std::is_same_v<T, float>) {
-          if (c == kChunk) {
-            fwd_row_avx<kChunk / 8>(idx + o * k, vals + o * k, k, xt + c0, batch, out, b);
-            continue;
+          if constexpr (std::is_same_v<T, float>) {
+            if (c == kChunk) {
+              fwd_row_avx<kChunk / 8>(idx + o * k, vals + o * k, k, xp + c0, width, out, b);
+              continue;
+            }
           }
-        }
 #endif
-        fwd_row<T>(idx + o * k, vals + o * k, k, xt + c0, batch, out, b, c);
+          fwd_row<T>(idx + o * k, vals + o * k, k, xp + c0, width, out, b, c);
+        }
       }
     }
   }
@@ -261,25 +266,30 @@ inline void dw_row_avx(const int32_t* __restrict cols, int64_t k, const float* _
 
 template <typename T>
 void weight_grad_impl(const int32_t* idx, int64_t k, const T* xt, const T* dyt, T* dw,
-                      int64_t n_out, int64_t batch) {
-  const int nt = n_threads(k * n_out * batch);
+                      int64_t n_out, int64_t n_in, int64_t n_panels, int64_t width) {
+  const int nt = n_threads(k * n_out * n_panels * width);
 #pragma omp parallel num_threads(nt)
   {
     int64_t r0, r1;
     row_range(n_out, omp_get_thread_num(), omp_get_num_threads(), r0, r1);
-    for (int64_t c0 = 0; c0 < batch; c0 += kChunkDw) {
-      const int c = static_cast<int>(std::min<int64_t>(kChunkDw, batch - c0));
-      for (int64_t o = r0; o < r1; ++o) {
-        const T* dy = dyt + o * batch + c0;
+    for (int64_t p = 0; p < n_panels; ++p) {
+      const T* xp = xt + p * n_in * width;
+      const T* dyp = dyt + p * n_out * width;
+      for (int64_t c0 = 0; c0 < width; c0 += kChunkDw) {
+        const int c = static_cast<int>(std::min<int64_t>(kChunkDw, width - c0));
+        const bool accumulate = p > 0 || c0 > 0;
+        for (int64_t o = r0; o < r1; ++o) {
+          const T* dy = dyp + o * width + c0;
 #ifdef __AVX2__
-        if constexpr (std::is_same_v<T, float>) {
-          if (c == kChunkDw) {
-            dw_row_avx<kChunkDw / 8>(idx + o * k, k, dy, xt + c0, batch, dw + o * k, c0 > 0);
-            continue;
+          if constexpr (std::is_same_v<T, float>) {
+            if (c == kChunkDw) {
+              dw_row_avx<kChunkDw / 8>(idx + o * k, k, dy, xp + c0, width, dw + o * k, accumulate);
+              continue;
+            }
           }
-        }
 #endif
-        dw_row<T>(idx + o * k, k, dy, xt + c0, batch, dw + o * k, c0 > 0, c);
+          dw_row<T>(idx + o * k, k, dy, xp + c0, width, dw + o * k, accumulate, c);
+        }
       }
     }
   }
@@ -292,8 +302,17 @@ void check_condensed(const torch::Tensor& idx, const torch::Tensor& xt) {
   TORCH_CHECK(idx.scalar_type() == torch::kInt32 && idx.dim() == 2 && idx.is_contiguous() &&
                   idx.device().is_cpu(),
               "idx must be a contiguous 2-D int32 CPU tensor");
-  TORCH_CHECK(xt.dim() == 2 && xt.is_contiguous() && xt.device().is_cpu(),
-              "xt must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK((xt.dim() == 2 || xt.dim() == 3) && xt.is_contiguous() && xt.device().is_cpu(),
+              "xt must be a contiguous 2-D or 3-D (panels) CPU tensor");
+}
+
+// (n_panels, width) of a 2-D (one panel) or 3-D activation.
+inline int64_t n_panels(const torch::Tensor& t) { return t.dim() == 3 ? t.size(0) : 1; }
+
+// A tensor of `rows` rows shaped like the activation `like` (2-D or panels).
+torch::Tensor empty_act(const torch::Tensor& like, int64_t rows) {
+  if (like.dim() == 2) return torch::empty({rows, like.size(1)}, like.options());
+  return torch::empty({like.size(0), rows, like.size(2)}, like.options());
 }
 
 }  // namespace
@@ -307,8 +326,8 @@ torch::Tensor condensed_forward(const torch::Tensor& values, const torch::Tensor
   TORCH_CHECK(values.sizes() == idx.sizes() && values.is_contiguous() &&
                   values.scalar_type() == xt.scalar_type() && values.device().is_cpu(),
               "values must be a contiguous CPU tensor of idx's shape and xt's dtype");
-  const int64_t n_out = idx.size(0), k = idx.size(1), batch = xt.size(1);
-  auto yt = torch::empty({n_out, batch}, xt.options());
+  const int64_t n_out = idx.size(0), k = idx.size(1), width = xt.size(-1);
+  auto yt = empty_act(xt, n_out);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_condensed_forward", [&] {
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
@@ -318,8 +337,8 @@ torch::Tensor condensed_forward(const torch::Tensor& values, const torch::Tensor
       b = bias->data_ptr<scalar_t>();
     }
     forward_impl<scalar_t>(values.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), k,
-                           xt.data_ptr<scalar_t>(), b, yt.data_ptr<scalar_t>(), n_out, batch,
-                           grouped);
+                           xt.data_ptr<scalar_t>(), b, yt.data_ptr<scalar_t>(), n_out,
+                           xt.size(-2), n_panels(xt), width, grouped);
   });
   return yt;
 }
@@ -328,17 +347,19 @@ torch::Tensor condensed_forward(const torch::Tensor& values, const torch::Tensor
 torch::Tensor condensed_weight_grad(const torch::Tensor& idx, const torch::Tensor& xt,
                                     const torch::Tensor& dyt) {
   check_condensed(idx, xt);
-  TORCH_CHECK(dyt.dim() == 2 && dyt.is_contiguous() && dyt.device().is_cpu() &&
-                  dyt.size(0) == idx.size(0) && dyt.size(1) == xt.size(1) &&
-                  dyt.scalar_type() == xt.scalar_type(),
-              "dyt must be a contiguous CPU tensor (out x B) of xt's dtype and batch");
-  const int64_t n_out = idx.size(0), k = idx.size(1), batch = xt.size(1);
+  TORCH_CHECK(dyt.dim() == xt.dim() && dyt.is_contiguous() && dyt.device().is_cpu() &&
+                  dyt.size(-2) == idx.size(0) && dyt.size(-1) == xt.size(-1) &&
+                  n_panels(dyt) == n_panels(xt) && dyt.scalar_type() == xt.scalar_type(),
+              "dyt must be a contiguous CPU tensor (out x B, or panels) of xt's dtype and batch");
+  const int64_t n_out = idx.size(0), k = idx.size(1), width = xt.size(-1);
+  const int64_t batch = n_panels(xt) * width;
   // An empty batch runs no chunk: the gradient is a sum of nothing, zero.
   auto dw = batch == 0 ? torch::zeros({n_out, k}, xt.options()) : torch::empty({n_out, k}, xt.options());
   if (batch == 0) return dw;
   AT_DISPATCH_FLOATING_TYPES(xt.scalar_type(), "rigl_condensed_weight_grad", [&] {
     weight_grad_impl<scalar_t>(idx.data_ptr<int32_t>(), k, xt.data_ptr<scalar_t>(),
-                               dyt.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), n_out, batch);
+                               dyt.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), n_out,
+                               xt.size(-2), n_panels(xt), width);
   });
   return dw;
 }

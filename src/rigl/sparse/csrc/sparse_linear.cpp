@@ -116,26 +116,31 @@ inline void fwd_tile_any(const int32_t* __restrict cols, const T* __restrict val
 
 template <typename T>
 void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, const T* xt,
-                  const T* bias, T* yt, int64_t n_out, int64_t batch) {
-  const int nt = n_threads((row_ptr[n_out] + n_out) * batch);
-  const int64_t n_chunks = (batch + kChunkFwd - 1) / kChunkFwd;
+                  const T* bias, T* yt, int64_t n_out, int64_t n_in, int64_t n_panels,
+                  int64_t width) {
+  const int nt = n_threads((row_ptr[n_out] + n_out) * n_panels * width);
+  const int64_t per_panel = (width + kChunkFwd - 1) / kChunkFwd;
+  const int64_t n_chunks = n_panels * per_panel;
   // Row blocks small enough for dynamic balancing (rows differ in their counts).
   const int64_t rows_per_block = std::max<int64_t>(1, n_out / (16 * nt));
   const int64_t n_blocks = (n_out + rows_per_block - 1) / rows_per_block;
   const int64_t n_tasks = n_chunks * n_blocks;  // chunk-major: one chunk's rows stay hot
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t t = 0; t < n_tasks; ++t) {
-    const int64_t c0 = (t / n_blocks) * kChunkFwd;
-    const int64_t c = std::min<int64_t>(kChunkFwd, batch - c0);
+    const int64_t chunk = t / n_blocks, panel = chunk / per_panel;
+    const int64_t c0 = (chunk % per_panel) * kChunkFwd;
+    const int64_t c = std::min<int64_t>(kChunkFwd, width - c0);
+    const T* xp = xt + panel * n_in * width;
+    T* yp = yt + panel * n_out * width;
     const int64_t r0 = (t % n_blocks) * rows_per_block;
     const int64_t r1 = std::min(n_out, r0 + rows_per_block);
     for (int64_t o = r0; o < r1; ++o) {
       const int64_t p = row_ptr[o], n = row_ptr[o + 1] - p;
       const T b = bias ? bias[o] : T(0);
       if (c == kChunkFwd)
-        fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xt + c0, batch, yt + o * batch + c0, b);
+        fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xp + c0, width, yp + o * width + c0, b);
       else
-        fwd_tile_any<T>(col_idx + p, vals + p, n, xt + c0, batch, yt + o * batch + c0, b,
+        fwd_tile_any<T>(col_idx + p, vals + p, n, xp + c0, width, yp + o * width + c0, b,
                         static_cast<int>(c));
     }
   }
@@ -337,9 +342,11 @@ std::vector<int64_t> balanced_parts(const int32_t* col_ptr, int64_t n_blocks, in
 template <typename T, bool WANT_DX, bool WANT_DW>
 void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
                    const int32_t* row_idx, const int32_t* perm, const T* xt, const T* dyt, T* dxt,
-                   T* dw, int64_t n_in, int64_t nnz, int64_t batch) {
-  const int nt = n_threads((nnz + n_in) * batch);
-  const int64_t n_chunks = (batch + kChunkBwd - 1) / kChunkBwd;
+                   T* dw, int64_t n_in, int64_t n_out, int64_t nnz, int64_t n_panels,
+                   int64_t width) {
+  const int nt = n_threads((nnz + n_in) * n_panels * width);
+  const int64_t per_panel = (width + kChunkBwd - 1) / kChunkBwd;
+  const int64_t n_chunks = n_panels * per_panel;
   std::vector<T> vals_csc(WANT_DX ? nnz : 0);
   std::vector<T> dw_csc(WANT_DW && n_chunks > 1 ? nnz : 0);
   const std::vector<int64_t> parts = balanced_parts(col_ptr, n_blocks, n_in, nt);
@@ -354,8 +361,11 @@ void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
       }
     }
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
-      const int64_t c0 = ch * kChunkBwd;
-      const int64_t c = std::min<int64_t>(kChunkBwd, batch - c0);
+      const int64_t panel = ch / per_panel, c0 = (ch % per_panel) * kChunkBwd;
+      const int64_t c = std::min<int64_t>(kChunkBwd, width - c0);
+      const T* xp = xt + panel * n_in * width;
+      const T* dyp = dyt + panel * n_out * width;
+      T* dxp = WANT_DX ? dxt + panel * n_in * width : nullptr;
       const bool first = ch == 0, last = ch == n_chunks - 1;
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int32_t* ptr = col_ptr + b * (n_in + 1);
@@ -365,14 +375,14 @@ void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
           const T* acc_in = (WANT_DW && !first) ? dw_csc.data() + p : nullptr;
           T* out = WANT_DW ? (last ? dw : dw_csc.data() + p) : nullptr;
           const int32_t* pm = last ? perm + p : nullptr;
-          T* dxo = WANT_DX ? dxt + i * batch + c0 : nullptr;
+          T* dxo = WANT_DX ? dxp + i * width + c0 : nullptr;
           const T* vc = WANT_DX ? vals_csc.data() + p : nullptr;
-          const T* xr = xt + i * batch + c0;
+          const T* xr = xp + i * width + c0;
           if (c == kChunkBwd)
-            bwd_tile_full<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xr, batch, dxo,
+            bwd_tile_full<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyp + c0, xr, width, dxo,
                                                acc_in, out, pm, b > 0);
           else
-            bwd_tile_any<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyt + c0, xr, batch, dxo,
+            bwd_tile_any<T, WANT_DX, WANT_DW>(row_idx + p, vc, n, dyp + c0, xr, width, dxo,
                                               acc_in, out, pm, static_cast<int>(c), b > 0);
         }
       }
@@ -408,26 +418,51 @@ inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
 }
 #endif
 
+// dst[c * ld + r] = src[r * ls + c] over the tile rows [r0, r1) x columns [c0, c1).
 template <typename T>
-void transpose_impl(const T* src, T* dst, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 32;
-  const int64_t tr = (rows + kTile - 1) / kTile, tc = (cols + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static) num_threads(n_threads(rows * cols))
-  for (int64_t t = 0; t < tr * tc; ++t) {
-    const int64_t r0 = (t / tc) * kTile, c0 = (t % tc) * kTile;
-    const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+inline void transpose_tile(const T* src, int64_t ls, T* dst, int64_t ld, int64_t r0, int64_t r1,
+                           int64_t c0, int64_t c1) {
 #ifdef __AVX2__
-    if constexpr (std::is_same_v<T, float>) {
-      if (r1 - r0 == kTile && c1 - c0 == kTile) {
-        for (int64_t r = r0; r < r1; r += 8)
-          for (int64_t c = c0; c < c1; c += 8)
-            transpose8x8(src + r * cols + c, cols, dst + c * rows + r, rows);
-        continue;
-      }
+  if constexpr (std::is_same_v<T, float>) {
+    if ((r1 - r0) % 8 == 0 && (c1 - c0) % 8 == 0) {
+      for (int64_t r = r0; r < r1; r += 8)
+        for (int64_t c = c0; c < c1; c += 8) transpose8x8(src + r * ls + c, ls, dst + c * ld + r, ld);
+      return;
     }
+  }
 #endif
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t r = r0; r < r1; ++r) dst[c * ld + r] = src[r * ls + c];
+}
+
+// Panels: the batch (N rows of a row-major (N x F) activation) cut into n_panels slices of
+// `width` rows, each stored transposed, feature-major: panel p is (F x width), panels one
+// after another. With one panel of width N this is the plain transpose (F x N). The kernels
+// walk one panel at a time, so the rows they gather are `width` floats apart instead of N:
+// at N = 4096 the gathered rows of one chunk lie on as many pages as there are features,
+// and the forward ran at a fifth of its speed at N = 512 (512 x 2048 layer, density 0.02).
+// to_panels: src (N x F) -> dst (n_panels x F x width), the last panel's missing rows zero.
+// from_panels: src (n_panels x F x width) -> dst (N x F), the padding left out.
+template <typename T>
+void panels_impl(const T* src, T* dst, int64_t n, int64_t f, int64_t width, bool to) {
+  constexpr int64_t kTile = 32;
+  const int64_t n_panels = (n + width - 1) / width;
+  const int64_t tw = (width + kTile - 1) / kTile, tf = (f + kTile - 1) / kTile;
+  const int64_t per_panel = tw * tf;
+#pragma omp parallel for schedule(static) num_threads(n_threads(n * f))
+  for (int64_t t = 0; t < n_panels * per_panel; ++t) {
+    const int64_t p = t / per_panel, valid = std::min(width, n - p * width);
+    const int64_t w0 = ((t % per_panel) / tf) * kTile, f0 = (t % tf) * kTile;
+    const int64_t w1 = std::min(width, w0 + kTile), f1 = std::min(f, f0 + kTile);
+    const int64_t wv = std::min(w1, valid);  // rows of the batch that exist
+    if (to) {
+      T* panel = dst + p * f * width;
+      if (w0 < wv) transpose_tile(src + p * width * f, f, panel, width, w0, wv, f0, f1);
+      for (int64_t c = f0; c < f1; ++c)
+        for (int64_t r = std::max(w0, wv); r < w1; ++r) panel[c * width + r] = T(0);
+    } else if (w0 < wv) {
+      transpose_tile(src + p * f * width, width, dst + p * width * f, f, f0, f1, w0, wv);
+    }
   }
 }
 
@@ -439,10 +474,24 @@ void check_index(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), name, " must be a contiguous CPU tensor");
 }
 
+// Activations: (rows x B) for one panel, or (n_panels x rows x width).
 void check_act(const torch::Tensor& t, const torch::Tensor& values, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), name,
-              " must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous 2-D or 3-D (panels) CPU tensor");
   TORCH_CHECK(t.scalar_type() == values.scalar_type(), name, " dtype differs from values");
+}
+
+// (n_panels, rows, width) of a 2-D (one panel) or 3-D activation.
+struct Panels {
+  int64_t n, rows, width;
+  explicit Panels(const torch::Tensor& t)
+      : n(t.dim() == 3 ? t.size(0) : 1), rows(t.size(-2)), width(t.size(-1)) {}
+};
+
+// A tensor of `rows` rows shaped like the activation `like` (2-D or panels).
+torch::Tensor empty_like_act(const torch::Tensor& like, int64_t rows) {
+  if (like.dim() == 2) return torch::empty({rows, like.size(1)}, like.options());
+  return torch::empty({like.size(0), rows, like.size(2)}, like.options());
 }
 
 void check_values(const torch::Tensor& values, int64_t nnz) {
@@ -453,7 +502,7 @@ void check_values(const torch::Tensor& values, int64_t nnz) {
 
 }  // namespace
 
-// yt (n_out x B) = W xt (+ bias), with xt (n_in x B) contiguous.
+// yt (n_out x B) = W xt (+ bias), with xt (n_in x B) contiguous, or panel by panel.
 torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
                       const torch::Tensor& col_idx, const torch::Tensor& xt,
                       const c10::optional<torch::Tensor>& bias) {
@@ -461,8 +510,9 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
   check_index(col_idx, "col_idx");
   check_act(xt, values, "xt");
   check_values(values, col_idx.numel());
-  const int64_t n_out = row_ptr.numel() - 1, batch = xt.size(1);
-  auto yt = torch::empty({n_out, batch}, xt.options());
+  const Panels pn(xt);
+  const int64_t n_out = row_ptr.numel() - 1;
+  auto yt = empty_like_act(xt, n_out);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_forward", [&] {
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
@@ -472,12 +522,12 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
     }
     forward_impl<scalar_t>(values.data_ptr<scalar_t>(), row_ptr.data_ptr<int32_t>(),
                            col_idx.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), b,
-                           yt.data_ptr<scalar_t>(), n_out, batch);
+                           yt.data_ptr<scalar_t>(), n_out, pn.rows, pn.n, pn.width);
   });
   return yt;
 }
 
-// Returns (dxt (n_in x B) or empty, dW values (nnz) or empty).
+// Returns (dxt (n_in x B) or empty, dW values (nnz) or empty); panels as xt and dyt are.
 std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& col_ptr,
                                     int64_t n_blocks,
                                     const torch::Tensor& row_idx, const torch::Tensor& perm,
@@ -490,12 +540,15 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   check_act(dyt, values, "dyt");
   check_values(values, row_idx.numel());
   TORCH_CHECK(perm.numel() == row_idx.numel(), "perm and row_idx differ in length");
-  TORCH_CHECK(xt.size(1) == dyt.size(1), "xt and dyt differ in batch size");
+  const Panels px(xt), py(dyt);
+  TORCH_CHECK(xt.dim() == dyt.dim() && px.n == py.n && px.width == py.width,
+              "xt and dyt differ in batch size or panels");
   TORCH_CHECK(n_blocks >= 1 && col_ptr.numel() % n_blocks == 0, "bad blocked col_ptr");
-  const int64_t n_in = col_ptr.numel() / n_blocks - 1, batch = xt.size(1), nnz = values.numel();
-  TORCH_CHECK(xt.size(0) == n_in, "xt has ", xt.size(0), " rows, the index ", n_in, " columns");
+  const int64_t n_in = col_ptr.numel() / n_blocks - 1, nnz = values.numel();
+  const int64_t batch = px.n * px.width;
+  TORCH_CHECK(px.rows == n_in, "xt has ", px.rows, " rows, the index ", n_in, " columns");
   torch::Tensor dxt, dw;
-  if (want_dx) dxt = torch::empty({n_in, batch}, xt.options());
+  if (want_dx) dxt = empty_like_act(xt, n_in);
   // An empty batch runs no chunk, so nothing would write dW: it is a sum of nothing, zero.
   if (want_dw) dw = batch == 0 ? torch::zeros({nnz}, values.options())
                                 : torch::empty({nnz}, values.options());
@@ -506,7 +559,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
            row_idx.data_ptr<int32_t>(),
            perm.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), dyt.data_ptr<scalar_t>(),
            want_dx ? dxt.data_ptr<scalar_t>() : nullptr,
-           want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, nnz, batch);
+           want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, py.rows, nnz, px.n, px.width);
     };
     if (want_dx && want_dw)
       run(backward_impl<scalar_t, true, true>);
@@ -518,17 +571,38 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   return {dxt, dw};
 }
 
-// Contiguous transpose of a contiguous 2-D tensor.
-torch::Tensor transpose(const torch::Tensor& src) {
+// src (N x F) row-major -> (n_panels x F x width) feature-major panels (see panels_impl).
+torch::Tensor to_panels(const torch::Tensor& src, int64_t width) {
   TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "src must be a contiguous 2-D tensor");
-  auto dst = torch::empty({src.size(1), src.size(0)}, src.options());
+  const int64_t n = src.size(0), f = src.size(1);
+  TORCH_CHECK(width >= 1 && width <= std::max<int64_t>(n, 1), "panel width out of range");
+  auto dst = torch::empty({(n + width - 1) / width, f, width}, src.options());
   // A plain copy: the 16-bit floating types too (the products compute them in float32).
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
-                                  "rigl_sparse_transpose", [&] {
-    transpose_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), src.size(0),
-                             src.size(1));
+                                  "rigl_sparse_to_panels", [&] {
+    panels_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), n, f, width, true);
   });
   return dst;
+}
+
+// (n_panels x F x width) panels -> (N x F) row-major, the padding of the last panel dropped.
+torch::Tensor from_panels(const torch::Tensor& src, int64_t n) {
+  TORCH_CHECK(src.dim() == 3 && src.is_contiguous(), "src must be contiguous panels");
+  const int64_t n_panels = src.size(0), f = src.size(1), width = src.size(2);
+  TORCH_CHECK(n > (n_panels - 1) * width && n <= n_panels * width,
+              "n does not match the number of panels");
+  auto dst = torch::empty({n, f}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(),
+                                  "rigl_sparse_from_panels", [&] {
+    panels_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), n, f, width, false);
+  });
+  return dst;
+}
+
+// Contiguous transpose of a contiguous 2-D tensor: one panel.
+torch::Tensor transpose(const torch::Tensor& src) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "src must be a contiguous 2-D tensor");
+  return to_panels(src, std::max<int64_t>(src.size(0), 1)).view({src.size(1), src.size(0)});
 }
 
 // Blocked CSC of a CSR pattern (rebuilt at every topology update): one counting sort per
@@ -617,6 +691,8 @@ void bind_condensed(pybind11::module_& m);  // condensed_linear.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_condensed(m);
   m.def("transpose", &transpose, "contiguous transpose (tiled, OpenMP)");
+  m.def("to_panels", &to_panels, "(N x F) -> feature-major panels (n_panels x F x width)");
+  m.def("from_panels", &from_panels, "feature-major panels -> (N x F)");
   m.def("merge_plan", &merge_plan, "kept and grown positions merged, with their old slots");
   m.def("csc_index", &csc_index, "blocked CSC (col_ptr, row_idx, perm) of a CSR pattern");
   m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)");
