@@ -10,7 +10,12 @@ round so that a noisy neighbour hits them all); one topology update is timed apa
 reported amortised over ΔT = 100. Then a short training run of each backend on the
 ``pydoc`` corpus (same seeds, same batches) compares bits per character.
 
+Every variant runs with glibc told to reuse big blocks (``--allocator reuse``, see
+``stamp.reuse_big_allocations``): otherwise each activation of 32 MiB or more (the MLP's,
+at these sizes) page-faults anew on every step, in dense and compressed steps alike.
+
     python benchmarks/bench_char_gpt_backends.py [--threads 2] [--sparsities 0.9 0.98]
+        [--allocator reuse|default]
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 import rigl
 from rigl.experiments.data.datasets import load_dataset
 from rigl.experiments.models.char_gpt import CharGPT
-from stamp import threads_and_clock, write_result
+from stamp import reuse_big_allocations, threads_and_clock, write_result
 
 VOCAB = 103
 
@@ -105,8 +110,16 @@ def main() -> None:
     parser.add_argument("--train_steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="char_gpt_backends")
+    parser.add_argument(
+        "--allocator", choices=("reuse", "default"), default="reuse",
+        help="reuse: glibc keeps big blocks for reuse (stamp.reuse_big_allocations), for "
+        "every variant alike; default: glibc as it comes (a fresh mmap per block >= 32 MiB)",
+    )  # fmt: skip
     args = parser.parse_args()
     clock = threads_and_clock(parser, args)
+    args.allocator_set = args.allocator == "reuse" and reuse_big_allocations()
+    if args.allocator == "reuse" and not args.allocator_set:
+        print("glibc refused the allocator settings: timing with the default allocator")
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch, args.context), generator=gen)

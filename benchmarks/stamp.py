@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
 import platform
@@ -29,6 +31,22 @@ def threads_and_clock(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error("--clock thread measures one thread: use --threads 1")
         return time.thread_time
     return time.perf_counter
+
+
+def reuse_big_allocations() -> bool:
+    """Ask glibc's malloc to serve allocations up to 1 GiB from its heap and to keep freed
+    memory (``mallopt`` ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``), for every variant of
+    the benchmark alike. By default an allocation of 32 MiB or more is a fresh ``mmap``
+    whose every page faults on first touch: about 14 ms per 32 MiB on these VMs, paid again
+    by every such activation of every step (a (4096, 2048) float32 tensor is exactly 32
+    MiB). PyTorch's CPU tuning guide recommends an allocator that reuses memory (jemalloc,
+    tcmalloc) for the same reason. Returns whether glibc took both settings."""
+    path = ctypes.util.find_library("c")
+    if path is None:
+        return False
+    libc = ctypes.CDLL(path)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def time_round_robin(
