@@ -85,7 +85,8 @@ def test_compiled_equals_fallback(dtype):
 @pytest.mark.parametrize("use", BACKENDS)
 @pytest.mark.parametrize(("batch", "panel"), [(1, None), (3, None), (37, None), (37, 8)])
 def test_gradcheck(use, batch, panel, monkeypatch):
-    if panel:  # 37 rows in panels of at most 8 columns: 5 panels, the last one padded
+    if panel:  # 37 rows in panels of 8 columns: 5 panels, the last one padded
+        monkeypatch.setattr(kernels, "ONE_PANEL_UP_TO", panel)
         monkeypatch.setattr(kernels, "PANEL_WIDTH", panel)
     index, _, _ = pattern(9, 11, 4)
     gen = torch.Generator().manual_seed(2)

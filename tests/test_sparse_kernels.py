@@ -67,7 +67,8 @@ def test_products_match_dense(use, n_out, n_in, batch, density):
 @pytest.mark.parametrize("use", BACKENDS)
 @pytest.mark.parametrize(("batch", "panel"), [(1, None), (3, None), (37, None), (37, 8)])
 def test_gradcheck(use, batch, panel, monkeypatch):
-    if panel:  # 37 rows in panels of at most 8 columns: 5 panels, the last one padded
+    if panel:  # 37 rows in panels of 8 columns: 5 panels, the last one padded
+        monkeypatch.setattr(kernels, "ONE_PANEL_UP_TO", panel)
         monkeypatch.setattr(kernels, "PANEL_WIDTH", panel)
     mask = random_pattern((9, 11), 0.4, empty_rows=(3,))
     index = index_of(mask)
@@ -298,7 +299,7 @@ def test_a_built_extension_is_loaded_without_the_build_tools(monkeypatch, capsys
     assert os.path.dirname(ext.__file__).startswith(os.path.realpath(folder))
 
 
-# -- panels: batches wider than kernels.PANEL_WIDTH ------------------------------------------
+# -- panels: batches of more than kernels.ONE_PANEL_UP_TO rows ------------------------------
 @pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize(("n", "f", "width"), [(210, 33, 64), (256, 40, 64), (5, 7, 2), (9, 1, 4)])
@@ -313,17 +314,22 @@ def test_panels_round_trip_and_zero_padding(dtype, n, f, width):
         assert not panels[p, :, len(rows) :].any()
     back = kernels.from_panels(panels, n)
     assert back.is_contiguous() and torch.equal(back, a)
+    if width < n:  # the bias-gradient pass: the same panels and the column sums
+        same, sums = kernels.to_panels_and_sums(a, width)
+        assert torch.equal(same, panels)
+        torch.testing.assert_close(
+            sums, a.sum(0), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5
+        )
 
 
-def test_panel_width_covers_the_batch_in_equal_multiples_of_64(monkeypatch):
-    monkeypatch.setattr(kernels, "PANEL_WIDTH", 256)
-    assert kernels.panel_width(200) == 200  # one panel: the plain transpose
-    for n in (257, 300, 1000, 4096, 4097, 10_000):
-        width = kernels.panel_width(n)
-        n_panels = -(-n // width)
-        assert width % 64 == 0 and width <= 256
-        assert (n_panels - 1) * width < n <= n_panels * width
-        assert n_panels == -(-n // 256)  # no more panels than needed
+def test_panel_width_keeps_small_batches_in_one_panel(monkeypatch):
+    monkeypatch.setattr(kernels, "ONE_PANEL_UP_TO", 256)
+    monkeypatch.setattr(kernels, "PANEL_WIDTH", 64)
+    assert kernels.panel_width(256) == 256  # one panel: the plain transpose
+    assert kernels.to_panels(torch.randn(256, 3)).shape == (3, 256)
+    assert kernels.panel_width(257) == 64
+    if kernels.extension() is not None:
+        assert kernels.to_panels(torch.randn(257, 3)).shape == (5, 3, 64)
 
 
 def _layers(kind):
@@ -331,10 +337,10 @@ def _layers(kind):
 
     gen = torch.Generator().manual_seed(0)
     if kind == "unstructured":
-        layer = SparseLinear(48, 40, density=0.2, generator=gen)
+        layer = SparseLinear(48, 37, density=0.2, generator=gen)  # 37: a group of 5 rows
     else:
         pattern = {"fanin": {"fan_in": 5}, "2:4": {"nm": "2:4"}}[kind]
-        layer = CondensedLinear(48, 40, generator=gen, **pattern)
+        layer = CondensedLinear(48, 37, generator=gen, **pattern)
     return layer, layer.to_dense()
 
 
@@ -344,6 +350,7 @@ def test_a_batch_in_panels_matches_the_dense_layer(monkeypatch, kind):
     """A batch of 3 x 70 = 210 rows in panels of 64 (the last one 18 rows and zero
     padding): output (row-major, as nn.Linear's), input and weight gradients, bias gradient
     and the grow scores (dense gradient by rows and at positions) equal the dense layer's."""
+    monkeypatch.setattr(kernels, "ONE_PANEL_UP_TO", 64)
     monkeypatch.setattr(kernels, "PANEL_WIDTH", 64)
     sparse, dense = _layers(kind)
     x = torch.randn(3, 70, 48)
@@ -363,7 +370,7 @@ def test_a_batch_in_panels_matches_the_dense_layer(monkeypatch, kind):
     torch.testing.assert_close(
         sparse.grad_rows(3, 17), dense.weight.grad[3:17], rtol=1e-4, atol=1e-5
     )
-    flat = torch.tensor([0, 7, 500, 1919])
+    flat = torch.tensor([0, 7, 500, 1775])
     torch.testing.assert_close(
         sparse.grad_at(flat), dense.weight.grad.reshape(-1)[flat], rtol=1e-4, atol=1e-5
     )
@@ -387,6 +394,13 @@ def test_products_take_panels_as_the_transposed_batch(use):
     yp = kernels.forward(values, index, xp, bias, use=use)
     dxt, dw = kernels.backward(values, index, x.t().contiguous(), dy.t().contiguous(), use=use)
     dxp, dwp = kernels.backward(values, index, xp, dyp, use=use)
+    y = kernels.forward(values, index, xp, bias, use=use, rows=100)  # row-major, directly
+    assert y.shape == (100, 30) and y.is_contiguous()
+    torch.testing.assert_close(y, yt.t())
+    dx, dw_rows = kernels.backward(values, index, xp, dyp, use=use, rows=100)
+    assert dx.shape == (100, 20) and dx.is_contiguous()
+    torch.testing.assert_close(dx, dxt.t())
+    torch.testing.assert_close(dw_rows, dw, rtol=1e-5, atol=1e-5)
     for p in range(4):
         cols = slice(32 * p, min(100, 32 * (p + 1)))
         width = cols.stop - cols.start

@@ -166,8 +166,16 @@ def forward(
     bias: Tensor | None,
     *,
     use: str | None = None,
+    rows: int | None = None,
 ) -> Tensor:
-    """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)``."""
+    """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)`` or panels (see
+    :func:`rigl.sparse.kernels.forward`, whose ``rows`` this takes too)."""
+    return kernels.rows_of(_forward(values, index, xt, bias, use), rows, use)
+
+
+def _forward(
+    values: Tensor, index: CondensedIndex, xt: Tensor, bias: Tensor | None, use: str | None
+) -> Tensor:
     kernels.check_operands(values, index.csc, xt, bias=bias)
     yt = _semi_structured(values, index, xt, bias) if use != "torch" else None
     if yt is not None:
@@ -201,10 +209,12 @@ def backward(
     want_dw: bool = True,
     *,
     use: str | None = None,
+    rows: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted."""
+    """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted (``rows``: see
+    :func:`rigl.sparse.kernels.backward`)."""
     if want_dx:  # the fused CSC kernel (or its fallback) gives dW in the same pass
-        return kernels.backward(values, index.csc, xt, dyt, want_dx, want_dw, use=use)
+        return kernels.backward(values, index.csc, xt, dyt, want_dx, want_dw, use=use, rows=rows)
     kernels.check_operands(values, index.csc, xt, dyt)
     if not want_dw:
         return None, None

@@ -105,12 +105,14 @@ class SparseLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xt = kernels.to_panels(x2, use=use)  # (in, B), or (panels, in, width) for a big B
-        yt = _products(index).forward(values, index, xt, bias, use=use)  # (out, B) or panels
         ctx.save_for_backward(xt, values)
         ctx.index, ctx.grow, ctx.use, ctx.lead = index, grow, use, lead
         ctx.has_bias = bias is not None
-        if xt.dim() == 3:  # panels: back to row-major, as nn.Linear's output is
-            return kernels.from_panels(yt, x2.shape[0]).reshape(*lead, yt.shape[1])
+        products = _products(index)
+        if xt.dim() == 3:  # panels: the output row-major, as nn.Linear's is
+            y = products.forward(values, index, xt, bias, use=use, rows=x2.shape[0])
+            return y.reshape(*lead, y.shape[1])
+        yt = products.forward(values, index, xt, bias, use=use)  # (out, B)
         # A leaf input keeps its gradient in its own (row-major) layout; anything else
         # takes the feature-major view, which the layer before reads without a copy.
         ctx.dx_row_major = x.is_leaf
@@ -121,24 +123,32 @@ class SparseLinearFunction(torch.autograd.Function):
         xt, values = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (B, out)
         panels = xt.dim() == 3
-        if panels:
-            dyt = kernels.to_panels(dy2, xt.shape[2], use=ctx.use)  # xt's panels
+        want_db = ctx.has_bias and ctx.needs_input_grad[2]
+        db = None
+        if panels and want_db:  # xt's panels, and the bias gradient in the same pass
+            dyt, db = kernels.to_panels_and_sums(dy2, xt.shape[2], use=ctx.use)
+        elif panels:
+            dyt = kernels.to_panels(dy2, xt.shape[2], use=ctx.use)
         else:
             dyt = kernels.transpose(dy2, use=ctx.use)  # (out, B)
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         products = _products(ctx.index)
-        dxt, dw = products.backward(values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use)
+        rows = dy2.shape[0] if panels else None  # panels: dx comes back row-major
+        dxt, dw = products.backward(
+            values, ctx.index, xt, dyt, want_dx, want_dw, use=ctx.use, rows=rows
+        )
         if ctx.grow is not None and ctx.grow.enabled:
             ctx.grow.xts.append(xt)
             ctx.grow.dyts.append(dyt)
         dx = None
         if dxt is not None:
             if panels:
-                dx = kernels.from_panels(dxt, dy2.shape[0])
+                dx = dxt
             else:
                 dx = kernels.transpose(dxt, use=ctx.use) if ctx.dx_row_major else dxt.t()
             dx = dx.reshape(*ctx.lead, xt.shape[-2])
-        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if want_db and db is None:
+            db = dy2.sum(0)
         return dx, dw, db, None, None, None
 
 

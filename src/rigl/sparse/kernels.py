@@ -219,20 +219,20 @@ def _computed(t: Tensor | None) -> Tensor | None:
 
 
 # -- panels --------------------------------------------------------------------------------
-# Batches above PANEL_WIDTH columns are cut into panels (see to_panels), chosen by
-# measurement: the compiled forward of a 512 x 2048 layer at density 0.02 runs at about 23
-# multiply-adds per ns on batches of 128 to 1,024 columns, 5 at 4,096 (one (in x B)
-# activation: every gathered row on another page).
-PANEL_WIDTH = 256
+# Batches of more than ONE_PANEL_UP_TO rows are cut into panels of PANEL_WIDTH rows (see
+# to_panels), both chosen by measurement: the compiled forward of a 512 x 2048 layer at
+# density 0.02 runs at about 23 multiply-adds per ns on batches of 128 to 1,024 rows, 5
+# at 4,096 (one (in x B) activation: every gathered row on another page); the character
+# GPT of benchmarks/bench_char_gpt_backends.py (4,096 rows) stepped about 4% faster on
+# panels of 64 rows than of 128, and 10% faster than of 512 (2 threads, AVX2).
+ONE_PANEL_UP_TO = 256
+PANEL_WIDTH = 64
 
 
 def panel_width(n: int) -> int:
-    """The width of the panels of an ``n``-row batch: ``n`` itself (one panel) up to
-    :data:`PANEL_WIDTH`, else about equal panels of at most that width, a multiple of 64."""
-    if n <= PANEL_WIDTH:
-        return n
-    per_panel = -(-n // -(-n // PANEL_WIDTH))  # ceil(n / ceil(n / PANEL_WIDTH))
-    return min(PANEL_WIDTH, -(-per_panel // 64) * 64)
+    """The width of the panels of an ``n``-row batch: ``n`` itself (one panel, the plain
+    transpose) up to :data:`ONE_PANEL_UP_TO` rows, else :data:`PANEL_WIDTH`."""
+    return n if n <= ONE_PANEL_UP_TO else PANEL_WIDTH
 
 
 def to_panels(a: Tensor, width: int | None = None, *, use: str | None = None) -> Tensor:
@@ -249,12 +249,20 @@ def to_panels(a: Tensor, width: int | None = None, *, use: str | None = None) ->
     return ext.to_panels(a.contiguous(), width)
 
 
+def to_panels_and_sums(a: Tensor, width: int, *, use: str | None = None) -> tuple[Tensor, Tensor]:
+    """``(to_panels(a, width), a.sum(0))``, in one pass over ``a`` where the compiled kernels
+    take it (float32, float64): the output gradient's panels and the bias gradient."""
+    ext = _pick(use, a.device)
+    if ext is None or width >= a.shape[0] or a.dtype not in _EXACT:
+        return to_panels(a, width, use=use), a.sum(0)
+    panels, sums = ext.to_panels_and_sums(a.contiguous(), width)
+    return panels, sums
+
+
 def from_panels(at: Tensor, n: int, *, use: str | None = None) -> Tensor:
     """Row-major ``(n, F)`` from the panels of :func:`to_panels` (``(F, n)``: the transpose,
     a view when it can be one)."""
-    if at.dim() == 2:
-        return at.t()
-    return _pick("cpp").from_panels(at.contiguous(), n)
+    return rows_of(at, n, use)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -271,21 +279,45 @@ def _like(t: Tensor, panels: Tensor) -> Tensor:
 
 
 def forward(
-    values: Tensor, index: SparseIndex, xt: Tensor, bias: Tensor | None, *, use: str | None = None
+    values: Tensor,
+    index: SparseIndex,
+    xt: Tensor,
+    bias: Tensor | None,
+    *,
+    use: str | None = None,
+    rows: int | None = None,
 ) -> Tensor:
     """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)`` (or panels:
-    ``(n_panels, in, width)`` in, ``(n_panels, out, width)`` out)."""
+    ``(n_panels, in, width)`` in, ``(n_panels, out, width)`` out). With ``rows`` (panels
+    only: the batch size), ``y`` row-major ``(rows, out)`` instead, written by the compiled
+    kernel directly (no transpose of the output afterwards)."""
     check_operands(values, index, xt, bias=bias)
     dtype = values.dtype
     values, xt, bias = _computed(values), _computed(xt), _computed(bias)
     ext = _pick(use, values.device)
     if ext is not None:
-        return ext.forward(values, index.row_ptr, index.col_idx, xt, bias).to(dtype)
+        if rows is not None and xt.dim() == 3:
+            return ext.forward(values, index.row_ptr, index.col_idx, xt, bias, rows).to(dtype)
+        yt = ext.forward(values, index.row_ptr, index.col_idx, xt, bias)
+        return rows_of(yt.to(dtype), rows, use)
     with _no_autocast(values.device):
         yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), _flat(xt))
     if bias is not None:
         yt += bias[:, None]
-    return _like(yt, xt).to(dtype)
+    return rows_of(_like(yt, xt), rows, use).to(dtype)
+
+
+def rows_of(yt: Tensor, rows: int | None, use: str | None = None) -> Tensor:
+    """``yt`` (feature-major or panels) as row-major ``(rows, out)``; ``yt`` itself when
+    ``rows`` is None."""
+    if rows is None:
+        return yt
+    if yt.dim() == 2:
+        return yt.t()
+    ext = _pick(use, yt.device)
+    if ext is not None and yt.dtype in _COMPUTE_DTYPE:
+        return ext.from_panels(yt.contiguous(), rows)
+    return yt.transpose(1, 2).reshape(-1, yt.shape[1])[:rows]
 
 
 def backward(
@@ -297,13 +329,16 @@ def backward(
     want_dw: bool = True,
     *,
     use: str | None = None,
+    rows: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(dxt (in, B), dW values (nnz,))``; either is None when not wanted. Panels as
-    :func:`forward` takes them give ``dxt`` in panels too."""
+    :func:`forward` takes them give ``dxt`` in panels too, or with ``rows`` (the batch
+    size) ``dx`` row-major ``(rows, in)``, written by the compiled kernel directly."""
     check_operands(values, index, xt, dyt)
     dtype = values.dtype
     values, xt, dyt = _computed(values), _computed(xt), _computed(dyt)
     ext = _pick(use, values.device)
+    direct = rows is not None and xt.dim() == 3
     if ext is not None:
         dxt, dw = ext.backward(
             values,
@@ -315,11 +350,14 @@ def backward(
             dyt,
             want_dx,
             want_dw,
+            rows if direct else -1,
         )
     else:
         with _no_autocast(values.device):
             dxt, dw = _backward_torch(values, index, _flat(xt), _flat(dyt), want_dx, want_dw)
         dxt = None if dxt is None else _like(dxt, xt)
+    if want_dx and rows is not None and not (direct and ext is not None):
+        dxt = rows_of(dxt, rows, use)
     return (dxt.to(dtype) if want_dx else None), (dw.to(dtype) if want_dw else None)
 
 

@@ -7,13 +7,14 @@ grow step of RigL (Evci et al. 2020, "Rigging the Lottery") asks for one
 (:meth:`SparseLinear.grad_rows`, scanned block by block in :mod:`rigl.sparse.storage`).
 
 Layout: the kernels work on feature-major activations. For a batch of up to
-``rigl.sparse.kernels.PANEL_WIDTH`` (256) rows the output of :meth:`forward` is a
+``rigl.sparse.kernels.ONE_PANEL_UP_TO`` (256) rows the output of :meth:`forward` is a
 transposed view (``y.t()`` is contiguous); element-wise ops keep that layout, so a
 following ``SparseLinear`` reads it without a copy. Use ``.reshape``/``.contiguous()``
 rather than ``.view`` on it. A larger batch (a transformer's batch x tokens) is cut into
-panels of at most that many rows, each transposed on its own, so that the rows a kernel
-gathers stay close together; the output then comes back row-major, as ``nn.Linear``'s,
-which is what attention and the ops after it read fastest.
+panels of 64 rows, each transposed on its own, so that the rows a kernel gathers stay
+close together; the output and the input gradient then come back row-major, as
+``nn.Linear``'s, written so by the kernels, which is what attention and the ops after it
+read fastest.
 """
 
 from __future__ import annotations

@@ -50,6 +50,34 @@ int n_threads() { return std::max(1, at::get_num_threads()); }
 // it saves (and on a busy machine a barrier can wait a whole scheduler slice).
 int n_threads(int64_t work) { return work < (int64_t{1} << 16) ? 1 : n_threads(); }
 
+// ------------------------------------------------------------------------- transpose
+// dst (cols x rows) = src (rows x cols)^T, both contiguous; tiles of 32 x 32 (8 x 8 AVX
+// register transposes for float32) so that both sides are read and written by cache line.
+#ifdef __AVX2__
+inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      const __m256 a = t[4 * i + j], b = t[4 * i + 2 + j];
+      r[4 * i + 2 * j] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * i + 2 * j + 1] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
 // --------------------------------------------------------------------------- forward
 template <typename T, int C>
 inline void fwd_tile(const int32_t* __restrict cols, const T* __restrict vals, int64_t n,
@@ -114,15 +142,48 @@ inline void fwd_tile_any(const int32_t* __restrict cols, const T* __restrict val
   }
 }
 
+// Tiles of g <= kGroup rows x `valid` columns (row r at buf + r * Pitch) stored transposed,
+// row-major: dst[t * ld + r] = buf[r * Pitch + t]. Sixteen full float32 rows go through
+// two 8 x 8 register transposes per eight columns, so that each batch row gets 64
+// contiguous bytes (a whole cache line) at once: the rows written are ld apart, a power of
+// two for most layers, so they share a few cache sets, and a line written half now and
+// half later is fetched twice.
+#ifndef RIGL_STORE_GROUP
+#define RIGL_STORE_GROUP 16
+#endif
+constexpr int kGroup = RIGL_STORE_GROUP;
+static_assert(kGroup % 8 == 0, "groups of whole 8 x 8 transposes");
+
+template <typename T, int Pitch = kChunkFwd>
+inline void store_rows_transposed(const T* buf, int64_t g, int64_t valid, T* dst, int64_t ld) {
+  int64_t t0 = 0;
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<T, float>) {
+    if (g == kGroup)
+      for (; t0 + 8 <= valid; t0 += 8)
+        for (int h = 0; h < kGroup; h += 8)
+          transpose8x8(buf + h * Pitch + t0, Pitch, dst + t0 * ld + h, ld);
+  }
+#endif
+  for (int64_t t = t0; t < valid; ++t)
+    for (int64_t r = 0; r < g; ++r) dst[t * ld + r] = buf[r * Pitch + t];
+}
+
+// y = W x + bias on panels of xt (n_panels x n_in x width; one panel: n_in x B). Output in
+// panels yt (n_panels x n_out x width), or, when y_rm is given, row-major y_rm (n_rows x
+// n_out): the batch's rows only (not the padding), sixteen output rows at a time through an
+// L1 buffer, which saves a transpose of the whole output afterwards.
 template <typename T>
 void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, const T* xt,
                   const T* bias, T* yt, int64_t n_out, int64_t n_in, int64_t n_panels,
-                  int64_t width) {
+                  int64_t width, T* y_rm, int64_t n_rows) {
   const int nt = n_threads((row_ptr[n_out] + n_out) * n_panels * width);
   const int64_t per_panel = (width + kChunkFwd - 1) / kChunkFwd;
   const int64_t n_chunks = n_panels * per_panel;
-  // Row blocks small enough for dynamic balancing (rows differ in their counts).
-  const int64_t rows_per_block = std::max<int64_t>(1, n_out / (16 * nt));
+  // Row blocks small enough for dynamic balancing (rows differ in their counts); whole
+  // groups of kGroup rows for the row-major output.
+  int64_t rows_per_block = std::max<int64_t>(1, n_out / (16 * nt));
+  if (y_rm) rows_per_block = (rows_per_block + kGroup - 1) / kGroup * kGroup;
   const int64_t n_blocks = (n_out + rows_per_block - 1) / rows_per_block;
   const int64_t n_tasks = n_chunks * n_blocks;  // chunk-major: one chunk's rows stay hot
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
@@ -131,9 +192,29 @@ void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx,
     const int64_t c0 = (chunk % per_panel) * kChunkFwd;
     const int64_t c = std::min<int64_t>(kChunkFwd, width - c0);
     const T* xp = xt + panel * n_in * width;
-    T* yp = yt + panel * n_out * width;
     const int64_t r0 = (t % n_blocks) * rows_per_block;
     const int64_t r1 = std::min(n_out, r0 + rows_per_block);
+    if (y_rm) {
+      const int64_t first = panel * width + c0;  // the batch row of the chunk's column 0
+      const int64_t valid = std::min<int64_t>(c, n_rows - first);
+      if (valid <= 0) continue;  // padding only
+      alignas(64) T buf[kGroup * kChunkFwd];
+      for (int64_t o0 = r0; o0 < r1; o0 += kGroup) {
+        const int64_t g = std::min<int64_t>(kGroup, r1 - o0);
+        for (int64_t r = 0; r < g; ++r) {
+          const int64_t o = o0 + r, p = row_ptr[o], n = row_ptr[o + 1] - p;
+          const T b = bias ? bias[o] : T(0);
+          if (c == kChunkFwd)
+            fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xp + c0, width, buf + r * kChunkFwd, b);
+          else
+            fwd_tile_any<T>(col_idx + p, vals + p, n, xp + c0, width, buf + r * kChunkFwd, b,
+                            static_cast<int>(c));
+        }
+        store_rows_transposed<T>(buf, g, valid, y_rm + first * n_out + o0, n_out);
+      }
+      continue;
+    }
+    T* yp = yt + panel * n_out * width;
     for (int64_t o = r0; o < r1; ++o) {
       const int64_t p = row_ptr[o], n = row_ptr[o + 1] - p;
       const T b = bias ? bias[o] : T(0);
@@ -339,11 +420,14 @@ std::vector<int64_t> balanced_parts(const int32_t* col_ptr, int64_t n_blocks, in
 // the gathered dyt rows (a few hundred rows x chunk) in L1 and the perm targets (values,
 // dW) inside a window of the block's non-zeros in L2; dx of a column is accumulated across
 // blocks in dxt (one extra read-modify-write of a dxt row per block).
+// With dx_rm (panels only), dx goes row-major into dx_rm (n_rows x n_in) instead of dxt:
+// a thread's columns of one chunk are finished in an L2 buffer (all row blocks added),
+// then stored sixteen columns at a time through 8 x 8 transposes, the padding left out.
 template <typename T, bool WANT_DX, bool WANT_DW>
 void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
                    const int32_t* row_idx, const int32_t* perm, const T* xt, const T* dyt, T* dxt,
                    T* dw, int64_t n_in, int64_t n_out, int64_t nnz, int64_t n_panels,
-                   int64_t width) {
+                   int64_t width, T* dx_rm, int64_t n_rows) {
   const int nt = n_threads((nnz + n_in) * n_panels * width);
   const int64_t per_panel = (width + kChunkBwd - 1) / kChunkBwd;
   const int64_t n_chunks = n_panels * per_panel;
@@ -360,12 +444,13 @@ void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
         for (int64_t k = ptr[i0]; k < ptr[i1]; ++k) vals_csc[k] = vals[perm[k]];
       }
     }
+    std::vector<T> dx_buf(WANT_DX && dx_rm ? (i1 - i0) * kChunkBwd : 0);
     for (int64_t ch = 0; ch < n_chunks; ++ch) {
       const int64_t panel = ch / per_panel, c0 = (ch % per_panel) * kChunkBwd;
       const int64_t c = std::min<int64_t>(kChunkBwd, width - c0);
       const T* xp = xt + panel * n_in * width;
       const T* dyp = dyt + panel * n_out * width;
-      T* dxp = WANT_DX ? dxt + panel * n_in * width : nullptr;
+      T* dxp = WANT_DX && !dx_rm ? dxt + panel * n_in * width : nullptr;
       const bool first = ch == 0, last = ch == n_chunks - 1;
       for (int64_t b = 0; b < n_blocks; ++b) {
         const int32_t* ptr = col_ptr + b * (n_in + 1);
@@ -375,7 +460,9 @@ void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
           const T* acc_in = (WANT_DW && !first) ? dw_csc.data() + p : nullptr;
           T* out = WANT_DW ? (last ? dw : dw_csc.data() + p) : nullptr;
           const int32_t* pm = last ? perm + p : nullptr;
-          T* dxo = WANT_DX ? dxp + i * width + c0 : nullptr;
+          T* dxo = !WANT_DX ? nullptr
+                   : dx_rm  ? dx_buf.data() + (i - i0) * kChunkBwd
+                            : dxp + i * width + c0;
           const T* vc = WANT_DX ? vals_csc.data() + p : nullptr;
           const T* xr = xp + i * width + c0;
           if (c == kChunkBwd)
@@ -386,37 +473,18 @@ void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
                                               acc_in, out, pm, static_cast<int>(c), b > 0);
         }
       }
+      if (WANT_DX && dx_rm) {  // this chunk's dx of the thread's columns is final
+        const int64_t row0 = panel * width + c0;
+        const int64_t valid = std::min<int64_t>(c, n_rows - row0);
+        for (int64_t i = i0; i < i1 && valid > 0; i += kGroup)
+          store_rows_transposed<T, kChunkBwd>(dx_buf.data() + (i - i0) * kChunkBwd,
+                                              std::min<int64_t>(kGroup, i1 - i), valid,
+                                              dx_rm + row0 * n_in + i, n_in);
+      }
     }
   }
 }
 
-// ------------------------------------------------------------------------- transpose
-// dst (cols x rows) = src (rows x cols)^T, both contiguous; tiles of 32 x 32 (8 x 8 AVX
-// register transposes for float32) so that both sides are read and written by cache line.
-#ifdef __AVX2__
-inline void transpose8x8(const float* src, int64_t ls, float* dst, int64_t ld) {
-  __m256 r[8], t[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    for (int j = 0; j < 2; ++j) {
-      const __m256 a = t[4 * i + j], b = t[4 * i + 2 + j];
-      r[4 * i + 2 * j] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0));
-      r[4 * i + 2 * j + 1] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2));
-    }
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-  }
-}
-#endif
 
 // dst[c * ld + r] = src[r * ls + c] over the tile rows [r0, r1) x columns [c0, c1).
 template <typename T>
@@ -443,27 +511,47 @@ inline void transpose_tile(const T* src, int64_t ls, T* dst, int64_t ld, int64_t
 // and the forward ran at a fifth of its speed at N = 512 (512 x 2048 layer, density 0.02).
 // to_panels: src (N x F) -> dst (n_panels x F x width), the last panel's missing rows zero.
 // from_panels: src (n_panels x F x width) -> dst (N x F), the padding left out.
+// to_panels can also sum the columns of src (sums: f entries; a bias gradient from the
+// output gradient in the same pass): each thread sums its tiles, the threads' sums added.
 template <typename T>
-void panels_impl(const T* src, T* dst, int64_t n, int64_t f, int64_t width, bool to) {
+void panels_impl(const T* src, T* dst, int64_t n, int64_t f, int64_t width, bool to,
+                 T* sums = nullptr) {
   constexpr int64_t kTile = 32;
   const int64_t n_panels = (n + width - 1) / width;
   const int64_t tw = (width + kTile - 1) / kTile, tf = (f + kTile - 1) / kTile;
   const int64_t per_panel = tw * tf;
-#pragma omp parallel for schedule(static) num_threads(n_threads(n * f))
-  for (int64_t t = 0; t < n_panels * per_panel; ++t) {
-    const int64_t p = t / per_panel, valid = std::min(width, n - p * width);
-    const int64_t w0 = ((t % per_panel) / tf) * kTile, f0 = (t % tf) * kTile;
-    const int64_t w1 = std::min(width, w0 + kTile), f1 = std::min(f, f0 + kTile);
-    const int64_t wv = std::min(w1, valid);  // rows of the batch that exist
-    if (to) {
-      T* panel = dst + p * f * width;
-      if (w0 < wv) transpose_tile(src + p * width * f, f, panel, width, w0, wv, f0, f1);
-      for (int64_t c = f0; c < f1; ++c)
-        for (int64_t r = std::max(w0, wv); r < w1; ++r) panel[c * width + r] = T(0);
-    } else if (w0 < wv) {
-      transpose_tile(src + p * f * width, width, dst + p * width * f, f, f0, f1, w0, wv);
+  const int nt = n_threads(n * f);
+  std::vector<T> partial(sums ? nt * f : 0, T(0));
+#pragma omp parallel num_threads(nt)
+  {
+    T* mine = sums ? partial.data() + omp_get_thread_num() * f : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_panels * per_panel; ++t) {
+      const int64_t p = t / per_panel, valid = std::min(width, n - p * width);
+      const int64_t w0 = ((t % per_panel) / tf) * kTile, f0 = (t % tf) * kTile;
+      const int64_t w1 = std::min(width, w0 + kTile), f1 = std::min(f, f0 + kTile);
+      const int64_t wv = std::min(w1, valid);  // rows of the batch that exist
+      if (to) {
+        const T* block = src + p * width * f;
+        T* panel = dst + p * f * width;
+        if (w0 < wv) transpose_tile(block, f, panel, width, w0, wv, f0, f1);
+        for (int64_t c = f0; c < f1; ++c)
+          for (int64_t r = std::max(w0, wv); r < w1; ++r) panel[c * width + r] = T(0);
+        if (mine)
+          for (int64_t r = w0; r < wv; ++r)
+#pragma omp simd
+            for (int64_t c = f0; c < f1; ++c) mine[c] += block[r * f + c];
+      } else if (w0 < wv) {
+        transpose_tile(src + p * f * width, width, dst + p * width * f, f, f0, f1, w0, wv);
+      }
     }
   }
+  if (sums)
+    for (int64_t c = 0; c < f; ++c) {
+      T total = T(0);
+      for (int i = 0; i < nt; ++i) total += partial[i * f + c];
+      sums[c] = total;
+    }
 }
 
 // The Python side (rigl/sparse/kernels.py) checks every operand against the index before
@@ -502,17 +590,22 @@ void check_values(const torch::Tensor& values, int64_t nnz) {
 
 }  // namespace
 
-// yt (n_out x B) = W xt (+ bias), with xt (n_in x B) contiguous, or panel by panel.
+// yt (n_out x B) = W xt (+ bias), with xt (n_in x B) contiguous, or panel by panel; with
+// rows >= 0 (panels only), y row-major (rows x n_out) instead, the padding left out.
 torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
                       const torch::Tensor& col_idx, const torch::Tensor& xt,
-                      const c10::optional<torch::Tensor>& bias) {
+                      const c10::optional<torch::Tensor>& bias, int64_t rows) {
   check_index(row_ptr, "row_ptr");
   check_index(col_idx, "col_idx");
   check_act(xt, values, "xt");
   check_values(values, col_idx.numel());
   const Panels pn(xt);
   const int64_t n_out = row_ptr.numel() - 1;
-  auto yt = empty_like_act(xt, n_out);
+  const bool row_major = rows >= 0;
+  TORCH_CHECK(!row_major || (xt.dim() == 3 && rows > (pn.n - 1) * pn.width &&
+                             rows <= pn.n * pn.width),
+              "rows must be the batch size of the panels");
+  auto yt = row_major ? torch::empty({rows, n_out}, xt.options()) : empty_like_act(xt, n_out);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_forward", [&] {
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
@@ -522,17 +615,19 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
     }
     forward_impl<scalar_t>(values.data_ptr<scalar_t>(), row_ptr.data_ptr<int32_t>(),
                            col_idx.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), b,
-                           yt.data_ptr<scalar_t>(), n_out, pn.rows, pn.n, pn.width);
+                           row_major ? nullptr : yt.data_ptr<scalar_t>(), n_out, pn.rows, pn.n,
+                           pn.width, row_major ? yt.data_ptr<scalar_t>() : nullptr, rows);
   });
   return yt;
 }
 
-// Returns (dxt (n_in x B) or empty, dW values (nnz) or empty); panels as xt and dyt are.
+// Returns (dxt (n_in x B) or empty, dW values (nnz) or empty); panels as xt and dyt are,
+// or with rows >= 0 (panels only) dx row-major (rows x n_in).
 std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& col_ptr,
                                     int64_t n_blocks,
                                     const torch::Tensor& row_idx, const torch::Tensor& perm,
                                     const torch::Tensor& xt, const torch::Tensor& dyt,
-                                    bool want_dx, bool want_dw) {
+                                    bool want_dx, bool want_dw, int64_t rows) {
   check_index(col_ptr, "col_ptr");
   check_index(row_idx, "row_idx");
   check_index(perm, "perm");
@@ -547,8 +642,12 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   const int64_t n_in = col_ptr.numel() / n_blocks - 1, nnz = values.numel();
   const int64_t batch = px.n * px.width;
   TORCH_CHECK(px.rows == n_in, "xt has ", px.rows, " rows, the index ", n_in, " columns");
+  const bool row_major = rows >= 0;
+  TORCH_CHECK(!row_major || (xt.dim() == 3 && rows > (px.n - 1) * px.width &&
+                             rows <= px.n * px.width),
+              "rows must be the batch size of the panels");
   torch::Tensor dxt, dw;
-  if (want_dx) dxt = empty_like_act(xt, n_in);
+  if (want_dx) dxt = row_major ? torch::empty({rows, n_in}, xt.options()) : empty_like_act(xt, n_in);
   // An empty batch runs no chunk, so nothing would write dW: it is a sum of nothing, zero.
   if (want_dw) dw = batch == 0 ? torch::zeros({nnz}, values.options())
                                 : torch::empty({nnz}, values.options());
@@ -558,8 +657,9 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
       impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), n_blocks,
            row_idx.data_ptr<int32_t>(),
            perm.data_ptr<int32_t>(), xt.data_ptr<scalar_t>(), dyt.data_ptr<scalar_t>(),
-           want_dx ? dxt.data_ptr<scalar_t>() : nullptr,
-           want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, py.rows, nnz, px.n, px.width);
+           want_dx && !row_major ? dxt.data_ptr<scalar_t>() : nullptr,
+           want_dw ? dw.data_ptr<scalar_t>() : nullptr, n_in, py.rows, nnz, px.n, px.width,
+           want_dx && row_major ? dxt.data_ptr<scalar_t>() : nullptr, rows);
     };
     if (want_dx && want_dw)
       run(backward_impl<scalar_t, true, true>);
@@ -583,6 +683,20 @@ torch::Tensor to_panels(const torch::Tensor& src, int64_t width) {
     panels_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), n, f, width, true);
   });
   return dst;
+}
+
+// to_panels(src, width) and the column sums of src (F), in one pass (float32 / float64).
+std::vector<torch::Tensor> to_panels_and_sums(const torch::Tensor& src, int64_t width) {
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "src must be a contiguous 2-D tensor");
+  const int64_t n = src.size(0), f = src.size(1);
+  TORCH_CHECK(width >= 1 && width <= std::max<int64_t>(n, 1), "panel width out of range");
+  auto dst = torch::empty({(n + width - 1) / width, f, width}, src.options());
+  auto sums = torch::empty({f}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "rigl_sparse_to_panels_and_sums", [&] {
+    panels_impl<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), n, f, width, true,
+                          sums.data_ptr<scalar_t>());
+  });
+  return {dst, sums};
 }
 
 // (n_panels x F x width) panels -> (N x F) row-major, the padding of the last panel dropped.
@@ -693,8 +807,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("transpose", &transpose, "contiguous transpose (tiled, OpenMP)");
   m.def("to_panels", &to_panels, "(N x F) -> feature-major panels (n_panels x F x width)");
   m.def("from_panels", &from_panels, "feature-major panels -> (N x F)");
+  m.def("to_panels_and_sums", &to_panels_and_sums, "to_panels and the column sums, one pass");
   m.def("merge_plan", &merge_plan, "kept and grown positions merged, with their old slots");
   m.def("csc_index", &csc_index, "blocked CSC (col_ptr, row_idx, perm) of a CSR pattern");
-  m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)");
-  m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over blocked CSC W");
+  m.def("forward", &forward, "yt = W xt + bias (CSR W, feature-major activations)",
+        pybind11::arg("values"), pybind11::arg("row_ptr"), pybind11::arg("col_idx"), pybind11::arg("xt"), pybind11::arg("bias"),
+        pybind11::arg("rows") = -1);
+  m.def("backward", &backward, "fused dxt = W^T dyt and dW = SDDMM(dyt, xt) over blocked CSC W",
+        pybind11::arg("values"), pybind11::arg("col_ptr"), pybind11::arg("n_blocks"),
+        pybind11::arg("row_idx"), pybind11::arg("perm"), pybind11::arg("xt"), pybind11::arg("dyt"),
+        pybind11::arg("want_dx"), pybind11::arg("want_dw"), pybind11::arg("rows") = -1);
 }
