@@ -407,3 +407,41 @@ def test_products_take_panels_as_the_transposed_batch(use):
         torch.testing.assert_close(yp[p, :, :width], yt[:, cols])
         torch.testing.assert_close(dxp[p, :, :width], dxt[:, cols])
     torch.testing.assert_close(dwp, dw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels.extension() is None, reason="C++ kernels did not build")
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "density", "dtype"),
+    [
+        (0, 5, 1.0, torch.float32),  # no inputs: the output is the bias
+        (7, 0, 1.0, torch.float32),  # no outputs
+        (9, 6, 0.0, torch.float32),  # no active weight
+        (9, 6, 0.5, torch.float64),
+        (9, 6, 0.5, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("panels", [True, False])
+def test_edge_layers_match_dense(monkeypatch, n_in, n_out, density, dtype, panels):
+    """Empty weights, empty sides (nn.Linear takes them: the output is the bias) and every
+    dtype, 300 rows in panels of 64 or in one panel: the dense layer's output and
+    gradients."""
+    from rigl.sparse import SparseLinear
+
+    if panels:
+        monkeypatch.setattr(kernels, "ONE_PANEL_UP_TO", 64)
+        monkeypatch.setattr(kernels, "PANEL_WIDTH", 64)
+    sparse = SparseLinear(n_in, n_out, density=density, generator=torch.Generator().manual_seed(0))
+    sparse = sparse.to(dtype)
+    dense = sparse.to_dense()
+    x = torch.randn(300, n_in).to(dtype)
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, yd = sparse(xs), dense(xd)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(ys, yd, **tol)
+    dy = torch.randn_like(yd)
+    ys.backward(dy)
+    yd.backward(dy)
+    torch.testing.assert_close(xs.grad, xd.grad, **tol)
+    torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **tol)
+    mask = dense.weight.detach() != 0
+    torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], **tol)

@@ -103,7 +103,7 @@ class SparseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, values, bias, index, grow, use):  # type: ignore[override]
         check_input(x, values, index.shape)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: a layer may have no inputs
         xt = kernels.to_panels(x2, use=use)  # (in, B), or (panels, in, width) for a big B
         ctx.save_for_backward(xt, values)
         ctx.index, ctx.grow, ctx.use, ctx.lead = index, grow, use, lead
@@ -121,7 +121,7 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         xt, values = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (B, out)
+        dy2 = dy.reshape(math.prod(ctx.lead), dy.shape[-1])  # (B, out); out may be 0
         panels = xt.dim() == 3
         want_db = ctx.has_bias and ctx.needs_input_grad[2]
         db = None

@@ -104,6 +104,8 @@ class SparseIndex:
         goals = torch.arange(1, n_blocks, dtype=torch.int64) * nnz // n_blocks
         cuts = torch.searchsorted(row_ptr.to(torch.int64), goals)
         bounds = torch.unique(torch.cat([torch.tensor([0, n_out]), cuts.clamp(0, n_out)]))
+        if len(bounds) < 2:  # no rows at all: one empty block
+            bounds = torch.tensor([0, n_out])
         col_idx = cols.to(torch.int32)
         block_rows = bounds.to(torch.int32)
         ext = kernels._pick(use)
