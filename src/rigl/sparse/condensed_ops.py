@@ -170,7 +170,8 @@ def forward(
 ) -> Tensor:
     """``yt (out, B) = W @ xt + bias``, with ``xt`` of shape ``(in, B)`` or panels (see
     :func:`rigl.sparse.kernels.forward`, whose ``rows`` this takes too)."""
-    return kernels.rows_of(_forward(values, index, xt, bias, use), rows, use)
+    yt = _forward(values, index, xt, bias, use)
+    return yt if rows is None else kernels.from_panels(yt, rows, use=use)
 
 
 def _forward(

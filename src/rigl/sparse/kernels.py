@@ -261,8 +261,13 @@ def to_panels_and_sums(a: Tensor, width: int, *, use: str | None = None) -> tupl
 
 def from_panels(at: Tensor, n: int, *, use: str | None = None) -> Tensor:
     """Row-major ``(n, F)`` from the panels of :func:`to_panels` (``(F, n)``: the transpose,
-    a view when it can be one)."""
-    return rows_of(at, n, use)
+    a view)."""
+    if at.dim() == 2:
+        return at.t()
+    ext = _pick(use, at.device)
+    if ext is not None and at.dtype in _COMPUTE_DTYPE:
+        return ext.from_panels(at.contiguous(), n)
+    return at.transpose(1, 2).reshape(-1, at.shape[1])[:n]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -295,29 +300,18 @@ def forward(
     dtype = values.dtype
     values, xt, bias = _computed(values), _computed(xt), _computed(bias)
     ext = _pick(use, values.device)
+    direct = ext is not None and rows is not None and xt.dim() == 3  # the kernel writes y
     if ext is not None:
-        if rows is not None and xt.dim() == 3:
-            return ext.forward(values, index.row_ptr, index.col_idx, xt, bias, rows).to(dtype)
-        yt = ext.forward(values, index.row_ptr, index.col_idx, xt, bias)
-        return rows_of(yt.to(dtype), rows, use)
-    with _no_autocast(values.device):
-        yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), _flat(xt))
-    if bias is not None:
-        yt += bias[:, None]
-    return rows_of(_like(yt, xt), rows, use).to(dtype)
-
-
-def rows_of(yt: Tensor, rows: int | None, use: str | None = None) -> Tensor:
-    """``yt`` (feature-major or panels) as row-major ``(rows, out)``; ``yt`` itself when
-    ``rows`` is None."""
-    if rows is None:
-        return yt
-    if yt.dim() == 2:
-        return yt.t()
-    ext = _pick(use, yt.device)
-    if ext is not None and yt.dtype in _COMPUTE_DTYPE:
-        return ext.from_panels(yt.contiguous(), rows)
-    return yt.transpose(1, 2).reshape(-1, yt.shape[1])[:rows]
+        yt = ext.forward(values, index.row_ptr, index.col_idx, xt, bias, rows if direct else -1)
+    else:
+        with _no_autocast(values.device):
+            yt = torch.mm(_csr(index.row_ptr, index.col_idx, values, index.shape), _flat(xt))
+        if bias is not None:
+            yt += bias[:, None]
+        yt = _like(yt, xt)
+    if rows is not None and not direct:
+        yt = from_panels(yt, rows, use=use)
+    return yt.to(dtype)
 
 
 def backward(
@@ -338,7 +332,7 @@ def backward(
     dtype = values.dtype
     values, xt, dyt = _computed(values), _computed(xt), _computed(dyt)
     ext = _pick(use, values.device)
-    direct = rows is not None and xt.dim() == 3
+    direct = ext is not None and rows is not None and xt.dim() == 3  # the kernel writes dx
     if ext is not None:
         dxt, dw = ext.backward(
             values,
@@ -356,8 +350,8 @@ def backward(
         with _no_autocast(values.device):
             dxt, dw = _backward_torch(values, index, _flat(xt), _flat(dyt), want_dx, want_dw)
         dxt = None if dxt is None else _like(dxt, xt)
-    if want_dx and rows is not None and not (direct and ext is not None):
-        dxt = rows_of(dxt, rows, use)
+    if want_dx and rows is not None and not direct:
+        dxt = from_panels(dxt, rows, use=use)
     return (dxt.to(dtype) if want_dx else None), (dw.to(dtype) if want_dw else None)
 
 

@@ -169,6 +169,19 @@ inline void store_rows_transposed(const T* buf, int64_t g, int64_t valid, T* dst
     for (int64_t r = 0; r < g; ++r) dst[t * ld + r] = buf[r * Pitch + t];
 }
 
+// Output row o of W x + bias over the c columns from c0 of one panel (row stride `width`),
+// into out[0:c]: the register tile for a full chunk, the general loop for a shorter one.
+template <typename T>
+inline void fwd_row(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, int64_t o,
+                    const T* xp, int64_t width, int64_t c0, int64_t c, T* out, const T* bias) {
+  const int64_t p = row_ptr[o], n = row_ptr[o + 1] - p;
+  const T b = bias ? bias[o] : T(0);
+  if (c == kChunkFwd)
+    fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xp + c0, width, out, b);
+  else
+    fwd_tile_any<T>(col_idx + p, vals + p, n, xp + c0, width, out, b, static_cast<int>(c));
+}
+
 // y = W x + bias on panels of xt (n_panels x n_in x width; one panel: n_in x B). Output in
 // panels yt (n_panels x n_out x width), or, when y_rm is given, row-major y_rm (n_rows x
 // n_out): the batch's rows only (not the padding), sixteen output rows at a time through an
@@ -201,29 +214,15 @@ void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx,
       alignas(64) T buf[kGroup * kChunkFwd];
       for (int64_t o0 = r0; o0 < r1; o0 += kGroup) {
         const int64_t g = std::min<int64_t>(kGroup, r1 - o0);
-        for (int64_t r = 0; r < g; ++r) {
-          const int64_t o = o0 + r, p = row_ptr[o], n = row_ptr[o + 1] - p;
-          const T b = bias ? bias[o] : T(0);
-          if (c == kChunkFwd)
-            fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xp + c0, width, buf + r * kChunkFwd, b);
-          else
-            fwd_tile_any<T>(col_idx + p, vals + p, n, xp + c0, width, buf + r * kChunkFwd, b,
-                            static_cast<int>(c));
-        }
+        for (int64_t r = 0; r < g; ++r)
+          fwd_row(vals, row_ptr, col_idx, o0 + r, xp, width, c0, c, buf + r * kChunkFwd, bias);
         store_rows_transposed<T>(buf, g, valid, y_rm + first * n_out + o0, n_out);
       }
       continue;
     }
     T* yp = yt + panel * n_out * width;
-    for (int64_t o = r0; o < r1; ++o) {
-      const int64_t p = row_ptr[o], n = row_ptr[o + 1] - p;
-      const T b = bias ? bias[o] : T(0);
-      if (c == kChunkFwd)
-        fwd_tile<T, kChunkFwd>(col_idx + p, vals + p, n, xp + c0, width, yp + o * width + c0, b);
-      else
-        fwd_tile_any<T>(col_idx + p, vals + p, n, xp + c0, width, yp + o * width + c0, b,
-                        static_cast<int>(c));
-    }
+    for (int64_t o = r0; o < r1; ++o)
+      fwd_row(vals, row_ptr, col_idx, o, xp, width, c0, c, yp + o * width + c0, bias);
   }
 }
 
