@@ -445,3 +445,20 @@ def test_edge_layers_match_dense(monkeypatch, n_in, n_out, density, dtype, panel
     torch.testing.assert_close(sparse.bias.grad, dense.bias.grad, **tol)
     mask = dense.weight.detach() != 0
     torch.testing.assert_close(sparse.values.grad, dense.weight.grad[mask], **tol)
+
+
+@pytest.mark.parametrize("use", BACKENDS)
+def test_panels_of_the_wrong_shape_are_refused_before_the_kernels(use):
+    """Panels whose features do not fit the weight, or an output gradient in another
+    layout or panel count than the input's, get a ValueError naming the operand."""
+    index = index_of(random_pattern((6, 5), 0.5))
+    values = torch.randn(index.nnz)
+    xp, dyp = torch.zeros(3, 5, 8), torch.zeros(3, 6, 8)
+    with pytest.raises(ValueError, match="xt has 4 rows"):
+        kernels.forward(values, index, torch.zeros(3, 4, 8), None, use=use)
+    with pytest.raises(ValueError, match="differ in batch size or panels"):
+        kernels.backward(values, index, xp, torch.zeros(6, 24), use=use)
+    with pytest.raises(ValueError, match="differ in batch size or panels"):
+        kernels.backward(values, index, xp, torch.zeros(2, 6, 8), use=use)
+    dx, _ = kernels.backward(values, index, xp, dyp, use=use)  # the right ones pass
+    assert dx.shape == (3, 5, 8)
