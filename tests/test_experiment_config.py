@@ -87,6 +87,31 @@ def test_lm_patterns_preset_puts_every_layer_of_the_char_gpt_under_its_pattern()
         sp.remove()
 
 
+def test_lm_preset_fits_its_budget_and_lm_full_adds_only_the_other_5x_runs():
+    """``--preset lm`` (15 minutes on 2 cores): every method at 80/90/95%, RigL 5x at 90%
+    only, 63 run-lengths (a run-length: one 600-step run; measured 20 min 37 s for 93 on
+    2 AVX2 cores). ``--preset lm_full`` is the same configs plus RigL 5x at 80% and 95%,
+    so the same --out reuses every finished lm run."""
+    plans = {}
+    for name in ("lm", "lm_full"):
+        base, settings = read_sweep_file(find_preset(name))
+        config = from_dict(base)
+        plans[name] = {
+            r: r.config(config, REPO / "out").to_dict() for r in expand(config, settings).runs
+        }
+    lm, full = plans["lm"], plans["lm_full"]
+    assert sum(r.multiplier for r in lm) == 63 and sum(r.multiplier for r in full) == 93
+    assert all(full[r] == lm[r] for r in lm)  # the same config, so the run folder is reused
+    added = set(full) - set(lm)
+    assert {(r.method, r.multiplier, r.sparsity) for r in added} == {
+        ("rigl", 5.0, 0.8),
+        ("rigl", 5.0, 0.95),
+    }
+    assert len(added) == 6
+    five = {(r.sparsity, r.seed) for r in lm if r.multiplier == 5}
+    assert five == {(0.9, s) for s in range(3)}
+
+
 def test_cifar_recipe_matches_the_paper():
     config = load_config(REPO / "configs" / "cifar10_wrn22_2.yaml")
     assert (config.steps, config.batch_size, config.lr, config.weight_decay) == (
