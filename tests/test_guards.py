@@ -153,3 +153,127 @@ def test_patterns_that_match_nothing_list_the_names_that_exist(option, pattern):
 def test_patterns_that_match_still_work():
     sparsifier = rigl.create("rigl", TinyMLP(), None, exclude=("out.*",), **OPTIONS)
     assert list(sparsifier.masks) == ["fc1.weight", "fc2.weight"]
+
+
+# -- loading a state saved with other settings --------------------------------------------------
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"sparsity": 0.5}, "sparsity=0.8 (here 0.5)"),
+        ({"distribution": "uniform"}, "distribution='erk' (here 'uniform')"),
+        ({"seed": 3}, "seed=0 (here 3)"),
+    ],
+)
+def test_a_state_saved_with_other_settings_loads_with_a_warning_naming_them(backend, change, named):
+    """Loading another run's masks is allowed (another sparsity's, a masked run's into a
+    compressed one), but not silently: the masks keep the saved counts while summary() and
+    later updates follow this sparsifier's settings and seed."""
+    model, optimizer, sp = _setup(backend)
+    train_steps(model, optimizer, sp, 5)
+    state, saved = sp.state_dict(), {w.name: w.mask.clone() for w in sp.weights}
+    sp.remove()
+    torch.manual_seed(0)
+    model2 = TinyMLP()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    other = rigl.create("rigl", model2, opt2, backend=backend, **{**OPTIONS, **change})
+    with pytest.warns(UserWarning, match=rf"saved by a sparsifier with {_re(named)}: its masks"):
+        other.load_state_dict(state)
+    assert all(torch.equal(w.mask, saved[w.name]) for w in other.weights)  # as they were
+    assert other.step_count == 5
+    other.remove()
+    torch.manual_seed(0)
+    model3 = TinyMLP()
+    opt3 = torch.optim.SGD(model3.parameters(), lr=0.1, momentum=0.9)
+    same = rigl.create("rigl", model3, opt3, backend=backend, **OPTIONS)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings load without a word
+        same.load_state_dict(state)
+    assert same.step_count == 5
+
+
+def _re(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+# -- a layer that gets no gradient on an update step ---------------------------------------------
+class _WithUnusedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))  # aux: no part in this forward
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_layer_without_gradient_keeps_its_topology_and_the_others_update(backend):
+    """An unused head (an expert that got no tokens) used to fail every update step with a
+    message telling the user to call backward(), which they had done."""
+    torch.manual_seed(0)
+    model = _WithUnusedHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = rigl.create("rigl", model, optimizer, backend=backend, sparsity=0.5, total_steps=100,
+                     update_interval=5)  # fmt: skip
+    before = {w.name: w.mask.clone() for w in sp.weights}
+    with pytest.warns(
+        UserWarning, match=r"no gradient for aux\.weight at the topology update of step 5"
+    ):
+        for _ in range(6):
+            optimizer.zero_grad()
+            model(torch.randn(8, 16)).sum().backward()
+            sp.step()
+    assert sp.update_count == 1
+    changed = {w.name: not torch.equal(w.mask, before[w.name]) for w in sp.weights}
+    assert changed == {"a.weight": True, "b.weight": True, "aux.weight": False}
+    sp.check()  # exact counts everywhere
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_no_gradient_anywhere_on_an_update_step_says_to_call_backward(backend):
+    model, optimizer, sp = _setup(backend)
+    train_steps(model, optimizer, sp, 3)
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match=r"needed on update steps; call loss\.backward\(\)"):
+        for _ in range(OPTIONS["update_interval"]):  # an update step comes among these
+            sp.step()
+    assert sp.update_count == 0
+
+
+# -- converting to the compressed backend draws nothing from the global generator ---------------
+@pytest.mark.parametrize("pattern", ["unstructured", "fanin", "2:4"])
+def test_the_compressed_backend_leaves_the_global_rng_as_the_masked_one_does(pattern):
+    """Dropout and data order after create() are then the same on both backends."""
+    draws = {}
+    for backend in ("masked", "sparse"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.Conv1d(4, 4, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sp = rigl.create("rigl", model, optimizer, backend=backend, sparsity=0.5,
+                         pattern=pattern, total_steps=100, update_interval=10)  # fmt: skip
+        draws[backend] = torch.rand(4)
+        sp.remove()
+    torch.testing.assert_close(draws["masked"], draws["sparse"], rtol=0, atol=0)
+
+
+def test_the_summary_names_the_real_reason_a_layer_stays_masked():
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.rnn = nn.MultiheadAttention(16, 2), nn.GRU(16, 16)
+            self.norm = torch.nn.utils.weight_norm(nn.Linear(16, 16))
+            self.plain = nn.Linear(16, 16)
+
+    model = Mixed()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = rigl.create("rigl", model, optimizer, backend="sparse", sparsity=0.5, total_steps=100)
+    rows = {line.split()[0]: line for line in sp.summary_table().splitlines()[1:]}
+    assert "this is a MultiheadAttention" in rows["attn.in_proj_weight"]
+    assert "this is a GRU" in rows["rnn.weight_hh_l0"]
+    assert "computed from 'weight_v'" in rows["norm.weight_v"]
+    assert "weight_norm" not in rows["attn.in_proj_weight"] + rows["rnn.weight_hh_l0"]
+    assert rows["plain.weight"].rstrip().endswith("sparse")

@@ -262,6 +262,20 @@ def test_hf_checkpoints_hold_the_masks_and_resume_exactly(hf, tmp_path):
     _assert_same_run(resumed.sparsifier, first.sparsifier)
 
 
+def test_lightning_resume_of_a_compressed_run_is_refused_clearly(pl, tmp_path):
+    from rigl.integrations.lightning import RigLCallback
+
+    epoch = STEPS // 2
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    first = RigLCallback("rigl", backend="sparse", **OPTIONS)
+    _fit(pl, _lightning_module(pl), [first, saver], n_batches=epoch, enable_checkpointing=True)
+    path = tmp_path / f"epoch=0-step={epoch}.ckpt"
+    assert path.exists()
+    resumed = RigLCallback("rigl", backend="sparse", **OPTIONS)
+    with pytest.raises(rigl.ConfigError, match=r"through Lightning is not supported"):
+        _fit(pl, _lightning_module(pl), [resumed], path, n_batches=epoch)
+
+
 def test_hf_bf16_keeps_invariants(hf, tmp_path):
     from rigl.integrations.huggingface import RigLTrainerCallback
 

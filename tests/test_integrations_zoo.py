@@ -136,6 +136,35 @@ def test_hf_callback_on_transformers(name, backend, tmp_path):
         assert probe.seen[-1][key] == pytest.approx(expected[key])
 
 
+def test_hf_resume_of_a_compressed_run_is_refused_clearly(tmp_path):
+    """The Trainer loads its checkpoint into the (still dense) model before the callback
+    converts the layers, so the compressed values would be lost: resuming says so."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import rigl
+    from rigl.integrations.huggingface import RigLTrainerCallback
+
+    def train(callback, resume=None):
+        torch.manual_seed(0)
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=B, max_steps=STEPS,
+            use_cpu=True, report_to="none", save_strategy="steps", save_steps=STEPS // 2,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = transformers.Trainer(
+            model=CASES["llama"].build(), args=arguments, train_dataset=_Tokens(),
+            callbacks=[callback],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+
+    train(RigLTrainerCallback("rigl", backend="sparse", **OPTIONS))
+    resumed = RigLTrainerCallback("rigl", backend="sparse", **OPTIONS)
+    with pytest.raises(rigl.ConfigError, match=r"resuming a backend='sparse' run through the "
+                       r"Hugging Face Trainer is not supported.*backend='masked'"):  # fmt: skip
+        train(resumed, resume=str(tmp_path / f"checkpoint-{STEPS // 2}"))
+    assert resumed.sparsifier is None
+
+
 def test_the_gpt2_example_runs(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -214,3 +214,57 @@ def test_sparse_embedding_gradients(method, optimizer):
     assert sp.update_count == 3
     changed = next(s for s in sp.last_update if s.name == "emb.weight")
     assert changed.n_grown == changed.n_dropped > 0
+
+
+# -- between backward() and step(): the sparse network's gradient ------------------------------
+def _clipped_run(backend: str, steps: int = 30):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sp = rigl.create("rigl", model, optimizer, backend=backend, sparsity=0.8, total_steps=steps,
+                     update_interval=5)  # fmt: skip
+    g, norms, seen = torch.Generator().manual_seed(1), [], []
+    for _ in range(steps):
+        x, y = torch.randn(16, 20, generator=g), torch.randint(0, 5, (16,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        update = sp.should_update(sp.step_count)
+        seen.append((update, [w.param.grad[~w.mask].abs().max() for w in sp.weights
+                              if backend == "masked"]))  # fmt: skip
+        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        sp.step()
+    return sp, norms, seen
+
+
+def test_clipping_between_backward_and_step_sees_the_same_gradient_on_both_backends():
+    """The Hugging Face Trainer clips (max_grad_norm) after backward, before the optimizer
+    step hooks: the masked backend used to clip by the dense gradient's norm (inactive
+    entries included), the compressed one by the active gradient's, so the two trained
+    different weights. Now both clip the sparse network's gradient (except on update
+    steps, which keep the dense gradient for the grow scores and skip the optimizer step)."""
+    masked, norms_m, seen = _clipped_run("masked")
+    sparse, norms_s, _ = _clipped_run("sparse")
+    assert masked.update_count == sparse.update_count > 0
+    plain = [n for (update, _), n in zip(seen, norms_m, strict=True) if not update]
+    assert plain == pytest.approx([n for (u, _), n in zip(seen, norms_s, strict=True) if not u])
+    for update, inactive in seen:
+        assert all(bool(v == 0) for v in inactive) != update  # dense only on update steps
+    for a, b in zip(masked.weights, sparse.weights, strict=True):
+        assert torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.active_values(), b.active_values(), rtol=0, atol=1e-6)
+
+
+def test_methods_that_read_the_dense_gradient_every_step_still_get_it():
+    """SNFS keeps an average of the dense gradient (observe_gradients in step()): its
+    gradient stays dense until step()."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    optimizer = make_optimizer("sgd", model)
+    sp = rigl.create("snfs", model, optimizer, sparsity=0.8, total_steps=20, update_interval=4)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert any(bool((w.param.grad[~w.mask] != 0).any()) for w in sp.weights)
+    sp.step()
+    _assert_grads_masked(sp, 0)

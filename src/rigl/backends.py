@@ -46,11 +46,12 @@ def _placement(model: nn.Module, target: Target, uses: int) -> Placement:
         return "masked", "a tied weight: converting would untie it"
     if kind == "Conv1D":
         return "masked", "HF Conv1D (weight stored (in, out)) is not converted"
-    computed = isinstance(module, ParametrizationList) or target.param_name != "weight"
-    if not isinstance(module, _COMPRESSIBLE) and not computed:
-        return "masked", f"only nn.Linear and nn.Conv1d/2d layers are compressed, this is a {kind}"
-    if computed:
+    if isinstance(module, ParametrizationList):
         return "masked", "its weight is computed from this tensor (weight_norm, spectral_norm)"
+    if not isinstance(module, _COMPRESSIBLE):
+        return "masked", f"only nn.Linear and nn.Conv1d/2d layers are compressed, this is a {kind}"
+    if target.param_name != "weight":  # e.g. torch.nn.utils.weight_norm's weight_v
+        return "masked", f"its weight is computed from {target.param_name!r} (weight_norm)"
     if type(module) not in _COMPRESSIBLE:  # e.g. MultiheadAttention's out_proj, used functionally
         return "masked", f"{kind} subclasses {_base(module)} (its forward may differ)"
     if isinstance(module, nn.Conv1d | nn.Conv2d) and (why := _conv_reason(module)):

@@ -294,8 +294,8 @@ def broadcast_sparsifier(sparsifier: Sparsifier, src: int = 0, process_group: An
         dist.broadcast(param.data, src=src, group=process_group)
     state = [sparsifier.state_dict()]  # plain data, masks on the CPU
     dist.broadcast_object_list(state, src=src, group=process_group)
+    sparsifier.seed = int(state[0]["seed"])  # first: the state then matches this sparsifier
     sparsifier.load_state_dict(state[0])
-    sparsifier.seed = int(state[0]["seed"])
 
 
 def sync_sparsifier(

@@ -53,6 +53,19 @@ class NonFiniteScore(Exception):
     """A score was inf/NaN: the whole topology update is skipped."""
 
 
+class MissingGradient(RuntimeError):
+    """A layer's gradient is needed on an update step and there is none: the layer took no
+    part in this step's forward/backward (an unused head, an expert that got no tokens),
+    or ``backward()`` was not called at all."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"the gradient of {name} is needed on update steps; call loss.backward() before "
+            "sparsifier.step()"
+        )
+        self.name = name
+
+
 def check_finite(score: Tensor | None, name: str) -> None:
     """Raise :class:`NonFiniteScore` naming ``name`` if ``score`` holds an inf or NaN."""
     if score is None or score.numel() == 0:

@@ -16,6 +16,7 @@ class's methods, each documented for method writers; the step loop already lives
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -184,7 +185,36 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         self.last_update: list[RewireStats] | None = None
         self._pending_update = False
         self._grads_masked = False  # by pre_optimizer_step, with this step's mask
+        self._mask_early = False
+        self._early_hooks = self._early_gradient_masking()
         self._prepare_weights()
+
+    def _early_gradient_masking(self) -> list[Any]:
+        """Masked weights get their inactive gradient zeroed as soon as backward has
+        accumulated it (on steps that do not update the topology), so what runs between
+        ``backward()`` and ``step()`` (gradient clipping, the Hugging Face Trainer's
+        ``max_grad_norm``, gradient-norm logging) sees the sparse network's gradient, as on
+        the compressed backend. ``pre_optimizer_step`` masks again (a user's change to
+        ``.grad`` in between). Update steps keep the dense gradient for the grow scores, and
+        methods that read it every step (an ``observe_gradients`` of their own: SNFS, SR-STE,
+        Top-KAST) keep it until ``pre_optimizer_step`` as before."""
+        if type(self).observe_gradients is not Sparsifier.observe_gradients:
+            return []
+        owner = weakref.ref(self)  # the hooks must not keep a dropped sparsifier alive
+
+        def hook(weight: MaskedWeight) -> Callable[[Tensor], None]:
+            def mask(_: Tensor) -> None:
+                sparsifier = owner()
+                if sparsifier is not None and sparsifier._mask_early:
+                    weight.mask_gradient()
+
+            return mask
+
+        return [
+            w.param.register_post_accumulate_grad_hook(hook(w))
+            for w in self.weights
+            if type(w) is MaskedWeight and w.param.requires_grad
+        ]
 
     def _check_backend(self, backend: str) -> str:
         if backend not in ("masked", "sparse"):
@@ -334,6 +364,8 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         layers back into ``nn.Linear``). The sparsifier cannot step afterwards."""
         if self._guard is not None:
             self._guard.remove()
+        for handle in self._early_hooks:
+            handle.remove()
         guard.release(self)
         self._removed = True
 

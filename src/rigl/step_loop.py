@@ -16,7 +16,7 @@ import torch
 from rigl._version import __version__
 from rigl.errors import ConfigError, warn
 from rigl.optim_state import check_state_sizes, unscale_found_inf
-from rigl.rewiring import NonFiniteScore, Rewiring, check_finite
+from rigl.rewiring import MissingGradient, NonFiniteScore, Rewiring, check_finite
 from rigl.seam import RewireStats
 from rigl.sharding import check_not_resharded
 from rigl.targets import check_model_names
@@ -112,6 +112,7 @@ class StepLoop:
         update_due = self.should_update(self.step_count)
         for weight in self.weights:
             weight.prepare_step(update_due)
+        self._mask_early = not update_due  # update steps keep the dense gradient (grow)
 
     def _rewired(self) -> list[int]:
         """The layers that take part in updates: not those whose target density is 1
@@ -139,7 +140,7 @@ class StepLoop:
         their gradient of this batch when the update comes ``before_step`` (the step, if
         taken, moves them); after the step it has been applied, and theirs is zero."""
         try:
-            plans = {i: self._plan(i, step) for i in self._rewired()}
+            plans = self._plans(step)
         except NonFiniteScore as exc:
             self._skip_update(step, exc)
             return False
@@ -153,6 +154,27 @@ class StepLoop:
         for hook in self.update_hooks:
             hook(self)
         return True
+
+    def _plans(self, step: int) -> dict[int, Rewiring | None]:
+        """Every rewired layer's plan. A layer with no gradient where its method needs one
+        (it took no part in this step's backward: an unused head, an expert that got no
+        tokens) keeps its topology this time, with a warning; if no layer has one,
+        ``backward()`` was not called: the error says so."""
+        plans, missing = {}, []
+        for i in self._rewired():
+            try:
+                plans[i] = self._plan(i, step)
+            except MissingGradient as exc:
+                missing.append(exc)
+        if missing and len(missing) == len(self._rewired()):
+            raise missing[0]
+        if missing:
+            names = ", ".join(exc.name for exc in missing)
+            warn(
+                f"no gradient for {names} at the topology update of step {step} (not used "
+                "in this step's forward and backward?): its topology is left as it is"
+            )
+        return plans
 
     def _plan(self, index: int, step: int) -> Rewiring | None:
         """Layer ``index``'s plan: chosen by ``plan_layer``, its grown weights' starting values
@@ -186,6 +208,7 @@ class StepLoop:
             raise ConfigError(
                 f"state dict was saved by method {state.get('method')!r}, this sparsifier is {self.name!r}"
             )
+        self._warn_other_settings(state)
         check_model_names(self.targets, state["masks"])
         masks = [w.check_topology(state["masks"][w.name]) for w in self.weights]  # all first
         self.check_extra_state(state.get("extra", {}))  # before anything changes
@@ -196,3 +219,32 @@ class StepLoop:
         self.update_count = int(state.get("update_count", 0))
         self.load_extra_state(state.get("extra", {}))
         self._prepare_weights()
+
+    def _warn_other_settings(self, state: dict[str, Any]) -> None:
+        """A warning naming every setting (sparsity, distribution, pattern, ..., seed) in
+        which the saved sparsifier differs from this one. Loading another run's masks is
+        allowed (a masked run's masks into a compressed one, another sparsity's masks), but
+        not silently: the masks keep the saved counts while ``summary()`` compares them with
+        this sparsifier's targets, and later updates follow its settings and seed."""
+        saved = dict(state.get("config") or {})
+        if "seed" in state:
+            saved["seed"] = state["seed"]
+        here = {**self.config.to_dict(), "seed": self.seed}
+        differ = [k for k in saved if k in here and _plain(saved[k]) != _plain(here[k])]
+        if differ:
+            pairs = ", ".join(f"{k}={saved[k]!r} (here {here[k]!r})" for k in differ)
+            warn(
+                f"state dict was saved by a sparsifier with {pairs}: its masks are loaded as "
+                "they are (their counts stay), while summary() and later updates follow this "
+                "sparsifier's settings; create it with the saved ones (state['config'], "
+                "state['seed']) to resume that run exactly"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain comparable data: tuples as lists, mappings as dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -18,7 +18,14 @@ from rigl.errors import ConfigError
 from rigl.optim_state import reset_drifting_state, reset_optimizer_state, weight_states
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.patterns import violations as pattern_violations
-from rigl.rewiring import Grid, NonFiniteScore, Rewiring, RowScores, check_finite
+from rigl.rewiring import (
+    Grid,
+    MissingGradient,
+    NonFiniteScore,
+    Rewiring,
+    RowScores,
+    check_finite,
+)
 from rigl.seam import RewireStats
 from rigl.topology import TieBreak, split_evenly
 
@@ -168,10 +175,7 @@ class MaskedWeight:
     def _needed_gradient(self) -> Tensor:
         grad = self.dense_gradient()
         if grad is None:
-            raise RuntimeError(
-                f"the gradient of {self.name} is needed on update steps; call "
-                "loss.backward() before sparsifier.step()"
-            )
+            raise MissingGradient(self.name)
         return grad
 
     # -- topology -------------------------------------------------------------------

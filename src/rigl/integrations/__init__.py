@@ -111,6 +111,21 @@ class SparseTrainingHooks:
         self.sparsifier.load_state_dict(self._pending_state)
         self._pending_state = None
 
+    def check_resumable(self, framework: str) -> None:
+        """ConfigError before a framework resumes a ``backend="sparse"`` run: the framework
+        loads its checkpoint into the model before the callback can convert the layers, so
+        the compressed layers' values would not be restored (and resuming is refused
+        instead of training on fresh weights)."""
+        if self.kwargs.get("backend", "masked") == "sparse":
+            raise ConfigError(
+                f"resuming a backend='sparse' run through {framework} is not supported: "
+                f"{framework} loads the checkpoint into the model before the callback "
+                "converts its layers, so their values would be lost. Train with "
+                "backend='masked' to resume through the framework, or resume a plain loop "
+                "from model.state_dict() and sparsifier.state_dict() (README: 'Data "
+                "parallel, mixed precision, frameworks')"
+            )
+
     # -- around the framework's optimizer step ---------------------------------------------
     def before_optimizer_step(self, optimizer: Any, *, scaler_in_use: bool) -> None:
         """Just before ``optimizer.step()``, gradients final (synced, unscaled or not)."""

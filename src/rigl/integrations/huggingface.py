@@ -73,6 +73,7 @@ class RigLTrainerCallback(SparseTrainingHooks, TrainerCallback):
         if self.sparsifier is None and self._pending_state is None:
             path = self._state_path(args, state)
             if path is not None:
+                self.check_resumable("the Hugging Face Trainer")
                 self.load_sparsifier_state(torch.load(path, map_location="cpu", weights_only=True))
         self.build(kwargs["model"], kwargs["optimizer"], state.max_steps)
 

@@ -59,6 +59,18 @@ class RigLCallback(SparseTrainingHooks, pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before Lightning restores a checkpoint (``fit(ckpt_path=...)``) into the model, which
+        it does before ``on_fit_start``: a compressed run's checkpoint is refused clearly."""
+        if stage != "fit" or self.kwargs.get("backend", "masked") != "sparse":
+            return
+
+        def refuse_compressed(module: Any, state_dict: dict, *args: Any) -> None:
+            if self.sparsifier is None and any(k.endswith(".row_ptr") for k in state_dict):
+                self.check_resumable("Lightning")
+
+        pl_module.register_load_state_dict_pre_hook(refuse_compressed)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ConfigError(

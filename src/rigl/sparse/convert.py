@@ -4,6 +4,7 @@ compressed layers: ``SparseLinear``/``SparseConv1d``/``SparseConv2d`` (any patte
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -107,10 +108,11 @@ def _from_dense(
         mask[topology] = True
     device = linear.weight.device
     mask = mask.reshape(linear.weight.shape).to(device)
-    if layout == "condensed":
-        layer = CondensedLinear.from_dense(linear, mask, nm)
-    else:
-        layer = _compressed_type(linear).from_dense(linear, mask)
+    with _global_rng_untouched():  # the layer's own draws are all overwritten here
+        if layout == "condensed":
+            layer = CondensedLinear.from_dense(linear, mask, nm)
+        else:
+            layer = _compressed_type(linear).from_dense(linear, mask)
     layer = layer.to(device)
     if linear.bias is not None:
         layer.bias = linear.bias
@@ -126,14 +128,15 @@ def _from_shapes(
 ) -> SparseLinear | CondensedLinear:
     """The compressed layer for a meta layer: O(nnz + out) memory, never the dense size."""
     dtype = linear.weight.dtype
-    if isinstance(linear, nn.Conv1d | nn.Conv2d):
-        layer = _compressed_type(linear).like(linear)
-    elif layout == "condensed":
-        n_in, n_out = linear.in_features, linear.out_features
-        layer = CondensedLinear.unset(n_in, n_out, linear.bias is not None, nm=nm, dtype=dtype)
-    else:
-        n_in, n_out = linear.in_features, linear.out_features
-        layer = SparseLinear(n_in, n_out, linear.bias is not None, density=0.0, dtype=dtype)
+    with _global_rng_untouched():  # an empty layer: its bias is drawn below
+        if isinstance(linear, nn.Conv1d | nn.Conv2d):
+            layer = _compressed_type(linear).like(linear)
+        elif layout == "condensed":
+            n_in, n_out = linear.in_features, linear.out_features
+            layer = CondensedLinear.unset(n_in, n_out, linear.bias is not None, nm=nm, dtype=dtype)
+        else:
+            n_in, n_out = linear.in_features, linear.out_features
+            layer = SparseLinear(n_in, n_out, linear.bias is not None, density=0.0, dtype=dtype)
     n_in = layer.in_features  # fan-in: in * kh * kw for a convolution
     bound = 1.0 / math.sqrt(n_in) if n_in else 0.0
     values = torch.empty(flat.numel(), dtype=dtype).uniform_(-bound, bound, generator=generator)
@@ -142,6 +145,13 @@ def _from_shapes(
         with torch.no_grad():
             layer.bias.uniform_(-bound, bound, generator=generator)
     return layer
+
+
+def _global_rng_untouched() -> contextlib.AbstractContextManager:
+    """Draws made inside leave torch's global CPU generator as it was: converting a layer
+    must not shift the dropout or data order that follows (the masked backend draws
+    nothing from it either)."""
+    return torch.random.fork_rng(devices=[])
 
 
 def to_dense(model: nn.Module) -> nn.Module:

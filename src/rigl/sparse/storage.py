@@ -23,7 +23,7 @@ from rigl.config import ConfigError
 from rigl.optim_state import weight_states
 from rigl.patterns import UNSTRUCTURED, Pattern
 from rigl.patterns import violations as pattern_violations
-from rigl.rewiring import Grid, Rewiring, RowScores
+from rigl.rewiring import Grid, MissingGradient, Rewiring, RowScores
 from rigl.seam import RewireStats
 from rigl.sparse import kernels
 from rigl.sparse.index import _sort
@@ -124,21 +124,26 @@ class SparseWeight:
     def active_gradient(self) -> Tensor:
         grad = self.param.grad
         if grad is None:
-            raise RuntimeError(
-                f"the gradient of {self.name} is needed on update steps; call "
-                "loss.backward() before sparsifier.step()"
-            )
+            raise MissingGradient(self.name)
         return grad.detach()
 
     def gradient_rows(self, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the dense gradient ``dy^T x``, accumulated over the update step's
         backward calls (averaged over the data-parallel ranks, like DDP's ``.grad``)."""
+        self._check_kept_batch()
         return _mean_over_ranks(self.layer.grad_rows(r0, r1))
 
     def gradient_at(self, flat: Tensor) -> Tensor:
         """The dense gradient at the flat positions ``flat`` only (an SDDMM; averaged over
         the data-parallel ranks)."""
+        self._check_kept_batch()
         return _mean_over_ranks(self.layer.grad_at(flat))
+
+    def _check_kept_batch(self) -> None:
+        """MissingGradient when this update step kept no batch: the layer had no backward."""
+        grow = self.layer._grow
+        if grow.enabled and not grow.xts:
+            raise MissingGradient(self.name)
 
     # -- topology ----------------------------------------------------------------------
     def rewire(
