@@ -222,6 +222,33 @@ def test_compare_grid_writes_results_and_skips_finished_runs(tmp_path, data_root
     assert [p.stat().st_mtime_ns for p in finals] == stamps
 
 
+def test_compare_refuses_a_folder_it_did_not_write_and_reuses_its_own(tmp_path, data_root, capsys):
+    """A user's results.md / results.json in --out were overwritten; now refused before
+    anything is written. A compare folder (its marker, or from before the marker: runs/
+    with marked runs beside results files) is reused."""
+    base = tiny_config(tmp_path, data_root, epochs=1, checkpoint_every=0)
+    mine = tmp_path / "proj"
+    mine.mkdir()
+    (mine / "results.md").write_text("# my own results\n")
+    (mine / "results.json").write_text('{"mine": 1}\n')
+    args = ["compare", "--config", str(base), "--methods", "static", "--sparsities", "0.8",
+            "--seeds", "1", "--jobs", "1", "--quiet"]  # fmt: skip
+    assert main([*args, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (results.json, results.md) and was not written by rigl compare" in err
+    assert (mine / "results.md").read_text() == "# my own results\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["results.json", "results.md"]
+    out = tmp_path / "sweep"
+    assert main([*args, "--out", str(out)]) == 0
+    assert (out / ".rigl-compare.json").exists()
+    (out / ".rigl-compare.json").unlink()  # a folder written before the marker existed
+    assert main([*args, "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("x\n")  # beside an unmarked compare folder: not sure
+    (out / ".rigl-compare.json").unlink()
+    assert main([*args, "--out", str(out)]) == 2
+
+
 # -- rigl flops ------------------------------------------------------------------------------
 def test_flops_json(capsys):
     pytest.importorskip("rigl.experiments.flops_cli")

@@ -249,3 +249,28 @@ def test_report_from_tiny_runs(tmp_path):
         assert f'src="{name}"' in page
     assert not re.search(r"<(script|link)\b", page)  # self-contained: no external CSS/JS
     assert len(read_rows(report / "interpolation.csv")) == 5 * 2
+
+
+def test_report_refuses_a_folder_it_did_not_write_and_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from rigl.experiments.training.train import train
+
+    run = tmp_path / "static"
+    train(tiny_config(tmp_path, method="static", out=str(run)), quiet=True)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>my page</h1>\n")
+    assert main(["report", str(run), "--out", str(site), "--no-interpolation"]) == 2
+    assert "was not written by rigl report" in capsys.readouterr().err
+    assert (site / "index.html").read_text() == "<h1>my page</h1>\n"
+    report = tmp_path / "report"
+    for _ in range(2):  # its own folder: written again
+        assert main(["report", str(run), "--out", str(report), "--no-interpolation"]) == 0
+    (report / ".rigl-report.json").unlink()  # written before the marker existed: ours too
+    assert main(["report", str(run), "--out", str(report), "--no-interpolation"]) == 0
+    other = tmp_path / "notrun"
+    other.mkdir()
+    (other / "x").write_text("hi\n")
+    capsys.readouterr()
+    assert main(["report", str(other), "--out", str(tmp_path / "r2")]) == 2
+    assert "is not a rigl run folder" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()

@@ -114,6 +114,60 @@ def test_overwrite_deletes_the_runs_files_and_nothing_else(tmp_path, data_root):
     assert json.loads((run / MARKER).read_text()) == marker
 
 
+def test_overwrite_keeps_a_users_files_in_tb_and_a_tb_rigl_never_wrote(tmp_path, data_root):
+    """tb/ is listed by the marker (where tensorboard is installed, or tensorboard: true);
+    --overwrite deletes only the event files in it, never a user's files there."""
+    config = tiny_run_config(tmp_path, data_root)
+    assert main(["train", "--config", str(config), "--quiet"]) == 0
+    run = tmp_path / "run"
+    marker = json.loads((run / MARKER).read_text())
+    (run / "tb").mkdir(exist_ok=True)
+    (run / "tb" / "my_notes.txt").write_text("mine\n")
+    (run / "tb" / "events.out.tfevents.1.host.1.0").write_bytes(b"rigl's")
+    assert main(["train", "--config", str(config), "--quiet", "--overwrite"]) == 0
+    assert (run / "tb" / "my_notes.txt").read_text() == "mine\n"
+    if "tb" in marker["files"]:  # the old event file was rigl's: deleted
+        assert not (run / "tb" / "events.out.tfevents.1.host.1.0").exists()
+    else:  # tensorboard missing: tb/ is not rigl's at all, nothing in it is touched
+        assert (run / "tb" / "events.out.tfevents.1.host.1.0").exists()
+
+
+def test_tb_is_listed_only_where_rigl_writes_it(tmp_path, monkeypatch):
+    from rigl.experiments.config import load_config
+    from rigl.experiments.training import callbacks
+    from rigl.experiments.training.folder import run_files
+
+    config = load_config(tiny_run_config(tmp_path, tmp_path))
+    monkeypatch.setattr(callbacks.TensorBoardLog, "writer_class", staticmethod(lambda **k: None))
+    assert "tb" not in run_files(config.replace(tensorboard=None))
+    assert "tb" in run_files(config.replace(tensorboard=True))
+    assert "tb" not in run_files(config.replace(tensorboard=False))
+
+
+def test_a_run_that_failed_before_training_does_not_block_the_corrected_command(
+    tmp_path, data_root
+):
+    """A setting the pattern cannot hold fails before the first step: the folder holds only
+    the marker, so the corrected command starts there (it used to say 'already holds a
+    run; pass --resume or --overwrite')."""
+    config = tiny_run_config(tmp_path, data_root)
+    bad = rigl("train", "--config", str(config), "--pattern", "2:4", "--sparsity", "0.9")
+    assert bad.returncode == 2 and "2:4" in bad.stderr
+    assert (tmp_path / "run" / MARKER).exists()
+    assert main(["train", "--config", str(config), "--quiet", "--pattern", "2:4",
+                 "--sparsity", "0.5"]) == 0  # fmt: skip
+    assert (tmp_path / "run" / "final.json").exists()
+    again = rigl("train", "--config", str(config), "--quiet")  # a run that trained: refused
+    assert_refused(again, "already holds a run")
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, data_root):
+    config = tiny_run_config(tmp_path, data_root)
+    result = rigl("train", "--config", str(config), "--resume", "--overwrite")
+    assert_refused(result, "--resume continues the run in --out and --overwrite starts it again")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("files", [["."], ["../elsewhere"], "config.yaml"])
 def test_a_damaged_marker_deletes_nothing(tmp_path, data_root, capsys, files):
     """A marker naming the folder itself, its parent, or not a list: refused, not obeyed."""
@@ -191,7 +245,7 @@ def _other_run_checkpoint(tmp_path: Path, data_root: Path) -> bytes:
         ("empty", "cannot be read", "main"),
         ("garbage", "cannot be read", "main"),
         ("not a dict", "is not a rigl train checkpoint (it holds a list", "main"),
-        ("another run's", "belongs to another run (its config differs in ['epochs', 'sparsity'])",
+        ("another run's", "was trained with in ['epochs', 'sparsity']",
          "subprocess"),
     ],
 )  # fmt: skip
@@ -256,7 +310,10 @@ def test_a_read_only_output_folder_is_refused(tmp_path, data_root):
 
 def test_a_failed_run_of_a_sweep_is_one_error_and_the_others_are_kept(tmp_path, data_root):
     config = tiny_run_config(tmp_path, data_root, epochs=1, checkpoint_every=0)
+    from rigl.experiments.runio import claim_output_folder
+
     out = tmp_path / "sweep"
+    claim_output_folder(out, "compare")  # a compare folder, with one run folder taken:
     blocked = out / "runs" / "rigl-erk-s0.8-1x-seed0"
     blocked.mkdir(parents=True)
     (blocked / "notes.txt").write_text("mine")  # not a rigl run folder: that run is refused

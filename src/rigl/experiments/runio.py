@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +172,30 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def claim_output_folder(
+    out: Path, tool: str, is_ours: Callable[[Path], bool] = lambda out: False
+) -> None:
+    """Make ``out`` the output folder of ``tool`` (``"compare"``, ``"report"``), or raise a
+    ConfigError before anything in it is written: a folder is ``tool``'s when it is new or
+    empty, holds ``tool``'s marker (``.rigl-<tool>.json``, written here), or ``is_ours``
+    recognises it (a folder written before markers existed). Anything else is somebody's
+    folder, whose ``results.md`` or ``index.html`` must not be overwritten."""
+    from rigl.config import ConfigError
+
+    marker = out / f".rigl-{tool}.json"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder (created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    if marker.exists():
+        return
+    others = sorted(p.name for p in out.iterdir())
+    if others and not is_ours(out):
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ConfigError(
+            f"--out {str(out)!r} is not empty ({shown}) and was not written by rigl {tool} "
+            f"(no {marker.name}); nothing in it was changed. Give a new or empty folder"
+        )
+    note = f"written by rigl {tool}: it rewrites its own files in this folder"
+    write_json(marker, {"rigl": rigl.__version__, "note": note})

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rigl.config import ConfigError
+
 ALPHAS = tuple(np.round(np.linspace(-0.2, 1.2, 29), 4))  # steps of 0.05
 
 
@@ -110,7 +112,8 @@ def pick_pair(runs: list) -> tuple | None:
         for b in runs:
             if a.method != "static" or b.method != "rigl" or a.sparsity != b.sparsity:
                 continue
-            if any(a.config.get(k) != b.config.get(k) for k in ("dataset", "model", "width")):
+            same = ("dataset", "dataset_options", "model", "model_options", "width")
+            if any(a.config.get(k) != b.config.get(k) for k in same):
                 continue
             if a.distribution == b.distribution:
                 return a, b
@@ -131,15 +134,37 @@ def load_pair(run_a, run_b, max_examples: int | None = None):
     model = make_model(config, data, width)
     states = []
     for run in (run_a, run_b):
-        checkpoint = load_checkpoint(run.path / "checkpoint.pt")
+        try:
+            checkpoint = load_checkpoint(run.path / "checkpoint.pt")
+        except Exception as exc:  # truncated, not a torch file: name it, not torch's trace
+            raise ConfigError(
+                f"{str(run.path / 'checkpoint.pt')!r} cannot be read ({type(exc).__name__}): "
+                "it is damaged; leave this run out, or pass --no-interpolation"
+            ) from exc
         if checkpoint is None:
             raise FileNotFoundError(f"{run.path} has no checkpoint.pt to interpolate")
         states.append(model_state(checkpoint))
+    mismatched = _shape_mismatch(*states)
+    if mismatched:
+        raise ConfigError(
+            f"{run_a.path} and {run_b.path} are different models ({mismatched}): give a "
+            "--pair of runs of the same model, or pass --no-interpolation"
+        )
     splits = {}
     for split in ("train", "test"):
         x, y = getattr(data, split).tensors
         splits[split] = (x[:max_examples], y[:max_examples])
     return model, states[0], states[1], splits
+
+
+def _shape_mismatch(state_a: dict, state_b: dict) -> str:
+    """The first tensor whose shape differs between two model states, or ''."""
+    for name, ta in state_a.items():
+        tb = state_b.get(name)
+        if tb is None or tuple(ta.shape) != tuple(tb.shape):
+            other = None if tb is None else tuple(tb.shape)
+            return f"{name}: {tuple(ta.shape)} and {other}"
+    return ""
 
 
 def write_points(points: list[InterpPoint], path) -> None:

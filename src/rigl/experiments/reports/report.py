@@ -35,7 +35,7 @@ from rigl.experiments.reports.rundata import (
     share_on,
     unique_labels,
 )
-from rigl.experiments.runio import atomic_write_text
+from rigl.experiments.runio import atomic_write_text, claim_output_folder
 
 FIGURES = {  # file -> (title, caption)
     "first_layer.png": (
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         )
     runs = [load_run(p) for p in args.runs]
     pair = [load_run(p) for p in args.pair] if args.pair else None
+    claim_output_folder(out, "report", _written_by_report)  # after the runs are checked
     made = build_report(
         runs,
         out,
@@ -117,6 +118,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"report: {len(made)} figures -> {out / 'index.html'}")
     return 0
+
+
+def _written_by_report(out: Path) -> bool:
+    """A report folder from before the marker: our index.html (its style sheet) beside
+    figures and the interpolation table."""
+    page = out / "index.html"
+    if not page.is_file() or CSS.strip().splitlines()[0] not in page.read_text(errors="replace"):
+        return False
+    known = {"index.html", "interpolation.csv"}
+    return all(p.name in known or p.suffix == ".png" for p in out.iterdir())
 
 
 def default_out(paths: list[str]) -> Path:

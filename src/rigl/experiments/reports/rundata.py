@@ -132,10 +132,22 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     raise ValueError(f"no model state in checkpoint (keys: {sorted(checkpoint)})")
 
 
+# what a report reads from a run folder (rigl train's files, or a MaskRecorder's alone)
+RUN_DATA = ("config.yaml", "final.json", "metrics.csv", "checkpoint.pt", "dynamics.csv",
+            "lifetimes.csv", "alive.csv", "first_layer.npz")  # fmt: skip
+
+
 def load_run(path: str | Path) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {path} does not exist")
+    if not any((path / name).exists() for name in RUN_DATA):
+        from rigl.config import ConfigError
+
+        raise ConfigError(
+            f"{str(path)!r} is not a rigl run folder (none of {', '.join(RUN_DATA)}); give "
+            "the folders that rigl train wrote (e.g. results/main/runs/*)"
+        )
     run = RunData(path=path)
     if (path / "config.yaml").exists():
         run.config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}

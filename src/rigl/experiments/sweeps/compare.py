@@ -29,7 +29,7 @@ from rigl.config import ConfigError
 from rigl.distributed import DistEnv
 from rigl.errors import RunError
 from rigl.experiments.config import ExperimentConfig, from_dict
-from rigl.experiments.runio import provenance, read_json, write_json
+from rigl.experiments.runio import claim_output_folder, provenance, read_json, write_json
 from rigl.experiments.sweeps import results, sweep
 from rigl.experiments.sweeps.sweep import RunSpec, Sweep
 from rigl.experiments.training.folder import FINAL, check_same_config
@@ -192,11 +192,11 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
     """Run the sweep and write results.json, results.md and the plots; returns the table."""
     from rigl.experiments.sweeps import plots
     from rigl.experiments.training.builders import make_device
+    from rigl.experiments.training.ranks import main_first
 
     make_device(plan.base.device)  # a clear error before CUDA is touched
     env = distributed.init_from_env(device=plan.base.device)  # no-op in a single process
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    main_first(env, lambda: claim_output_folder(out, "compare", _written_by_compare))
     start = time.perf_counter()
     records = run_sweep(plan, out, jobs, quiet, env)
     wall = time.perf_counter() - start
@@ -219,6 +219,18 @@ def compare(plan: Sweep, out: Path, *, jobs: int, quiet: bool, argv: list[str] |
         plots.plot_all(records, rows, plan.sparsities, out, metric)
     distributed.barrier()
     return table
+
+
+def _written_by_compare(out: Path) -> bool:
+    """A compare folder from before the marker: its ``runs/`` holds marked run folders and
+    everything beside it is a name compare writes."""
+    from rigl.experiments.training.folder import MARKER
+
+    runs = out / "runs"
+    if not (runs.is_dir() and any((r / MARKER).exists() for r in runs.iterdir())):
+        return False
+    known = {"runs", "results.json", "results.md"}
+    return all(p.name in known or p.suffix == ".png" for p in out.iterdir())
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -65,9 +65,12 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
         )
     changed = config_changes(state["config"], config)
     if changed:
+        saved = ", ".join(f"{k}={state['config'][k]!r}" for k in changed)
         raise ConfigError(
-            f"--resume: {str(path)!r} belongs to another run (its config differs in "
-            f"{changed}); put it back in its own run folder, or {restart}"
+            f"--resume: the config differs from the one {str(path)!r} was trained with in "
+            f"{changed} (the checkpoint has {saved}). If the run's config.yaml was edited, "
+            "put those values back; if the checkpoint comes from another run, put it back "
+            f"in its own run folder; or {restart}"
         )
     return state
 

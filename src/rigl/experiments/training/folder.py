@@ -7,8 +7,11 @@
 * **Deletion.** ``--overwrite``, and a ``--resume`` of a run killed before its first
   checkpoint (even before its ``config.yaml``), delete only the files that the marker
   lists, and the temporary files ``.NAME.*.tmp`` of those names that a kill inside an
-  atomic write leaves (these are also deleted at every start). Anything else in the
-  folder (notes, data) stays, and the folder itself is never removed.
+  atomic write leaves (these are also deleted at every start). A listed folder (``tb``)
+  loses only the files rigl writes there (TensorBoard event files). Anything else in the
+  folder (notes, data) stays, and the folder itself is never removed. A marked folder in
+  which no run trained (it failed on a setting or a missing data file before its first
+  step) is started again without ``--overwrite``.
 * **Lock.** One process at a time: the process using a run folder holds an advisory
   lock (``flock``) on ``.rigl-run.lock`` and writes its pid there; a second process is
   refused with "run folder X is in use by pid N". The kernel drops the lock of a process
@@ -18,10 +21,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +51,13 @@ RESUMABLE_CHANGES = ("out", "device", "check_consistency_every", "tensorboard")
 
 def run_files(config: ExperimentConfig) -> list[str]:
     """The files (and folders) a run of ``config`` writes in its run folder."""
-    from rigl.experiments.training.callbacks import recorder_outputs
+    from rigl.experiments.training.callbacks import TensorBoardLog, recorder_outputs
 
     files = [*RUN_FILES, *recorder_outputs(config.recorders)]
-    return files + (["tb"] if config.tensorboard is not False else [])  # null: where installed
+    writes_tb = config.tensorboard is True or (
+        config.tensorboard is None and TensorBoardLog.writer_class(required=False) is not None
+    )  # null: only where the package is installed
+    return files + (["tb"] if writes_tb else [])
 
 
 class RunFolder:
@@ -96,7 +102,7 @@ def open_run(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> RunF
                 check_same_config(config, out / "config.yaml")
             if (out / CHECKPOINT).exists() or (out / FINAL).exists():
                 return folder  # continue (or report) the run
-        elif not overwrite:
+        elif not overwrite and _started(out):
             raise ConfigError(
                 f"out={str(out)!r} already holds a run; pass --resume to continue it or "
                 "--overwrite to start it again"
@@ -110,6 +116,13 @@ def open_run(config: ExperimentConfig, *, resume: bool, overwrite: bool) -> RunF
     except BaseException:
         folder.release()
         raise
+
+
+def _started(out: Path) -> bool:
+    """Whether the marked folder holds a run that trained: a run that failed before its
+    first step (a setting the pattern cannot hold, a missing data file) leaves only the
+    marker, and the corrected command may start there without --overwrite."""
+    return any((out / name).exists() for name in (CHECKPOINT, FINAL, "metrics.csv"))
 
 
 def check_same_config(config: ExperimentConfig, saved: Path) -> None:
@@ -169,10 +182,24 @@ def clear(out: Path, marker: dict[str, Any]) -> None:
     for name in marker["files"]:
         path = out / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            _clear_folder(path)
         else:
             path.unlink(missing_ok=True)
     remove_temp_files(out, marker)
+
+
+def _clear_folder(path: Path) -> None:
+    """A folder rigl writes into (``tb``): only the files rigl writes there (TensorBoard
+    event files) are deleted, then the folders left empty; anything else a user put there
+    stays, and so does the folder holding it."""
+    for file in path.rglob("events.out.tfevents.*"):
+        if file.is_file() and not file.is_symlink():
+            file.unlink()
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: kept
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def remove_temp_files(out: Path, marker: dict[str, Any]) -> None:

@@ -307,6 +307,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite starts it again: pass one"
+        )
     config = config_from_args(args)
     train(
         config,
