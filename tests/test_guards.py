@@ -277,3 +277,20 @@ def test_the_summary_names_the_real_reason_a_layer_stays_masked():
     assert "computed from 'weight_v'" in rows["norm.weight_v"]
     assert "weight_norm" not in rows["attn.in_proj_weight"] + rows["rnn.weight_hh_l0"]
     assert rows["plain.weight"].rstrip().endswith("sparse")
+
+
+def test_sparsifying_a_model_that_is_already_sparse_warns_that_its_masks_are_redrawn():
+    """A trained sparse model loaded again and given to create(): fresh random masks cut
+    its trained weights; the warning names the layers and the way to keep its masks."""
+    model, optimizer, sp = _setup()
+    sp.remove()
+    with pytest.warns(UserWarning, match=r"fc1\.weight, fc2\.weight already hold "
+                      r"mostly exact zeros.*sparsifier\.load_state_dict"):  # fmt: skip
+        rigl.create("rigl", model, optimizer, **OPTIONS)
+    import warnings
+
+    torch.manual_seed(0)
+    fresh = TinyMLP()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a freshly initialised model: not a word
+        rigl.create("rigl", fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), **OPTIONS)

@@ -161,6 +161,15 @@ def test_a_run_that_failed_before_training_does_not_block_the_corrected_command(
     assert_refused(again, "already holds a run")
 
 
+def test_resume_with_nothing_to_resume_says_so_and_starts(tmp_path, data_root, capsys):
+    """A mistyped --out with --resume used to train a new run without a word."""
+    config = tiny_run_config(tmp_path, data_root)
+    typo = tmp_path / "runn"
+    assert main(["train", "--config", str(config), "--resume", "--out", str(typo)]) == 0
+    assert f"nothing to resume in {str(typo)!r}" in capsys.readouterr().err
+    assert (typo / "final.json").exists()
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path, data_root):
     config = tiny_run_config(tmp_path, data_root)
     result = rigl("train", "--config", str(config), "--resume", "--overwrite")
@@ -244,6 +253,7 @@ def _other_run_checkpoint(tmp_path: Path, data_root: Path) -> bytes:
         ("truncated", "cannot be read", "subprocess"),
         ("empty", "cannot be read", "main"),
         ("garbage", "cannot be read", "main"),
+        ("a pickle of objects", "cannot be read (not a file of plain tensors)", "main"),
         ("not a dict", "is not a rigl train checkpoint (it holds a list", "main"),
         ("another run's", "was trained with in ['epochs', 'sparsity']",
          "subprocess"),
@@ -260,6 +270,8 @@ def test_resume_from_a_bad_checkpoint_is_refused(tmp_path, data_root, capsys, da
         path.write_bytes(b"")
     elif damage == "garbage":
         path.write_bytes(b"these are not the weights you are looking for\n" * 10)
+    elif damage == "a pickle of objects":  # torch's error advises weights_only=False
+        torch.save({"model": Path("not/a/tensor")}, path)
     elif damage == "not a dict":
         torch.save([1, 2, 3], path)
     else:
@@ -274,6 +286,7 @@ def test_resume_from_a_bad_checkpoint_is_refused(tmp_path, data_root, capsys, da
         result = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert_refused(result, message)
     assert f"{str(path)!r}" in result.stderr and "--overwrite" in result.stderr
+    assert "weights_only" not in result.stderr  # torch's unsafe advice is not repeated
     assert {name: (tmp_path / "run" / name).read_bytes() for name in logs} == logs  # not cut
 
 

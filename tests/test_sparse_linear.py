@@ -369,3 +369,26 @@ def test_set_topology_needs_one_value_per_position():
     with pytest.raises(ValueError, match="3 positions but values of shape \\(2,\\)"):
         layer.set_topology(torch.tensor([0, 5, 9]), torch.ones(2))
     assert layer.n_active == 12  # unchanged
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "fanin"])
+def test_to_empty_keeps_the_index_of_compressed_layers(pattern):
+    """``model.to_empty(device=...)``, the idiom for models built on the meta device,
+    replaces every tensor by uninitialised memory: the kernels would then index with garbage
+    (a segfault). The index buffers keep their contents; the values are uninitialised, as
+    to_empty promises, until set."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = rigl.create("rigl", model, optimizer, sparsity=0.75, backend="sparse", pattern=pattern,
+                     total_steps=20)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point()}
+    model.to_empty(device="cpu")
+    after = {k: v for k, v in model.state_dict().items() if not v.is_floating_point()}
+    assert before.keys() == after.keys() and before
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    assert torch.isfinite(model(torch.randn(8, 16))).all()
+    sp.check()

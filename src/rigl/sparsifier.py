@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from rigl import guard, summary
 from rigl.backends import check_materialised, choose_backends
 from rigl.config import resolve_step
-from rigl.errors import ConfigError, check_int
+from rigl.errors import ConfigError, check_int, warn
 from rigl.guard import UsageError
 from rigl.optim_state import check_in_optimizer, check_optimizer_kind
 from rigl.patterns import initial_positions
@@ -170,6 +170,7 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         # (backend, why) per target: backend="sparse" keeps what it cannot convert masked
         self.layer_backends = choose_backends(model, self.targets, self.backend)
         check_materialised(model, self.targets, self.layer_backends)
+        _warn_if_already_sparse(self.targets, self.target_counts)
         self.weights: list[SparseStorage] = [
             self._make_weight(i, t, n)
             for i, (t, n) in enumerate(zip(self.targets, self.target_counts, strict=True))
@@ -377,4 +378,25 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
         return (
             f"{type(self).__name__}(sparsity={self.config.sparsity}, "
             f"distribution={self.config.distribution!r}, layers={len(self.weights)}, step={self.step_count})"
+        )
+
+
+def _warn_if_already_sparse(targets: list[Target], counts: list[int]) -> None:
+    """A model that is already sparse (a trained sparse model loaded again) gets fresh
+    random masks from ``create``, which cut its trained non-zeros: say so, with the way to
+    keep its masks."""
+    cut = []
+    for target, count in zip(targets, counts, strict=True):
+        param = target.param
+        if param.is_meta or is_sharded(param) or count >= param.numel():
+            continue
+        nonzero = int(param.detach().count_nonzero())
+        if nonzero <= param.numel() // 2 and nonzero > 0:  # a fresh init has no exact zeros
+            cut.append(target.name)
+    if cut:
+        warn(
+            f"{', '.join(cut[:3])}{' and others' if len(cut) > 3 else ''} already hold mostly "
+            "exact zeros (a trained sparse model?): the new masks are drawn at random and "
+            "cut its trained weights. To continue training a sparse model, load the "
+            "sparsifier state saved with it (sparsifier.load_state_dict) after create()"
         )

@@ -222,11 +222,6 @@ class CondensedLinear(GrowScores, nn.Module):
         )
         self._index = CondensedIndex(self.shape, self.col_idx, csc, self.group)
 
-    def _apply(self, fn, recurse=True):  # keep the index in step with the buffers
-        out = super()._apply(fn, recurse)
-        self._refresh_index()
-        return out
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The kernels index memory with col_idx: a checkpoint's is checked (range, sorted
         # rows, N:M groups) and the CSC rebuilt from it before anything changes; its fan-in

@@ -47,6 +47,24 @@ class GrowScores:
         self.kernels: str | None = None  # None: best available; "cpp" or "torch" to force
         self._grow = GrowInputs()
 
+    def _apply(self, fn, recurse=True):
+        """Tensors moved or cast as ``nn.Module._apply`` does, the index kept exact: a
+        function that does not preserve the index buffers' contents (``to_empty``, which
+        leaves uninitialised memory the kernels would then index with) gets the old index,
+        moved to the new device; then the layer's index object follows its buffers."""
+        old = {
+            n: b for n, b in self._buffers.items() if b is not None and not b.is_floating_point()
+        }
+        out = super()._apply(fn, recurse)
+        for name, before in old.items():
+            after = self._buffers.get(name)
+            if after is None or before.is_meta or after.is_meta:
+                continue
+            if after.shape != before.shape or not torch.equal(after.cpu(), before.cpu()):
+                self._buffers[name] = before.to(after.device)
+        self._refresh_index()
+        return out
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)

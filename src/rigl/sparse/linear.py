@@ -145,11 +145,6 @@ class SparseLinear(GrowScores, nn.Module):
             self.perm,
         )
 
-    def _apply(self, fn, recurse=True):  # keep the SparseIndex in step with the buffers
-        out = super()._apply(fn, recurse)
-        self._refresh_index()
-        return out
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The kernels index memory with the index tensors, so a checkpoint's are not trusted:
         # its CSR (row_ptr, col_idx) is checked and the CSC built from it again, before

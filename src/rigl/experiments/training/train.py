@@ -201,6 +201,9 @@ def train(
                 device = env.device if env.enabled else builders.make_device(config.device)
                 loaded["checkpoint"] = read_checkpoint(out / CHECKPOINT, config, device)
                 return None, False
+            if resume and not quiet:  # a mistyped --out would otherwise start without a word
+                print(f"rigl train: nothing to resume in {str(out)!r} (no {CHECKPOINT}): a "
+                      "new run starts there", file=sys.stderr)  # fmt: skip
             return None, True
 
         done, fresh = main_first(env, prepare)
