@@ -136,33 +136,44 @@ def test_hf_callback_on_transformers(name, backend, tmp_path):
         assert probe.seen[-1][key] == pytest.approx(expected[key])
 
 
-def test_hf_resume_of_a_compressed_run_is_refused_clearly(tmp_path):
-    """The Trainer loads its checkpoint into the (still dense) model before the callback
-    converts the layers, so the compressed values would be lost: resuming says so."""
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_hf_resume_of_a_compressed_run_matches_the_uninterrupted_run(name, tmp_path):
+    """The Trainer loads its checkpoint into the still dense model, which cannot hold the
+    compressed values: the callback converts the layers, then restores their values and
+    index from the checkpoint's model file and the optimizer state from optimizer.pt."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    import rigl
     from rigl.integrations.huggingface import RigLTrainerCallback
 
-    def train(callback, resume=None):
+    def train(out, resume=None):
         torch.manual_seed(0)
         arguments = transformers.TrainingArguments(
-            output_dir=str(tmp_path), per_device_train_batch_size=B, max_steps=STEPS,
-            use_cpu=True, report_to="none", save_strategy="steps", save_steps=STEPS // 2,
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=str(out), per_device_train_batch_size=B, max_steps=STEPS,
+            learning_rate=1e-3, use_cpu=True, report_to="none", save_strategy="steps",
+            save_steps=STEPS // 2, disable_tqdm=True, dataloader_num_workers=0,
         )  # fmt: skip
+        callback = RigLTrainerCallback("rigl", backend="sparse", **OPTIONS)
         trainer = transformers.Trainer(
-            model=CASES["llama"].build(), args=arguments, train_dataset=_Tokens(),
+            model=CASES[name].build(), args=arguments, train_dataset=_Tokens(),
             callbacks=[callback],
         )  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
+        return callback.sparsifier, trainer.model
 
-    train(RigLTrainerCallback("rigl", backend="sparse", **OPTIONS))
-    resumed = RigLTrainerCallback("rigl", backend="sparse", **OPTIONS)
-    with pytest.raises(rigl.ConfigError, match=r"resuming a backend='sparse' run through the "
-                       r"Hugging Face Trainer is not supported.*backend='masked'"):  # fmt: skip
-        train(resumed, resume=str(tmp_path / f"checkpoint-{STEPS // 2}"))
-    assert resumed.sparsifier is None
+    whole, model_a = train(tmp_path / "a")
+    resumed, model_b = train(
+        tmp_path / "a", resume=str(tmp_path / "a" / f"checkpoint-{STEPS // 2}")
+    )
+    assert resumed.step_count == whole.step_count == STEPS
+    assert resumed.update_count == whole.update_count == 2
+    assert any(isinstance(w, SparseWeight) for w in resumed.weights)
+    for a, b in zip(whole.weights, resumed.weights, strict=True):
+        assert torch.equal(a.mask, b.mask), a.name
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key], state_a[key], rtol=0, atol=0, msg=key)
+    resumed.check()
 
 
 def test_the_gpt2_example_runs(tmp_path, capsys):

@@ -85,8 +85,19 @@ class SparseTrainingHooks:
         self._pending_state: dict[str, Any] | None = None
         self._stepping = False  # between pre_optimizer_step and post_optimizer_step
 
-    def build(self, model: nn.Module, optimizer: Any, total_steps: int | None) -> Sparsifier:
-        """Create the sparsifier (once); a state restored earlier is loaded into it."""
+    def build(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        total_steps: int | None,
+        checkpoint: Any = None,
+    ) -> Sparsifier:
+        """Create the sparsifier (once); a state restored earlier is loaded into it.
+
+        ``checkpoint`` (resuming a ``backend="sparse"`` run): a function returning the
+        checkpoint's model state dict and its optimizer state dict, read after the layers
+        are converted (the framework loaded them into the dense layers, which cannot hold
+        the compressed values)."""
         if self.sparsifier is not None:
             return self.sparsifier
         kwargs = dict(self.kwargs)
@@ -97,25 +108,49 @@ class SparseTrainingHooks:
         saved = None
         if self._pending_state is not None:
             saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-        self.sparsifier = rigl.create(self.method, model, unwrap_optimizer(optimizer), **kwargs)
+        torch_optimizer = unwrap_optimizer(optimizer)
+        self.sparsifier = rigl.create(self.method, model, torch_optimizer, **kwargs)
         if saved is not None:
-            self._load(saved)
+            self._load(saved, torch_optimizer, checkpoint)
         return self.sparsifier
 
     @torch.no_grad()
-    def _load(self, saved: dict[str, torch.Tensor]) -> None:
-        """Put the resumed values back, then the saved masks (which they already respect)."""
+    def _load(self, saved: dict[str, torch.Tensor], optimizer: Any, checkpoint: Any) -> None:
+        """Put the resumed values back, then the saved masks (which they already respect).
+        Compressed layers (new parameters, ``values``) take theirs from ``checkpoint``,
+        and the optimizer its state again: converting dropped the state of the dense
+        weights, which the framework had loaded the compressed values' state into."""
         assert self.sparsifier is not None and self._pending_state is not None
-        for name, param in self.sparsifier.model.named_parameters():
-            param.copy_(saved[name])
+        model = self.sparsifier.model
+        compressed = [n for n, _ in model.named_parameters() if n not in saved]
+        if compressed and checkpoint is None:
+            self.check_resumable("this framework")
+        optimizer_state = None
+        if compressed:
+            model_state, optimizer_state = checkpoint()
+            layers = {n.rpartition(".")[0] for n in compressed}
+            mine = {k: v for k, v in model_state.items() if k.rpartition(".")[0] in layers}
+            missing = [n for n in compressed if n not in mine]
+            if missing:
+                raise ConfigError(
+                    f"resuming a backend='sparse' run: the checkpoint has no {missing[:3]}; "
+                    "it was not saved from a backend='sparse' run with these settings"
+                )
+            model.load_state_dict(mine, strict=False)  # index checked, then values
+        for name, param in model.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
         self.sparsifier.load_state_dict(self._pending_state)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
         self._pending_state = None
 
     def check_resumable(self, framework: str) -> None:
-        """ConfigError before a framework resumes a ``backend="sparse"`` run: the framework
-        loads its checkpoint into the model before the callback can convert the layers, so
-        the compressed layers' values would not be restored (and resuming is refused
-        instead of training on fresh weights)."""
+        """ConfigError before a framework that cannot hand over its checkpoint (Lightning
+        loads it strictly into the dense model first) resumes a ``backend="sparse"`` run:
+        the compressed layers' values would not be restored, and resuming is refused
+        instead of training on fresh weights. The Hugging Face callback reads them from the
+        checkpoint folder instead (``build(checkpoint=...)``)."""
         if self.kwargs.get("backend", "masked") == "sparse":
             raise ConfigError(
                 f"resuming a backend='sparse' run through {framework} is not supported: "

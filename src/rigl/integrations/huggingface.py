@@ -70,12 +70,14 @@ class RigLTrainerCallback(SparseTrainingHooks, TrainerCallback):
         self.resume_from = resume_from
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = None
         if self.sparsifier is None and self._pending_state is None:
             path = self._state_path(args, state)
             if path is not None:
-                self.check_resumable("the Hugging Face Trainer")
+                folder = path.parent
                 self.load_sparsifier_state(torch.load(path, map_location="cpu", weights_only=True))
-        self.build(kwargs["model"], kwargs["optimizer"], state.max_steps)
+        checkpoint = None if folder is None else (lambda: _checkpoint_states(folder))
+        self.build(kwargs["model"], kwargs["optimizer"], state.max_steps, checkpoint)
 
     def _state_path(self, args: Any, state: Any) -> Path | None:
         if self.resume_from is not None:
@@ -113,3 +115,35 @@ class RigLTrainerCallback(SparseTrainingHooks, TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             torch.save(self.sparsifier_state(), folder / STATE_FILE)
+
+
+def _checkpoint_states(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model state dict and the optimizer state dict of a Trainer checkpoint folder
+    (``model.safetensors``, sharded or not, or ``pytorch_model.bin``; ``optimizer.pt``)."""
+    model_state: dict[str, torch.Tensor] = {}
+    index = folder / "model.safetensors.index.json"
+    if index.exists() or (folder / "model.safetensors").exists():
+        import json
+
+        from safetensors.torch import load_file
+
+        shards = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
+        for shard in shards:
+            model_state.update(load_file(str(folder / shard)))
+    elif (folder / "pytorch_model.bin").exists():
+        model_state = torch.load(
+            folder / "pytorch_model.bin", map_location="cpu", weights_only=True
+        )
+    else:
+        raise ConfigError(
+            f"resuming a backend='sparse' run: {folder} holds no model.safetensors or "
+            "pytorch_model.bin to restore the compressed layers from"
+        )
+    optimizer = folder / "optimizer.pt"
+    if not optimizer.exists():
+        raise ConfigError(f"resuming a backend='sparse' run: {optimizer} does not exist")
+    return model_state, torch.load(optimizer, map_location="cpu", weights_only=True)
