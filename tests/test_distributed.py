@@ -216,3 +216,26 @@ def test_fingerprint_sees_masks_state_and_weights(mlp):
         mlp.out.bias.add_(1.0)
     after = rd.fingerprint(sparsifier, weights=True)
     assert {k for k in before if before[k] != after[k]} == {"mask fc1.weight", "weight out.bias"}
+
+
+def test_the_compressed_backend_on_a_model_already_wrapped_in_ddp_is_refused():
+    """create() after DDP(model) with backend="sparse" replaced layers under DDP's reducer:
+    the next step failed deep inside DDP with a hint about find_unused_parameters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from conftest import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        model = DistributedDataParallel(
+            nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(rigl.ConfigError, match=r"create the sparsifier on the plain model "
+                           r"first, then wrap it"):  # fmt: skip
+            rigl.create("rigl", model, optimizer, sparsity=0.5, total_steps=10, backend="sparse")
+        rigl.create("rigl", model, optimizer, sparsity=0.5, total_steps=10)  # masked: fine
+    finally:
+        dist.destroy_process_group()

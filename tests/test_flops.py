@@ -503,3 +503,36 @@ def test_cli_facts_reach_the_methods_formula(capsys) -> None:
     assert status == 2 and "KEY=NUMBER" in err
     status, _, err = run_cli([*base[:-3], "--method", "static", "--fact", "x=1"], capsys)
     assert status == 2 and "reads no schedule facts" in err
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "fanin"])
+def test_compressed_layers_count_as_the_dense_layers_they_stand_for(pattern):
+    """count_flops on a backend="sparse" model used to skip every compressed layer (0
+    FLOPs, ratio 1.0) and refuse the sparsifier's own densities."""
+    import rigl
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 4))  # fmt: skip
+
+    x = torch.randn(2, 3, 6, 6)
+    reports = {}
+    for backend in ("masked", "sparse"):
+        model = build()
+        sp = rigl.create("static", model, None, sparsity=0.75, pattern=pattern, backend=backend,
+                         total_steps=10)  # fmt: skip
+        densities = {w.name: w.n_active / w.numel for w in sp.weights}
+        reports[backend] = (rigl.count_flops(model, x, densities), densities)
+    masked, sparse = reports["masked"][0], reports["sparse"][0]
+    assert (
+        [r.name for r in sparse.layers]
+        == [r.name for r in masked.layers]
+        == list(reports["masked"][1])
+    )
+    assert sparse.flops_dense == masked.flops_dense > 0
+    assert sparse.flops_sparse == pytest.approx(masked.flops_sparse)
+    model = build()  # without densities: a compressed layer counts at its own density
+    rigl.create("static", model, None, sparsity=0.75, pattern=pattern, backend="sparse",
+                total_steps=10)  # fmt: skip
+    assert rigl.count_flops(model, x).flops_sparse == pytest.approx(masked.flops_sparse)

@@ -188,3 +188,45 @@ def test_a_dense_weight_in_the_file_loads_into_a_sparse_linear(tmp_path):
     assert all(w.density == 1.0 for w in sp.weights)
     x, _ = batch(1)
     torch.testing.assert_close(model(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+@pytest.mark.parametrize("pattern", ["2:4", "fanin", "block:2x2"])
+def test_a_file_that_breaks_the_sparsifiers_pattern_is_refused_before_anything_changes(
+    tmp_path, backend, pattern
+):
+    """An unstructured file into a structured sparsifier: it used to load, then fail deep
+    in the next update (N:M, fan-in) or train on with broken blocks."""
+    model, sp = _trained("masked")  # unstructured, 80%
+    save_sparse(model, tmp_path / "m.safetensors", sp)
+    torch.manual_seed(7)
+    model2 = TinyMLP()
+    opt = make_optimizer("sgd", model2)
+    sp2 = rigl.create("rigl", model2, opt, sparsity=0.5 if pattern == "2:4" else 0.75,
+                      pattern=pattern, total_steps=40, update_interval=4,
+                      exclude=("out.weight",), backend=backend)  # fmt: skip
+    masks = {k: m.clone() for k, m in sp2.masks.items()}
+    condensed = backend == "sparse" and pattern != "block:2x2"  # its layout says it first
+    match = "does not fit its CondensedLinear" if condensed else (
+        rf"fc1\.weight: the loaded topology breaks the sparsifier's pattern {pattern}")  # fmt: skip
+    with pytest.raises(rigl.ConfigError, match=rf"m\.safetensors: .*{match}"):
+        load_sparse(tmp_path / "m.safetensors", model2, sp2)
+    assert all(torch.equal(masks[k], sp2.masks[k]) for k in masks)
+
+
+@pytest.mark.parametrize("backend", ["masked", "sparse"])
+def test_a_file_of_another_sparsity_moves_the_targets_so_the_invariants_hold(tmp_path, backend):
+    model, sp = _trained(backend)  # 80%
+    save_sparse(model, tmp_path / "m.safetensors", sp)
+    torch.manual_seed(7)
+    model2 = TinyMLP()
+    opt = make_optimizer("sgd", model2)
+    sp2 = rigl.create("rigl", model2, opt, sparsity=0.5, total_steps=40, update_interval=4,
+                      exclude=("out.weight",), backend=backend)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"other active counts than this sparsifier's targets"):
+        load_sparse(tmp_path / "m.safetensors", model2, sp2)
+    assert sp2.target_counts == [w.n_active for w in sp.weights]
+    sp2.check()
+    train_steps(model2, opt, sp2, 8, start=12)  # through two updates: the counts hold
+    sp2.check()
+    assert "requested sparsity 0.5000" in sp2.summary_table()  # the budget line tells

@@ -136,6 +136,13 @@ class _Counter:
     def __init__(self, model: nn.Module, convention: str) -> None:
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.module_names = {id(m): n for n, m in model.named_modules()}
+        # compressed layers (backend="sparse"): counted as the dense layer they stand for,
+        # under its weight's name ("fc1.weight", as the sparsifier names it)
+        self.compressed = {
+            id(m): (f"{n}.weight" if n else "weight", m)
+            for n, m in model.named_modules()
+            if isinstance(getattr(m, "values", None), torch.Tensor) and hasattr(m, "weight_shape")
+        }
         self.same_padding = convention == "micronet"
         self.rows: dict[str, list[Any]] = {}  # name -> [type, shape, numel, macs, outputs]
 
@@ -150,8 +157,22 @@ class _Counter:
         row[3] += macs
         row[4] += outputs
 
+    def weight_names(self) -> set[str]:
+        return set(self.names.values()) | {name for name, _ in self.compressed.values()}
+
+    def compressed_densities(self) -> dict[str, float]:
+        """Each compressed layer's density: its active values over its dense size."""
+        return {
+            name: m.values.numel() / max(math.prod(m.weight_shape), 1)
+            for name, m in self.compressed.values()
+        }
+
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if isinstance(module, nn.Linear):
+        if id(module) in self.compressed:  # a matrix (out, in[*kh*kw]) whatever the layer
+            name, _ = self.compressed[id(module)]
+            weight = torch.empty(module.weight_shape, device="meta")
+            self.add(module, weight, output.numel() * module.in_features, output.numel(), name)
+        elif isinstance(module, nn.Linear):
             # MHA's out_proj is a Linear that MHA applies functionally: counted there.
             self.add(module, module.weight, output.numel() * module.in_features, output.numel())
         elif is_hf_conv1d(module):  # weight stored (in, out): the fan-in is shape[0]
@@ -240,7 +261,9 @@ def count_flops(
         example_input: one batch: a tensor, a tuple of positional arguments or a dict of
             keyword arguments for ``model``.
         densities: {full parameter name: density in [0, 1]}, e.g. from
-            ``rigl.layer_densities``; missing names are dense.
+            ``rigl.layer_densities``; missing names are dense, except the layers of
+            ``backend="sparse"`` (``SparseLinear``, ``SparseConv2d``, ``CondensedLinear``),
+            counted as the dense layer they stand for (``fc1.weight``) at their own density.
         batch_size: examples in ``example_input``; by default the first dimension of its
             first tensor (pass it for sequence-first inputs).
         convention: "macs" (default): 2 * density * MACs, biases omitted. "micronet": the
@@ -252,9 +275,9 @@ def count_flops(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r}; valid: {', '.join(CONVENTIONS)}")
-    densities = dict(densities or {})
     counter = _Counter(model, convention)
-    unknown = sorted(set(densities) - set(counter.names.values()))
+    densities = {**counter.compressed_densities(), **(densities or {})}
+    unknown = sorted(set(densities) - counter.weight_names())
     if unknown:
         raise ValueError(f"densities name parameters that {type(model).__name__} lacks: {unknown}")
     handles = [m.register_forward_hook(counter.hook, with_kwargs=True) for m in model.modules()]

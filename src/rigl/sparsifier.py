@@ -220,6 +220,14 @@ class Sparsifier(StepLoop, metaclass=_BuiltAfterInit):
     def _check_backend(self, backend: str) -> str:
         if backend not in ("masked", "sparse"):
             raise ConfigError(f"backend={backend!r} is unknown; allowed: masked, sparse")
+        if backend == "sparse" and isinstance(
+            self.model, torch.nn.parallel.DistributedDataParallel
+        ):  # its reducer would keep the replaced layers' parameters
+            raise ConfigError(
+                "backend='sparse' replaces layers, which a model already wrapped in "
+                "DistributedDataParallel cannot follow: create the sparsifier on the plain "
+                "model first, then wrap it (rigl.distributed.wrap_model)"
+            )
         if backend == "sparse" and not self.supports_sparse_backend:
             raise ConfigError(
                 f"backend='sparse' does not support method {self.name!r}: it keeps dense state "

@@ -16,6 +16,7 @@ import torch
 from rigl._version import __version__
 from rigl.errors import ConfigError, warn
 from rigl.optim_state import check_state_sizes, unscale_found_inf
+from rigl.patterns import violations as pattern_violations
 from rigl.rewiring import MissingGradient, NonFiniteScore, Rewiring, check_finite
 from rigl.seam import RewireStats
 from rigl.sharding import check_not_resharded
@@ -211,14 +212,56 @@ class StepLoop:
         self._warn_other_settings(state)
         check_model_names(self.targets, state["masks"])
         masks = [w.check_topology(state["masks"][w.name]) for w in self.weights]  # all first
+        self.check_loaded_patterns({w.name: m for w, m in zip(self.weights, masks, strict=True)})
         self.check_extra_state(state.get("extra", {}))  # before anything changes
         for weight, mask in zip(self.weights, masks, strict=True):
             weight.load_topology(mask, self.optimizer)  # compressed: the optimizer state too
+        self.adopt_loaded_counts("the state dict")
         self.step_count = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.update_count = int(state.get("update_count", 0))
         self.load_extra_state(state.get("extra", {}))
         self._prepare_weights()
+
+    def check_loaded_patterns(self, topologies: dict[str, torch.Tensor], where: str = "") -> None:
+        """ConfigError naming the first layer whose loaded topology (a bool mask or flat
+        positions) breaks its pattern (N:M groups, equal fan-in, whole blocks), before
+        anything is loaded: it would fail at the next update, or train on with broken
+        blocks. Gradual pruning (a dense start) passes through masks between patterns."""
+        if getattr(self, "dense_start", False):
+            return
+        for weight in self.weights:
+            topology = topologies.get(weight.name)
+            if topology is None or weight.pattern.kind == "unstructured":
+                continue
+            flat = topology.reshape(-1)
+            positions = flat.nonzero().squeeze(1) if flat.dtype == torch.bool else flat
+            found = pattern_violations(weight.pattern, positions.cpu(), weight.rows, weight.cols)
+            if found:
+                raise ConfigError(
+                    f"{where}{weight.name}: the loaded topology breaks the sparsifier's pattern "
+                    f"{weight.pattern} ({found[0]}); create the sparsifier with the pattern it "
+                    "was saved with"
+                )
+
+    def adopt_loaded_counts(self, source: str) -> None:
+        """After loading masks of other active counts (another sparsity's): the targets
+        follow them, so ``check()`` and ``summary()`` describe the loaded topology (the
+        budget line shows the distance from the requested sparsity); with a warning."""
+        if getattr(self, "dense_start", False):
+            return
+        moved = []
+        self.target_counts = list(self.target_counts)  # its own list: requested_counts stays
+        for i, weight in enumerate(self.weights):
+            if weight.n_active != self.target_counts[i]:
+                moved.append(f"{weight.name} {self.target_counts[i]} -> {weight.n_active}")
+                self.target_counts[i] = weight.n_active
+        if moved:
+            warn(
+                f"{source} holds other active counts than this sparsifier's targets; the "
+                f"targets follow the loaded topology: {', '.join(moved[:4])}"
+                + (" ..." if len(moved) > 4 else "")
+            )
 
     def _warn_other_settings(self, state: dict[str, Any]) -> None:
         """A warning naming every setting (sparsity, distribution, pattern, ..., seed) in

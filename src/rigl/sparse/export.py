@@ -249,6 +249,9 @@ def load_sparse(
         entries[name] = _csr_of_mask(weight, torch.ones_like(weight, dtype=torch.bool))
     weights = {w.name: w for w in getattr(sparsifier, "weights", [])}
     optimizer = getattr(sparsifier, "optimizer", None)
+    if sparsifier is not None:  # before anything is loaded
+        topologies = {name: _flat_indices(entry) for name, entry in entries.items()}
+        sparsifier.check_loaded_patterns(topologies, where=f"{path}: ")
     with torch.no_grad():
         for name, entry in entries.items():
             flat = _flat_indices(entry)  # checked by read_sparse: sorted, in range, unique
@@ -268,6 +271,8 @@ def load_sparse(
                 mask[flat] = True
                 weights[name].load_topology(mask.reshape(param.shape), optimizer)
     model.load_state_dict(others, strict=False)  # the sparse entries are in place already
+    if sparsifier is not None:
+        sparsifier.adopt_loaded_counts(str(path))
     return metadata
 
 
