@@ -176,6 +176,36 @@ def test_hf_resume_of_a_compressed_run_matches_the_uninterrupted_run(name, tmp_p
     resumed.check()
 
 
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_compressed_model_saves_a_checkpoint_from_pretrained_loads(name, tmp_path):
+    """save_pretrained of a backend="sparse" model writes values and index buffers, which
+    from_pretrained silently re-initialises; dense_state_dict gives the dense model's
+    state dict for it, and the model stays compressed."""
+    pytest.importorskip("transformers")
+    import rigl
+    from rigl.sparse.convert import dense_state_dict
+
+    torch.manual_seed(0)
+    model = CASES[name].build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp = rigl.create("rigl", model, optimizer, backend="sparse", total_steps=STEPS, **OPTIONS)
+    ids = _ids()[:B]
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        sp.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "hf", state_dict=dense_state_dict(model))
+    assert any(isinstance(w, SparseWeight) for w in sp.weights)  # still compressed
+    loaded = type(model).from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    for weight in sp.weights:  # the zeros are there: the same sparse model
+        dense = loaded.get_parameter(weight.name)
+        assert int(dense.count_nonzero()) <= weight.n_active
+
+
 def test_the_gpt2_example_runs(tmp_path, capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

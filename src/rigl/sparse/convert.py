@@ -154,6 +154,26 @@ def _global_rng_untouched() -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[])
 
 
+def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every compressed layer's entries (``values`` and its
+    index buffers) replaced by its dense ``weight`` (zeros at inactive positions; the bias
+    as it is): the state dict of the dense model, for files other tools load, e.g.
+    ``model.save_pretrained(folder, state_dict=dense_state_dict(model))`` for a Hugging Face
+    ``from_pretrained``. The model itself stays compressed (unlike :func:`to_dense`); each
+    dense weight exists only in the returned dict."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseLinear | CondensedLinear):
+            continue
+        prefix = f"{name}." if name else ""
+        for key in module.state_dict():
+            if key != "bias":
+                state.pop(prefix + key, None)
+        with torch.no_grad():
+            state[prefix + "weight"] = module.weight.detach()
+    return state
+
+
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of ``model`` by an equivalent dense one (in place)."""
     for name, module in list(model.named_modules()):
