@@ -138,10 +138,12 @@ class _Counter:
         self.module_names = {id(m): n for n, m in model.named_modules()}
         # compressed layers (backend="sparse"): counted as the dense layer they stand for,
         # under its weight's name ("fc1.weight", as the sparsifier names it)
+        from rigl.sparse.grow import GrowScores  # SparseLinear/Conv, CondensedLinear
+
         self.compressed = {
             id(m): (f"{n}.weight" if n else "weight", m)
             for n, m in model.named_modules()
-            if isinstance(getattr(m, "values", None), torch.Tensor) and hasattr(m, "weight_shape")
+            if isinstance(m, GrowScores)
         }
         self.same_padding = convention == "micronet"
         self.rows: dict[str, list[Any]] = {}  # name -> [type, shape, numel, macs, outputs]

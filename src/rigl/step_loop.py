@@ -33,6 +33,7 @@ class StepLoop:
     weights: list[SparseStorage]
     optimizer: torch.optim.Optimizer | None
     update_hooks: list[Any]
+    dense_start: bool  # the method starts dense and prunes (GMP, GraNet): no fixed counts
 
     def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
         """Replaces ``optimizer.step()``: optimizer step plus masking, or a topology update.
@@ -161,13 +162,13 @@ class StepLoop:
         (it took no part in this step's backward: an unused head, an expert that got no
         tokens) keeps its topology this time, with a warning; if no layer has one,
         ``backward()`` was not called: the error says so."""
-        plans, missing = {}, []
-        for i in self._rewired():
+        plans, missing, rewired = {}, [], self._rewired()
+        for i in rewired:
             try:
                 plans[i] = self._plan(i, step)
             except MissingGradient as exc:
                 missing.append(exc)
-        if missing and len(missing) == len(self._rewired()):
+        if missing and len(missing) == len(rewired):
             raise missing[0]
         if missing:
             names = ", ".join(exc.name for exc in missing)
@@ -228,7 +229,7 @@ class StepLoop:
         positions) breaks its pattern (N:M groups, equal fan-in, whole blocks), before
         anything is loaded: it would fail at the next update, or train on with broken
         blocks. Gradual pruning (a dense start) passes through masks between patterns."""
-        if getattr(self, "dense_start", False):
+        if self.dense_start:
             return
         for weight in self.weights:
             topology = topologies.get(weight.name)
@@ -248,7 +249,7 @@ class StepLoop:
         """After loading masks of other active counts (another sparsity's): the targets
         follow them, so ``check()`` and ``summary()`` describe the loaded topology (the
         budget line shows the distance from the requested sparsity); with a warning."""
-        if getattr(self, "dense_start", False):
+        if self.dense_start:
             return
         moved = []
         self.target_counts = list(self.target_counts)  # its own list: requested_counts stays

@@ -46,8 +46,8 @@ def read_checkpoint(path: Path, config: ExperimentConfig, device: Any = "cpu") -
         ) from exc
     except Exception as exc:  # empty, truncated (torch: OSError), not a torch file: damage
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Weights only" in reason:  # torch's advice to load
-            reason = "not a file of plain tensors"  # it unsafely does not apply here
+        if "weights_only" in str(exc):  # torch's advice to load it unsafely does not apply
+            reason = "not a file of plain tensors"
         raise ConfigError(
             f"--resume: {str(path)!r} cannot be read ({reason}): it is damaged or not a "
             f"rigl checkpoint; {restart}"

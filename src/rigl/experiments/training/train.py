@@ -178,6 +178,10 @@ def train(
 
     Under ``torchrun`` every rank calls it (it joins the process group); ``callbacks``
     run on rank 0 only, which writes every file, and every rank returns ``final.json``."""
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite starts it again: pass one"
+        )
     builders.make_device(config.device)  # a clear error before CUDA is touched
     builders.check_packages(config)  # before the run folder is made
     env = distributed.init_from_env(device=config.device)  # no-op in a single process
@@ -310,10 +314,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resume and args.overwrite:
-        raise ConfigError(
-            "--resume continues the run in --out and --overwrite starts it again: pass one"
-        )
     config = config_from_args(args)
     train(
         config,
