@@ -176,6 +176,36 @@ def test_hf_resume_of_a_compressed_run_matches_the_uninterrupted_run(name, tmp_p
     resumed.check()
 
 
+def test_hf_resume_of_a_compressed_run_without_its_optimizer_file_is_refused(tmp_path):
+    """The compressed layers' optimizer state comes from optimizer.pt: without it the run
+    would go on with fresh Adam moments, so resuming says what is missing."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import rigl
+    from rigl.integrations.huggingface import RigLTrainerCallback
+
+    def train(resume=None):
+        torch.manual_seed(0)
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=B, max_steps=STEPS,
+            use_cpu=True, report_to="none", save_strategy="steps", save_steps=STEPS // 2,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )  # fmt: skip
+        callback = RigLTrainerCallback("rigl", backend="sparse", **OPTIONS)
+        trainer = transformers.Trainer(
+            model=CASES["llama"].build(), args=arguments, train_dataset=_Tokens(),
+            callbacks=[callback],
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    train()
+    half = tmp_path / f"checkpoint-{STEPS // 2}"
+    (half / "optimizer.pt").unlink()
+    with pytest.raises(rigl.ConfigError, match=r"optimizer\.pt does not exist"):
+        train(resume=str(half))
+
+
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_a_compressed_model_saves_a_checkpoint_from_pretrained_loads(name, tmp_path):
     """save_pretrained of a backend="sparse" model writes values and index buffers, which
