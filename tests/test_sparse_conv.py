@@ -19,6 +19,8 @@ GEOMETRIES = [
     (2, 3, (3, 2), (2, 1), (0, 1), (1, 2), 8, 9),  # everything differs per dimension
     (3, 4, 1, 2, 0, 1, 5, 6),  # a 1x1 strided shortcut
     (4, 4, 5, 1, 2, 2, 10, 11),  # dilated
+    (3, 4, 3, 1, 3, 1, 6, 7),  # padded beyond the kernel: the input gradient as a scatter
+    (2, 3, 3, 1, 1, 1, 5, 21),  # rows of two full 8-wide tiles and a tail
 ]
 
 
@@ -46,6 +48,24 @@ def test_products_equal_torchs_convolution(geometry, sparse_kernels):
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dvalues, dw_ref.reshape(-1)[layer.active_indices()])
     torch.testing.assert_close(dbias, db_ref)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 19])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[-1]])
+def test_float32_products_over_full_and_partial_image_blocks(geometry, batch, sparse_kernels):
+    """The kernels work on blocks of 8 images (float32 through register transposes): a
+    batch of one, exactly one block, and two blocks plus a tail of three, against torch."""
+    conv, layer = _pair(geometry, dtype=torch.float32)
+    x = torch.randn(batch, geometry[0], *geometry[6:], requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    dx, dvalues = torch.autograd.grad(y, (x, layer.values), dy)
+    dx_ref, dw_ref = torch.autograd.grad(conv(x), (x, conv.weight), dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dvalues, dw_ref.reshape(-1)[layer.active_indices()], rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3])

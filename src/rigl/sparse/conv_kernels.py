@@ -8,9 +8,10 @@ with ``kh = 1`` and a height of one).
 - :func:`backward`: ``dx = conv_transpose(dy, W)`` and ``dW`` at the active entries only,
   fused in one pass over the CSC index.
 
-The compiled kernels (``csrc/sparse_conv.cpp``) are a direct sparse convolution: every
-active weight adds a shifted plane of the (zero-padded) input to one output plane, so no
-unfolded ``(in*kh*kw, N*Ho*Wo)`` matrix is ever built (docs/design.md says why). They are
+The compiled kernels (``csrc/sparse_conv.cpp``) are a direct sparse convolution vectorised
+over the batch: each call copies its operands into blocks of 8 images (the vector lanes)
+and every active weight adds one shifted input vector per output position, so no unfolded
+``(in*kh*kw, N*Ho*Wo)`` matrix is ever built (docs/design.md says why). They are
 built and cached as the linear kernels are, and follow the same choice: when
 :mod:`rigl.sparse.kernels` runs on its torch fallback (``RIGL_SPARSE_KERNELS=torch``, a
 failed build) or on another device, so does this module; its fallback densifies the
@@ -56,7 +57,7 @@ class ConvGeometry:
         )
 
     def ext_args(self) -> list[int]:
-        return [*self.kernel, *self.stride, *self.dilation]
+        return [*self.kernel, *self.stride, *self.dilation, *self.padding]
 
 
 def extension() -> ModuleType | None:
@@ -124,11 +125,6 @@ def _computed(t: Tensor | None) -> Tensor | None:
     return kernels._computed(t)
 
 
-def _padded(x: Tensor, geom: ConvGeometry) -> Tensor:
-    ph, pw = geom.padding
-    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-
-
 def forward(
     values: Tensor,
     index: SparseIndex,
@@ -144,9 +140,7 @@ def forward(
     values, x, bias = _computed(values), _computed(x), _computed(bias)
     ext = _pick(use, values.device)
     if ext is not None:
-        y = ext.forward(
-            values, index.row_ptr, index.col_idx, _padded(x, geom), bias, geom.ext_args()
-        )
+        y = ext.forward(values, index.row_ptr, index.col_idx, x, bias, geom.ext_args())
         return y.to(dtype)
     with kernels._no_autocast(values.device):
         y = F.conv2d(x, _dense(values, index, geom), bias, geom.stride, geom.padding, geom.dilation)
@@ -170,32 +164,14 @@ def backward(
     values, x, dy = _computed(values), _computed(x), _computed(dy)
     ext = _pick(use, values.device)
     if ext is not None:
-        dxp, dw = _backward_ext(ext, values, index, x, dy, geom, want_dx, want_dw)
-        ph, pw = geom.padding
-        dx = dxp[:, :, ph : ph + x.shape[2], pw : pw + x.shape[3]] if want_dx else None
+        dx, dw = ext.backward(
+            values, index.row_ptr, index.col_idx, x, dy, geom.ext_args(), want_dx, want_dw
+        )
     else:
         with kernels._no_autocast(values.device):
             dx, dw = _backward_torch(values, index, x, dy, geom, want_dx, want_dw)
     dx = dx.to(dtype).contiguous() if want_dx else None
     return dx, (dw.to(dtype) if want_dw else None)
-
-
-def _backward_ext(ext, values, index, x, dy, geom, want_dx, want_dw):
-    xp = _padded(x, geom)
-    if geom.stride == (1, 1):  # dy rows at the padded input's pitch, unused columns zero
-        dy = F.pad(dy, (0, xp.shape[3] - dy.shape[3]))
-    return ext.backward(
-        values,
-        index.col_ptr,
-        index.n_blocks,
-        index.row_idx,
-        index.perm,
-        xp,
-        dy,
-        geom.ext_args(),
-        want_dx,
-        want_dw,
-    )
 
 
 def _dense(values: Tensor, index: SparseIndex, geom: ConvGeometry) -> Tensor:

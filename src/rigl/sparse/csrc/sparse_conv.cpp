@@ -1,181 +1,329 @@
 // CPU kernels of the compressed sparse convolution (rigl.sparse.conv): a direct sparse
-// convolution, no im2col.
+// convolution vectorised over the batch, no im2col.
 //
 // The weight W (O x C*KH*KW) is the convolution kernel viewed as a matrix, column
-// j = c*KH*KW + a*KW + b (kernel row a, column b), compressed as for the linear layer:
-//   CSR  row_ptr[O+1], col_idx[nnz] (int32), values[nnz]
-//   CSC  col_ptr[n_blocks*(C*KH*KW+1)], row_idx[nnz], perm[nnz]: values_csc[k] = values[perm[k]]
-// Activations are NCHW. The input arrives zero-padded, xp (N, C, Hp, Wp), so that no
-// inner loop tests a boundary. Each non-zero W[o, j] moves a whole plane:
+// j = c*KH*KW + a*KW + b (kernel row a, column b), compressed as for the linear layer
+// (CSR row_ptr[O+1], col_idx[nnz] int32, values[nnz]).
 //
-//   forward   y[n, o, r, q]   += W[o, j] * xp[n, c, r*sh + a*dh, q*sw + b*dw]
-//   backward  dxp[n, c, ...]  += W[o, j] * dy[n, o, r, q]        (same positions)
-//             dW[o, j]         = sum_{n, r, q} dy[n, o, r, q] * xp[n, c, ...]
+// Layout. Each call copies its NCHW operands into a batch-blocked layout,
+//   xb[n / 8][c][h + ph][w + pw][n % 8]     (zero padded; a batch tail padded with zeros),
+// so the 8 images of a block sit in one vector register and every active weight moves
+// whole vectors, whatever the stride, dilation or plane size (an 8x8 plane vectorises as
+// well as a 32x32 one). A non-zero W[o, j] reads at one fixed offset of an image block,
+// off = ((c*Hp + a*dh)*Wp + b*dw)*8, computed once per call.
 //
-// Stride 1 (the common case): an output plane held with the row pitch of the padded input
-// (Wp, the last Wp - Wo columns of each row unused) makes each non-zero's product ONE
-// contiguous axpy/dot over (Ho-1)*Wp + Wo elements, shifted by a*dh*Wp + b*dw in xp: long
-// vectorised loops even for 8x8 planes. The unused columns of dy are zero (the caller pads
-// dy to pitch Wp), so they add nothing to dx or dW. Other strides run row by row.
+//   forward   y[n, o, r, q]  = sum_k W_k xb[off_k + (r*sh*Wp + q*sw)*8]        (gather)
+//   dx        stride 1: the same gather over the output gradient padded by d*(K-1) - p,
+//             with the kernel transposed and flipped; other strides: a scatter into dxb
+//   dW        dW_k = sum_{n, r, q} dyb[o_k, r, q] * xb[off_k + ...]          (at the actives)
 //
-// Work is cut by image: an image's padded input, output gradient and one plane of dx
-// stay in L2 (C*Hp*Wp floats: 296 KB for 64 channels at 32x32) while every non-zero that
-// reads them is applied. dW is summed per thread, then over threads.
+// A tile of 8 output positions of one row is held in 8 registers while the non-zeros of
+// an output row stream through (one load and one FMA per vector, no stores); the tile is
+// written back NCHW through an 8x8 register transpose. Work is cut by (image block,
+// output row); the blocked copies live in per-thread scratch memory reused across calls.
+// docs/design.md gives the measurements behind the choice.
 
 #include <torch/extension.h>
 
 #include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-int n_threads(int64_t work) {
-  return work < (int64_t{1} << 16) ? 1 : std::max(1, at::get_num_threads());
-}
+constexpr int kL = 8;  // images per block: the vector lanes
 
-// Geometry of one call (all sizes of the padded input).
-struct Geom {
-  int64_t C, Hp, Wp, O, Ho, Wo, KH, KW, sh, sw, dh, dw;
-  bool flat() const { return sh == 1 && sw == 1; }
-  int64_t rows() const { return flat() ? 1 : Ho; }  // runs per plane
-  int64_t len() const { return flat() ? (Ho - 1) * Wp + Wo : Wo; }  // elements per run
-  int64_t pitch() const { return flat() ? Wp : Wo; }  // row pitch of y / dy planes
-  int64_t xrow() const { return sh * Wp; }  // xp step per output row
-  int64_t plane_in() const { return Hp * Wp; }
-  int64_t plane_out() const { return Ho * pitch(); }
-  int64_t offset(int64_t j) const {  // xp offset of column j within its channel plane
-    const int64_t k = j % (KH * KW);
-    return (k / KW) * dh * Wp + (k % KW) * dw;
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(kL * sizeof(T)), __may_alias__));
+};
+template <typename T>
+using V = typename VecOf<T>::type;
+
+template <typename T>
+inline V<T>& vat(T* p) { return *reinterpret_cast<V<T>*>(p); }
+template <typename T>
+inline const V<T>& vat(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
+
+// Per-thread scratch memory for the blocked copies of the operands, kept between calls: a
+// fresh allocation of tens of MB would page-fault on every touch of every call (glibc maps
+// blocks of 32 MiB or more fresh each time), which costs more than the copy itself.
+class Scratch {
+ public:
+  void* get(int slot, size_t bytes) {
+    Slot& s = slots_[slot];
+    if (bytes > s.bytes) {
+      std::free(s.ptr);
+      s.ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      TORCH_CHECK(s.ptr != nullptr, "rigl sparse conv: out of memory for ", bytes, " bytes");
+      s.bytes = bytes;
+    }
+    return s.ptr;
   }
+  ~Scratch() {
+    for (Slot& s : slots_) std::free(s.ptr);
+  }
+
+ private:
+  struct Slot {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+  Slot slots_[2];
 };
 
-// x[run] += w * y[run]: the input gradient from one output-gradient plane.
-template <typename T, bool UNIT>
-inline void scatter(T* __restrict x, const T* __restrict y, T w, const Geom& g) {
-  const int64_t n = g.len(), sx = UNIT ? 1 : g.sw;
-  for (int64_t r = 0; r < g.rows(); ++r) {
-    const T* __restrict yr = y + r * g.pitch();
-    T* __restrict xr = x + r * g.xrow();
-    if (UNIT) {
-#pragma omp simd
-      for (int64_t q = 0; q < n; ++q) xr[q] += w * yr[q];
-    } else {
-      for (int64_t q = 0; q < n; ++q) xr[q * sx] += w * yr[q];  // strided: not vectorised
-    }
-  }
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  thread_local Scratch arena;
+  return static_cast<T*>(arena.get(slot, static_cast<size_t>(n) * sizeof(T)));
 }
 
-// <y[run], x[run]>: kAcc independent partial sums (one FMA chain would wait on its latency).
-constexpr int kAcc = 32;
-
-template <typename T, bool UNIT>
-inline T dot(const T* __restrict y, const T* __restrict x, const Geom& g) {
-  const int64_t n = g.len(), sx = UNIT ? 1 : g.sw, full = n - n % kAcc;
-  T acc[kAcc] = {};
-  T tail = 0;
-  for (int64_t r = 0; r < g.rows(); ++r) {
-    const T* __restrict yr = y + r * g.pitch();
-    const T* __restrict xr = x + r * g.xrow();
-    for (int64_t q0 = 0; q0 < full; q0 += kAcc) {
-#pragma omp simd
-      for (int i = 0; i < kAcc; ++i) acc[i] += yr[q0 + i] * xr[(q0 + i) * sx];
-    }
-    for (int64_t q = full; q < n; ++q) tail += yr[q] * xr[q * sx];
-  }
-  for (int i = 0; i < kAcc; ++i) tail += acc[i];
-  return tail;
+int threads_for(int64_t work) {
+  return work < (int64_t{1} << 15) ? 1 : std::max(1, at::get_num_threads());
 }
 
-// y[run] += w * x[run], runs of g.len() elements, x stepping by g.sw within a run. (Tiling
-// the run into register-held chunks that loop over the non-zeros measured slower: each
-// chunk then gathers a few cache lines from another channel's plane per non-zero, where
-// this loop streams one plane at a time.)
-template <typename T, bool UNIT>
-inline void axpy(T* __restrict y, const T* __restrict x, T w, const Geom& g) {
-  const int64_t n = g.len(), sx = UNIT ? 1 : g.sw;
-  for (int64_t r = 0; r < g.rows(); ++r) {
-    T* __restrict yr = y + r * g.pitch();
-    const T* __restrict xr = x + r * g.xrow();
-#pragma omp simd
-    for (int64_t q = 0; q < n; ++q) yr[q] += w * xr[q * sx];
-  }
+#if defined(__AVX2__)
+// r[i][j] <- r[j][i] for an 8 x 8 float tile held in registers.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
+#endif
 
-// y (N, O, Ho, Wo) = conv(xp, W) + bias; one task per (image, output channel).
-template <typename T, bool UNIT>
-void forward_impl(const T* vals, const int32_t* row_ptr, const int32_t* col_idx, const T* xp,
-                  const T* bias, T* y, int64_t N, const Geom& g) {
-  const int64_t K = g.KH * g.KW, nnz = row_ptr[g.O];
-  const int nt = n_threads(N * (nnz + g.O) * g.Ho * g.Wo);
-  // Where each non-zero reads in an image's xp: its channel's plane plus its shift. Computed
-  // once per call: the integer divisions would cost more than a short run's FMAs (8x8 planes).
-  std::vector<int64_t> xoff(nnz);
-  for (int64_t k = 0; k < nnz; ++k)
-    xoff[k] = (col_idx[k] / K) * g.plane_in() + g.offset(col_idx[k]);
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<T> acc(g.plane_out());
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t o = 0; o < g.O; ++o) {
-        std::fill(acc.begin(), acc.end(), T(0));
-        const T* xn = xp + n * g.C * g.plane_in();
-        for (int64_t k = row_ptr[o]; k < row_ptr[o + 1]; ++k)
-          axpy<T, UNIT>(acc.data(), xn + xoff[k], vals[k], g);
-        const T b = bias ? bias[o] : T(0);
-        T* yo = y + (n * g.O + o) * g.Ho * g.Wo;
-        for (int64_t r = 0; r < g.Ho; ++r)
-          for (int64_t q = 0; q < g.Wo; ++q) yo[r * g.Wo + q] = acc[r * g.pitch() + q] + b;
+// -- layout changes -------------------------------------------------------------------------
+// xb[nb, c, h + ph, w + pw, l] = x[nb*kL + l, c, h, w], zero in the padding and tail lanes.
+template <typename T>
+void to_blocked(const T* x, T* xb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t ph,
+                int64_t pw) {
+  const int64_t NB = (N + kL - 1) / kL, Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int nt = threads_for(N * C * H * W);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t c = 0; c < C; ++c) {
+      T* dst = xb + (nb * C + c) * Hp * Wp * kL;
+      const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
+      std::memset(dst, 0, ph * Wp * kL * sizeof(T));
+      std::memset(dst + (ph + H) * Wp * kL, 0, ph * Wp * kL * sizeof(T));
+      for (int64_t h = 0; h < H; ++h) {
+        T* row = dst + (h + ph) * Wp * kL;
+        std::memset(row, 0, pw * kL * sizeof(T));
+        std::memset(row + (pw + W) * kL, 0, pw * kL * sizeof(T));
+        T* out = row + pw * kL;
+        const T* src[kL];
+        for (int l = 0; l < kL; ++l)
+          src[l] = x + ((nb * kL + std::min<int64_t>(l, lanes - 1)) * C + c) * H * W + h * W;
+        int64_t w = 0;
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (lanes == kL)
+            for (; w + 8 <= W; w += 8) {
+              __m256 r[8];
+              for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(src[l] + w);
+              transpose8(r);
+              for (int t = 0; t < 8; ++t) _mm256_store_ps(out + (w + t) * kL, r[t]);
+            }
+        }
+#endif
+        for (; w < W; ++w)
+          for (int l = 0; l < kL; ++l) out[w * kL + l] = l < lanes ? src[l][w] : T(0);
       }
     }
+}
+
+// out[n, r, h, w] = src[n/kL, r, h + ph, w + pw, n%kL] (the inverse, cropping).
+template <typename T>
+void from_blocked(const T* xb, T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t ph,
+                  int64_t pw) {
+  const int64_t NB = (N + kL - 1) / kL, Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int nt = threads_for(N * C * H * W);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
+      for (int64_t h = 0; h < H; ++h) {
+        const T* in = xb + ((nb * C + c) * Hp + h + ph) * Wp * kL + pw * kL;
+        for (int l = 0; l < lanes; ++l) {
+          T* dst = x + ((nb * kL + l) * C + c) * H * W + h * W;
+          for (int64_t w = 0; w < W; ++w) dst[w] = in[w * kL + l];
+        }
+      }
+    }
+}
+
+// Store an accumulated tile acc[t] (lanes = images) at out[n0 + l, row, q0 + t].
+template <typename T, int TQ>
+inline void store_tile(const V<T>* acc, T* out, int64_t image_stride, int lanes, T bias) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float> && TQ == 8) {
+    if (lanes == kL) {
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t) r[t] = reinterpret_cast<const __m256&>(acc[t]);
+      transpose8(r);
+      const __m256 b = _mm256_set1_ps(bias);
+      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(out + l * image_stride, _mm256_add_ps(b, r[l]));
+      return;
+    }
+  }
+#endif
+  for (int l = 0; l < lanes; ++l)
+    for (int t = 0; t < TQ; ++t) out[l * image_stride + t] = acc[t][l] + bias;
+}
+
+// One tile of outputs: acc[t] = sum_k vals[k] * s[off[k] + t*step] (lanes = images).
+template <typename T, int TQ>
+inline void gather_tile(const T* __restrict s, const int64_t* __restrict off,
+                        const T* __restrict vals, int64_t k0, int64_t k1, int64_t step,
+                        V<T>* acc) {
+  for (int t = 0; t < TQ; ++t) acc[t] = V<T>{};
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* p = s + off[k];
+    const T w = vals[k];
+    for (int t = 0; t < TQ; ++t) acc[t] += w * vat(p + t * step);
   }
 }
 
-// dxp (N, C, Hp, Wp) and dW (nnz): one task per (image, input channel) walks the CSC
-// columns of that channel; each gathered dy plane is used twice (dx and dW).
-template <typename T, bool UNIT, bool WANT_DX, bool WANT_DW>
-void backward_impl(const T* vals, const int32_t* col_ptr, int64_t n_blocks,
-                   const int32_t* row_idx, const int32_t* perm, const T* xp, const T* dy,
-                   T* dxp, T* dw, int64_t N, int64_t nnz, const Geom& g) {
-  const int64_t K = g.KH * g.KW, n_in = g.C * K;
-  const int nt = n_threads(N * (nnz + g.C) * g.Ho * g.Wo);
-  std::vector<T> part(WANT_DW ? nt * nnz : 0, T(0));
-#pragma omp parallel num_threads(nt)
-  {
-    T* mine = WANT_DW ? part.data() + omp_get_thread_num() * nnz : nullptr;
-#pragma omp for schedule(static) collapse(2)
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        const T* xc = xp + (n * g.C + c) * g.plane_in();
-        T* dxc = WANT_DX ? dxp + (n * g.C + c) * g.plane_in() : nullptr;
-        if (WANT_DX) std::fill(dxc, dxc + g.plane_in(), T(0));
-        const T* dyn = dy + n * g.O * g.plane_out();
-        for (int64_t blk = 0; blk < n_blocks; ++blk) {
-          const int32_t* ptr = col_ptr + blk * (n_in + 1);
-          for (int64_t j = c * K; j < (c + 1) * K; ++j) {
-            const int64_t off = g.offset(j);
-            for (int64_t k = ptr[j]; k < ptr[j + 1]; ++k) {
-              const T* dyo = dyn + row_idx[k] * g.plane_out();
-              if (WANT_DX) scatter<T, UNIT>(dxc + off, dyo, vals[perm[k]], g);
-              if (WANT_DW) mine[perm[k]] += dot<T, UNIT>(dyo, xc + off, g);
-            }
+// out (N, R, Ho, Wo), NCHW: out[n, i, r, q] = bias[i] + sum_{k in row i} vals[k] *
+//   src[n / kL][off[k] + (r*sh*Ws + q*sw)*kL + n % kL], src blocks of `block` elements.
+template <typename T>
+void gather(const T* src, int64_t block, int64_t Ws, const int64_t* row_ptr,
+            const int64_t* off, const T* vals, const T* bias, T* out, int64_t N, int64_t R,
+            int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
+  constexpr int TQ = 8;
+  const int64_t NB = (N + kL - 1) / kL, nnz = row_ptr[R], img = R * Ho * Wo;
+  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+  for (int64_t nb = 0; nb < NB; ++nb)
+    for (int64_t r = 0; r < Ho; ++r) {
+      const int lanes = static_cast<int>(std::min<int64_t>(kL, N - nb * kL));
+      V<T> acc[TQ];
+      for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
+        const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
+        const T* s = src + nb * block + (r * sh * Ws + q0 * sw) * kL;
+        T* o = out + nb * kL * img + r * Wo + q0;
+        for (int64_t i = 0; i < R; ++i, o += Ho * Wo) {
+          gather_tile<T, TQ>(s, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, acc);
+          const T b = bias ? bias[i] : T(0);
+          if (tq == TQ) {
+            store_tile<T, TQ>(acc, o, img, lanes, b);
+          } else {
+            for (int l = 0; l < lanes; ++l)
+              for (int64_t t = 0; t < tq; ++t) o[l * img + t] = acc[t][l] + b;
           }
         }
       }
     }
-  }
-  if (WANT_DW) {
-#pragma omp parallel for schedule(static) num_threads(n_threads(nnz * nt))
-    for (int64_t k = 0; k < nnz; ++k) {
-      T s = 0;
-      for (int t = 0; t < nt; ++t) s += part[t * nnz + k];
-      dw[k] = s;
-    }
+}
+
+// dst[n/kL][off[k] + (r*sh*Wd + q*sw)*kL + n%kL] += vals[k] * src[n/kL, i, r, q] for k in
+// row i: the input gradient at any stride. One task per block of images (no two write the
+// same element). src blocked (NB, R, Ho + 2*P, Wo + 2*Q, kL) read at (P + r, Q + q).
+template <typename T>
+void scatter(const T* src, int64_t P, int64_t Q, const int64_t* row_ptr, const int64_t* off,
+             const T* vals, T* dst, int64_t dblock, int64_t Wd, int64_t NB, int64_t R,
+             int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
+  constexpr int TQ = 8;
+  const int64_t Hs = Ho + 2 * P, Ws = Wo + 2 * Q, nnz = row_ptr[R];
+  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t nb = 0; nb < NB; ++nb) {
+    T* d = dst + nb * dblock;
+    std::fill(d, d + dblock, T(0));
+    for (int64_t r = 0; r < Ho; ++r)
+      for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
+        const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
+        T* db = d + (r * sh * Wd + q0 * sw) * kL;
+        for (int64_t i = 0; i < R; ++i) {
+          const T* s = src + (((nb * R + i) * Hs + P + r) * Ws + Q + q0) * kL;
+          V<T> dy[TQ];
+          for (int t = 0; t < TQ; ++t) dy[t] = t < tq ? vat(s + t * kL) : V<T>{};
+          for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
+            T* p = db + off[k];
+            const T w = vals[k];
+            if (tq == TQ) {
+              for (int t = 0; t < TQ; ++t) vat(p + t * sw * kL) += w * dy[t];
+            } else {
+              for (int64_t t = 0; t < tq; ++t) vat(p + t * sw * kL) += w * dy[t];
+            }
+          }
+        }
+      }
   }
 }
+
+// dw[k] = sum_{n, r, q} src[n/kL][off[k] + (r*sh*Ws + q*sw)*kL + n%kL] * g[n/kL, i, P + r, Q + q]
+// for k in row i: the weight gradient at the active entries (x blocked as `src`, the output
+// gradient blocked as `g`, padded by P, Q). Partial sums per thread and lane, summed at the end.
+template <typename T>
+void wgrad(const T* src, int64_t block, int64_t Ws, const T* g, int64_t P, int64_t Q,
+           const int64_t* row_ptr, const int64_t* off, T* dw, int64_t N, int64_t R, int64_t Ho,
+           int64_t Wo, int64_t sh, int64_t sw) {
+  constexpr int TQ = 8;
+  const int64_t NB = (N + kL - 1) / kL, nnz = row_ptr[R], Hg = Ho + 2 * P, Wg = Wo + 2 * Q;
+  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
+  std::vector<V<T>> part(static_cast<size_t>(nt) * nnz);
+#pragma omp parallel num_threads(nt)
+  {
+    V<T>* mine = part.data() + static_cast<int64_t>(omp_get_thread_num()) * nnz;
+    std::fill(mine, mine + nnz, V<T>{});
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t nb = 0; nb < NB; ++nb)
+      for (int64_t r = 0; r < Ho; ++r)
+        for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
+          const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
+          const T* s = src + nb * block + (r * sh * Ws + q0 * sw) * kL;
+          for (int64_t i = 0; i < R; ++i) {
+            const T* gp = g + (((nb * R + i) * Hg + P + r) * Wg + Q + q0) * kL;
+            V<T> dy[TQ];
+            for (int t = 0; t < TQ; ++t) dy[t] = t < tq ? vat(gp + t * kL) : V<T>{};
+            for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
+              const T* p = s + off[k];
+              V<T> a0{}, a1{};
+              if (tq == TQ) {
+                for (int t = 0; t < TQ; t += 2) {
+                  a0 += dy[t] * vat(p + t * sw * kL);
+                  a1 += dy[t + 1] * vat(p + (t + 1) * sw * kL);
+                }
+              } else {
+                for (int64_t t = 0; t < tq; ++t) a0 += dy[t] * vat(p + t * sw * kL);
+              }
+              mine[k] += a0 + a1;
+            }
+          }
+        }
+  }
+#pragma omp parallel for schedule(static) num_threads(threads_for(nnz * nt * kL))
+  for (int64_t k = 0; k < nnz; ++k) {
+    T sum = 0;
+    for (int t = 0; t < nt; ++t)
+      for (int l = 0; l < kL; ++l) sum += part[t * nnz + k][l];
+    dw[k] = sum;
+  }
+}
+
+struct G {
+  int64_t N, C, H, W, O, KH, KW, sh, sw, dh, dw, ph, pw, Hp, Wp, Ho, Wo;
+};
 
 void check_int(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kInt32 && t.is_contiguous() && t.device().is_cpu(),
@@ -188,91 +336,135 @@ void check_act(const torch::Tensor& t, const torch::Tensor& values, const char* 
   TORCH_CHECK(t.scalar_type() == values.scalar_type(), name, " dtype differs from values");
 }
 
-// geom = (KH, KW, sh, sw, dh, dw); the output size follows from the padded input's.
-Geom make_geom(const torch::Tensor& xp, int64_t O, const std::vector<int64_t>& geom) {
-  TORCH_CHECK(geom.size() == 6, "geom is (KH, KW, sh, sw, dh, dw)");
-  Geom g{xp.size(1), xp.size(2), xp.size(3), O, 0, 0,
-         geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]};
-  TORCH_CHECK(g.KH > 0 && g.KW > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0,
-              "kernel size, stride and dilation must be positive");
+// geom = (KH, KW, sh, sw, dh, dw, ph, pw).
+G make(const torch::Tensor& values, const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
+       const torch::Tensor& x, const std::vector<int64_t>& geom) {
+  check_int(row_ptr, "row_ptr");
+  check_int(col_idx, "col_idx");
+  check_act(x, values, "x");
+  TORCH_CHECK(values.is_contiguous() && values.numel() == col_idx.numel(), "bad values");
+  TORCH_CHECK(geom.size() == 8, "geom is (KH, KW, sh, sw, dh, dw, ph, pw)");
+  G g{x.size(0), x.size(1), x.size(2), x.size(3), row_ptr.numel() - 1, geom[0], geom[1],
+      geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], 0, 0, 0, 0};
+  TORCH_CHECK(g.KH > 0 && g.KW > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 &&
+                  g.ph >= 0 && g.pw >= 0,
+              "kernel size, stride and dilation must be positive, padding not negative");
+  g.Hp = g.H + 2 * g.ph;
+  g.Wp = g.W + 2 * g.pw;
   g.Ho = (g.Hp - g.dh * (g.KH - 1) - 1) / g.sh + 1;
   g.Wo = (g.Wp - g.dw * (g.KW - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "the padded input is smaller than the kernel");
+  TORCH_CHECK(g.Hp >= g.dh * (g.KH - 1) + 1 && g.Wp >= g.dw * (g.KW - 1) + 1,
+              "the padded input is smaller than the kernel");
+  const int32_t* p = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(g.O >= 0 && p[g.O] == col_idx.numel(), "row_ptr does not end at nnz");
   return g;
+}
+
+// Offsets of the active weights into an image block of the padded input, and row pointers.
+void forward_index(const G& g, const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
+                   std::vector<int64_t>& rp, std::vector<int64_t>& off) {
+  const int32_t* p = row_ptr.data_ptr<int32_t>();
+  const int32_t* j = col_idx.data_ptr<int32_t>();
+  const int64_t K = g.KH * g.KW, nnz = col_idx.numel();
+  rp.assign(p, p + g.O + 1);
+  off.resize(nnz);
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW;
+    off[k] = ((c * g.Hp + a * g.dh) * g.Wp + b * g.dw) * kL;
+  }
 }
 
 }  // namespace
 
-// y (N, O, Ho, Wo) from the padded input xp (N, C, Hp, Wp).
+// y (N, O, Ho, Wo) from x (N, C, H, W).
 torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
-                      const torch::Tensor& col_idx, const torch::Tensor& xp,
+                      const torch::Tensor& col_idx, const torch::Tensor& x,
                       const c10::optional<torch::Tensor>& bias, std::vector<int64_t> geom) {
-  check_int(row_ptr, "row_ptr");
-  check_int(col_idx, "col_idx");
-  check_act(xp, values, "xp");
-  TORCH_CHECK(values.is_contiguous() && values.numel() == col_idx.numel(), "bad values");
-  const int64_t O = row_ptr.numel() - 1;
-  const Geom g = make_geom(xp, O, geom);
-  auto y = torch::empty({xp.size(0), O, g.Ho, g.Wo}, xp.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_conv_forward", [&] {
+  const G g = make(values, row_ptr, col_idx, x, geom);
+  std::vector<int64_t> rp, off;
+  forward_index(g, row_ptr, col_idx, rp, off);
+  auto y = torch::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "blocked_forward", [&] {
+    const int64_t NB = (g.N + kL - 1) / kL, block = g.C * g.Hp * g.Wp * kL;
+    scalar_t* xb = scratch<scalar_t>(0, NB * block);
+    to_blocked<scalar_t>(x.data_ptr<scalar_t>(), xb, g.N, g.C, g.H, g.W, g.ph, g.pw);
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
-      TORCH_CHECK(bias->is_contiguous() && bias->numel() == O, "bias must have O entries");
+      TORCH_CHECK(bias->is_contiguous() && bias->numel() == g.O &&
+                      bias->scalar_type() == values.scalar_type(),
+                  "bias must be a contiguous tensor of O entries, the dtype of values");
       b = bias->data_ptr<scalar_t>();
     }
-    auto impl = g.sw == 1 ? forward_impl<scalar_t, true> : forward_impl<scalar_t, false>;
-    impl(values.data_ptr<scalar_t>(), row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(),
-         xp.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), xp.size(0), g);
+    gather<scalar_t>(xb, block, g.Wp, rp.data(), off.data(), values.data_ptr<scalar_t>(),
+                     b, y.data_ptr<scalar_t>(), g.N, g.O, g.Ho, g.Wo, g.sh, g.sw);
   });
   return y;
 }
 
-// (dxp (N, C, Hp, Wp) or empty, dW (nnz) or empty); dy is (N, O, Ho, pitch) with pitch Wp
-// (unused columns zero) at stride 1, Wo otherwise.
-std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& col_ptr,
-                                    int64_t n_blocks, const torch::Tensor& row_idx,
-                                    const torch::Tensor& perm, const torch::Tensor& xp,
+// (dx (N, C, H, W) or undefined, dW (nnz) or undefined) from x and dy (N, O, Ho, Wo).
+std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Tensor& row_ptr,
+                                    const torch::Tensor& col_idx, const torch::Tensor& x,
                                     const torch::Tensor& dy, std::vector<int64_t> geom,
                                     bool want_dx, bool want_dw) {
-  check_int(col_ptr, "col_ptr");
-  check_int(row_idx, "row_idx");
-  check_int(perm, "perm");
-  check_act(xp, values, "xp");
+  const G g = make(values, row_ptr, col_idx, x, geom);
   check_act(dy, values, "dy");
-  TORCH_CHECK(values.is_contiguous() && values.numel() == row_idx.numel() &&
-                  perm.numel() == row_idx.numel(), "bad values or perm");
-  const Geom g = make_geom(xp, dy.size(1), geom);
-  TORCH_CHECK(n_blocks >= 1 && col_ptr.numel() == n_blocks * (g.C * g.KH * g.KW + 1),
-              "col_ptr does not fit the input channels and kernel size");
-  TORCH_CHECK(dy.size(0) == xp.size(0) && dy.size(2) == g.Ho && dy.size(3) == g.pitch(),
+  TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.O && dy.size(2) == g.Ho && dy.size(3) == g.Wo,
               "dy has the wrong shape for this geometry");
-  const int64_t nnz = values.numel(), N = xp.size(0);
-  torch::Tensor dxp, dw;
-  if (want_dx) dxp = torch::empty_like(xp);
-  if (want_dw) dw = torch::zeros({nnz}, values.options());
-  if ((!want_dx && !want_dw) || N == 0) return {dxp, dw};
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_conv_backward", [&] {
-    auto run = [&](auto impl) {
-      impl(values.data_ptr<scalar_t>(), col_ptr.data_ptr<int32_t>(), n_blocks,
-           row_idx.data_ptr<int32_t>(), perm.data_ptr<int32_t>(), xp.data_ptr<scalar_t>(),
-           dy.data_ptr<scalar_t>(), want_dx ? dxp.data_ptr<scalar_t>() : nullptr,
-           want_dw ? dw.data_ptr<scalar_t>() : nullptr, N, nnz, g);
-    };
-    const bool unit = g.sw == 1;
-    if (want_dx && want_dw)
-      unit ? run(backward_impl<scalar_t, true, true, true>)
-           : run(backward_impl<scalar_t, false, true, true>);
-    else if (want_dx)
-      unit ? run(backward_impl<scalar_t, true, true, false>)
-           : run(backward_impl<scalar_t, false, true, false>);
-    else
-      unit ? run(backward_impl<scalar_t, true, false, true>)
-           : run(backward_impl<scalar_t, false, false, true>);
+  std::vector<int64_t> rp, off;
+  forward_index(g, row_ptr, col_idx, rp, off);
+  const int64_t nnz = col_idx.numel(), K = g.KH * g.KW, NB = (g.N + kL - 1) / kL;
+  // The input gradient as a gather (a stride-1 convolution of the padded output gradient
+  // with the flipped, transposed kernel) where it is one, else as a scatter.
+  const int64_t P = g.dh * (g.KH - 1) - g.ph, Q = g.dw * (g.KW - 1) - g.pw;
+  const bool as_gather = g.sh == 1 && g.sw == 1 && P >= 0 && Q >= 0;
+  const int64_t Pg = as_gather ? P : 0, Qg = as_gather ? Q : 0;
+  const int64_t Hg = g.Ho + 2 * Pg, Wg = g.Wo + 2 * Qg;
+  torch::Tensor dx, dw;
+  if (want_dx) dx = torch::empty_like(x);
+  if (want_dw) dw = torch::empty({nnz}, values.options());
+  if ((!want_dx && !want_dw) || g.N == 0) {
+    if (want_dw) dw.zero_();
+    return {dx, dw};
+  }
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "blocked_backward", [&] {
+    using T = scalar_t;
+    const T* vals = values.data_ptr<T>();
+    const int64_t block = g.C * g.Hp * g.Wp * kL;
+    T* dyb = scratch<T>(1, NB * g.O * Hg * Wg * kL);
+    to_blocked<T>(dy.data_ptr<T>(), dyb, g.N, g.O, g.Ho, g.Wo, Pg, Qg);
+    T* xb = want_dw || (want_dx && !as_gather) ? scratch<T>(0, NB * block) : nullptr;
+    if (want_dw) {
+      to_blocked<T>(x.data_ptr<T>(), xb, g.N, g.C, g.H, g.W, g.ph, g.pw);
+      wgrad<T>(xb, block, g.Wp, dyb, Pg, Qg, rp.data(), off.data(),
+               dw.data_ptr<T>(), g.N, g.O, g.Ho, g.Wo, g.sh, g.sw);
+    }
+    if (want_dx && as_gather) {
+      // rows = input channels, entries (o, a, b) in row order of o.
+      std::vector<int64_t> rpt(g.C + 1, 0), offt(nnz);
+      std::vector<T> valt(nnz);
+      const int32_t* j = col_idx.data_ptr<int32_t>();
+      for (int64_t k = 0; k < nnz; ++k) ++rpt[j[k] / K + 1];
+      for (int64_t c = 0; c < g.C; ++c) rpt[c + 1] += rpt[c];
+      std::vector<int64_t> fill(rpt.begin(), rpt.end() - 1);
+      for (int64_t o = 0; o < g.O; ++o)
+        for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+          const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW;
+          const int64_t at = fill[c]++;
+          offt[at] = ((o * Hg + (g.KH - 1 - a) * g.dh) * Wg + (g.KW - 1 - b) * g.dw) * kL;
+          valt[at] = vals[k];
+        }
+      gather<T>(dyb, g.O * Hg * Wg * kL, Wg, rpt.data(), offt.data(), valt.data(),
+                nullptr, dx.data_ptr<T>(), g.N, g.C, g.H, g.W, 1, 1);
+    } else if (want_dx) {
+      scatter<T>(dyb, 0, 0, rp.data(), off.data(), vals, xb, block, g.Wp, NB, g.O,
+                 g.Ho, g.Wo, g.sh, g.sw);
+      from_blocked<T>(xb, dx.data_ptr<T>(), g.N, g.C, g.H, g.W, g.ph, g.pw);
+    }
   });
-  return {dxp, dw};
+  return {dx, dw};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "direct sparse convolution, NCHW, padded input");
-  m.def("backward", &backward, "fused input gradient and weight gradient at the active entries");
+  m.def("forward", &forward, "direct sparse convolution, NCHW in and out");
+  m.def("backward", &backward, "input gradient and weight gradient at the active entries");
 }
