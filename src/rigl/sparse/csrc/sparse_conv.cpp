@@ -5,8 +5,8 @@
 // j = c*KH*KW + a*KW + b (kernel row a, column b), compressed as for the linear layer
 // (CSR row_ptr[O+1], col_idx[nnz] int32, values[nnz]).
 //
-// Layout. Each call copies its NCHW operands into a batch-blocked layout,
-//   xb[n / 8][c][h + ph][w + pw][n % 8]     (zero padded; a batch tail padded with zeros),
+// Layout. Each call copies its NCHW operands, one block of 8 images at a time, into
+//   xb[c][h + ph][w + pw][n % 8]     (zero padded; a batch tail padded with zeros),
 // so the 8 images of a block sit in one vector register and every active weight moves
 // whole vectors, whatever the stride, dilation or plane size (an 8x8 plane vectorises as
 // well as a 32x32 one). A non-zero W[o, j] reads at one fixed offset of an image block,
@@ -19,8 +19,10 @@
 //
 // A tile of 8 output positions of one row is held in 8 registers while the non-zeros of
 // an output row stream through (one load and one FMA per vector, no stores); the tile is
-// written back NCHW through an 8x8 register transpose. Work is cut by (image block,
-// output row); the blocked copies live in per-thread scratch memory reused across calls.
+// written back NCHW through an 8x8 register transpose. All threads work on one image block
+// at a time (its copy, then its tiles of output rows), so the blocked copy (C*Hp*Wp*8
+// values: 2.4 MB for 64 channels at 32x32) is written and read while it is in the cache;
+// it lives in scratch memory of the calling thread, reused across calls.
 // docs/design.md gives the measurements behind the choice.
 
 #include <torch/extension.h>
@@ -52,9 +54,8 @@ inline V<T>& vat(T* p) { return *reinterpret_cast<V<T>*>(p); }
 template <typename T>
 inline const V<T>& vat(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
 
-// Per-thread scratch memory for the blocked copies of the operands, kept between calls: a
-// fresh allocation of tens of MB would page-fault on every touch of every call (glibc maps
-// blocks of 32 MiB or more fresh each time), which costs more than the copy itself.
+// Scratch memory of the calling thread for the blocked copies of one image block, kept
+// between calls: a fresh allocation would page-fault on its first touch in every call.
 class Scratch {
  public:
   void* get(int slot, size_t bytes) {
@@ -76,7 +77,7 @@ class Scratch {
     void* ptr = nullptr;
     size_t bytes = 0;
   };
-  Slot slots_[2];
+  Slot slots_[3];
 };
 
 template <typename T>
@@ -111,64 +112,63 @@ inline void transpose8(__m256* r) {
 }
 #endif
 
-// -- layout changes -------------------------------------------------------------------------
-// xb[nb, c, h + ph, w + pw, l] = x[nb*kL + l, c, h, w], zero in the padding and tail lanes.
+// -- layout changes, one block of kL images at a time ------------------------------------
+// The functions below hold orphaned `omp for` loops: inside a parallel region the threads
+// share their rows, and the implicit barrier at each loop's end orders the phases.
+
+// xb (C, H + 2ph, W + 2pw, kL) = image block nb of x (N, C, H, W), zero padded, a tail of
+// fewer than kL images padded with zeros.
 template <typename T>
-void to_blocked(const T* x, T* xb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t ph,
-                int64_t pw) {
-  const int64_t NB = (N + kL - 1) / kL, Hp = H + 2 * ph, Wp = W + 2 * pw;
-  const int nt = threads_for(N * C * H * W);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-  for (int64_t nb = 0; nb < NB; ++nb)
-    for (int64_t c = 0; c < C; ++c) {
-      T* dst = xb + (nb * C + c) * Hp * Wp * kL;
-      const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
-      std::memset(dst, 0, ph * Wp * kL * sizeof(T));
-      std::memset(dst + (ph + H) * Wp * kL, 0, ph * Wp * kL * sizeof(T));
-      for (int64_t h = 0; h < H; ++h) {
-        T* row = dst + (h + ph) * Wp * kL;
-        std::memset(row, 0, pw * kL * sizeof(T));
-        std::memset(row + (pw + W) * kL, 0, pw * kL * sizeof(T));
-        T* out = row + pw * kL;
-        const T* src[kL];
-        for (int l = 0; l < kL; ++l)
-          src[l] = x + ((nb * kL + std::min<int64_t>(l, lanes - 1)) * C + c) * H * W + h * W;
-        int64_t w = 0;
-#if defined(__AVX2__)
-        if constexpr (std::is_same_v<T, float>) {
-          if (lanes == kL)
-            for (; w + 8 <= W; w += 8) {
-              __m256 r[8];
-              for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(src[l] + w);
-              transpose8(r);
-              for (int t = 0; t < 8; ++t) _mm256_store_ps(out + (w + t) * kL, r[t]);
-            }
-        }
-#endif
-        for (; w < W; ++w)
-          for (int l = 0; l < kL; ++l) out[w * kL + l] = l < lanes ? src[l][w] : T(0);
-      }
+void block_in(const T* x, T* xb, int64_t nb, int64_t N, int64_t C, int64_t H, int64_t W,
+              int64_t ph, int64_t pw) {
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
+#pragma omp for schedule(static)
+  for (int64_t ch = 0; ch < C * Hp; ++ch) {
+    const int64_t c = ch / Hp, h = ch % Hp - ph;
+    T* row = xb + ch * Wp * kL;
+    if (h < 0 || h >= H) {
+      std::memset(row, 0, Wp * kL * sizeof(T));
+      continue;
     }
+    std::memset(row, 0, pw * kL * sizeof(T));
+    std::memset(row + (pw + W) * kL, 0, pw * kL * sizeof(T));
+    T* out = row + pw * kL;
+    const T* src[kL];
+    for (int l = 0; l < kL; ++l)
+      src[l] = x + ((nb * kL + std::min<int64_t>(l, lanes - 1)) * C + c) * H * W + h * W;
+    int64_t w = 0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<T, float>) {
+      if (lanes == kL)
+        for (; w + 8 <= W; w += 8) {
+          __m256 r[8];
+          for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(src[l] + w);
+          transpose8(r);
+          for (int t = 0; t < 8; ++t) _mm256_store_ps(out + (w + t) * kL, r[t]);
+        }
+    }
+#endif
+    for (; w < W; ++w)
+      for (int l = 0; l < kL; ++l) out[w * kL + l] = l < lanes ? src[l][w] : T(0);
+  }
 }
 
-// out[n, r, h, w] = src[n/kL, r, h + ph, w + pw, n%kL] (the inverse, cropping).
+// Image block nb of out (N, C, H, W) = xb (C, H + 2ph, W + 2pw, kL) without its padding.
 template <typename T>
-void from_blocked(const T* xb, T* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t ph,
-                  int64_t pw) {
-  const int64_t NB = (N + kL - 1) / kL, Hp = H + 2 * ph, Wp = W + 2 * pw;
-  const int nt = threads_for(N * C * H * W);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-  for (int64_t nb = 0; nb < NB; ++nb)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
-      for (int64_t h = 0; h < H; ++h) {
-        const T* in = xb + ((nb * C + c) * Hp + h + ph) * Wp * kL + pw * kL;
-        for (int l = 0; l < lanes; ++l) {
-          T* dst = x + ((nb * kL + l) * C + c) * H * W + h * W;
-          for (int64_t w = 0; w < W; ++w) dst[w] = in[w * kL + l];
-        }
-      }
+void block_out(const T* xb, T* x, int64_t nb, int64_t N, int64_t C, int64_t H, int64_t W,
+               int64_t ph, int64_t pw) {
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
+#pragma omp for schedule(static)
+  for (int64_t ch = 0; ch < C * H; ++ch) {
+    const int64_t c = ch / H, h = ch % H;
+    const T* in = xb + ((c * Hp) + h + ph) * Wp * kL + pw * kL;
+    for (int l = 0; l < lanes; ++l) {
+      T* dst = x + ((nb * kL + l) * C + c) * H * W + h * W;
+      for (int64_t w = 0; w < W; ++w) dst[w] = in[w * kL + l];
     }
+  }
 }
 
 // Store an accumulated tile acc[t] (lanes = images) at out[n0 + l, row, q0 + t].
@@ -203,126 +203,95 @@ inline void gather_tile(const T* __restrict s, const int64_t* __restrict off,
   }
 }
 
-// out (N, R, Ho, Wo), NCHW: out[n, i, r, q] = bias[i] + sum_{k in row i} vals[k] *
-//   src[n / kL][off[k] + (r*sh*Ws + q*sw)*kL + n % kL], src blocks of `block` elements.
+constexpr int kTQ = 8;  // output positions per register tile
+
+// Image block nb of out (N, R, Ho, Wo): out[n, i, r, q] = bias[i] + sum_{k in row i}
+// vals[k] * s[off[k] + (r*sh*Ws + q*sw)*kL + n % kL], s the block in blocked layout.
 template <typename T>
-void gather(const T* src, int64_t block, int64_t Ws, const int64_t* row_ptr,
-            const int64_t* off, const T* vals, const T* bias, T* out, int64_t N, int64_t R,
-            int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
-  constexpr int TQ = 8;
-  const int64_t NB = (N + kL - 1) / kL, nnz = row_ptr[R], img = R * Ho * Wo;
-  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-  for (int64_t nb = 0; nb < NB; ++nb)
-    for (int64_t r = 0; r < Ho; ++r) {
-      const int lanes = static_cast<int>(std::min<int64_t>(kL, N - nb * kL));
-      V<T> acc[TQ];
-      for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
-        const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
-        const T* s = src + nb * block + (r * sh * Ws + q0 * sw) * kL;
-        T* o = out + nb * kL * img + r * Wo + q0;
-        for (int64_t i = 0; i < R; ++i, o += Ho * Wo) {
-          gather_tile<T, TQ>(s, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, acc);
-          const T b = bias ? bias[i] : T(0);
-          if (tq == TQ) {
-            store_tile<T, TQ>(acc, o, img, lanes, b);
-          } else {
-            for (int l = 0; l < lanes; ++l)
-              for (int64_t t = 0; t < tq; ++t) o[l * img + t] = acc[t][l] + b;
-          }
-        }
+void gather(const T* s, int64_t Ws, const int64_t* row_ptr, const int64_t* off,
+            const T* vals, const T* bias, T* out, int64_t nb, int64_t N, int64_t R, int64_t Ho,
+            int64_t Wo, int64_t sh, int64_t sw) {
+  const int64_t img = R * Ho * Wo, tiles = (Wo + kTQ - 1) / kTQ;
+  const int lanes = static_cast<int>(std::min<int64_t>(kL, N - nb * kL));
+#pragma omp for schedule(static)
+  for (int64_t rt = 0; rt < Ho * tiles; ++rt) {
+    const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
+    const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
+    T* o = out + nb * kL * img + r * Wo + q0;
+    V<T> acc[kTQ];
+    for (int64_t i = 0; i < R; ++i, o += Ho * Wo) {
+      gather_tile<T, kTQ>(sb, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, acc);
+      const T b = bias ? bias[i] : T(0);
+      if (tq == kTQ) {
+        store_tile<T, kTQ>(acc, o, img, lanes, b);
+      } else {
+        for (int l = 0; l < lanes; ++l)
+          for (int64_t t = 0; t < tq; ++t) o[l * img + t] = acc[t][l] + b;
       }
     }
-}
-
-// dst[n/kL][off[k] + (r*sh*Wd + q*sw)*kL + n%kL] += vals[k] * src[n/kL, i, r, q] for k in
-// row i: the input gradient at any stride. One task per block of images (no two write the
-// same element). src blocked (NB, R, Ho + 2*P, Wo + 2*Q, kL) read at (P + r, Q + q).
-template <typename T>
-void scatter(const T* src, int64_t P, int64_t Q, const int64_t* row_ptr, const int64_t* off,
-             const T* vals, T* dst, int64_t dblock, int64_t Wd, int64_t NB, int64_t R,
-             int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
-  constexpr int TQ = 8;
-  const int64_t Hs = Ho + 2 * P, Ws = Wo + 2 * Q, nnz = row_ptr[R];
-  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t nb = 0; nb < NB; ++nb) {
-    T* d = dst + nb * dblock;
-    std::fill(d, d + dblock, T(0));
-    for (int64_t r = 0; r < Ho; ++r)
-      for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
-        const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
-        T* db = d + (r * sh * Wd + q0 * sw) * kL;
-        for (int64_t i = 0; i < R; ++i) {
-          const T* s = src + (((nb * R + i) * Hs + P + r) * Ws + Q + q0) * kL;
-          V<T> dy[TQ];
-          for (int t = 0; t < TQ; ++t) dy[t] = t < tq ? vat(s + t * kL) : V<T>{};
-          for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
-            T* p = db + off[k];
-            const T w = vals[k];
-            if (tq == TQ) {
-              for (int t = 0; t < TQ; ++t) vat(p + t * sw * kL) += w * dy[t];
-            } else {
-              for (int64_t t = 0; t < tq; ++t) vat(p + t * sw * kL) += w * dy[t];
-            }
-          }
-        }
-      }
   }
 }
 
-// dw[k] = sum_{n, r, q} src[n/kL][off[k] + (r*sh*Ws + q*sw)*kL + n%kL] * g[n/kL, i, P + r, Q + q]
-// for k in row i: the weight gradient at the active entries (x blocked as `src`, the output
-// gradient blocked as `g`, padded by P, Q). Partial sums per thread and lane, summed at the end.
+// The input gradient of one image block at any stride, as a scatter, one input channel per
+// task: d (C, Hp, Wp, kL) = sum over the entries e = (o, a, b) of channel c of
+// vals[e] * g[o] placed at (r*sh + a*dh, q*sw + b*dw); g (O, Ho, Wo, kL).
 template <typename T>
-void wgrad(const T* src, int64_t block, int64_t Ws, const T* g, int64_t P, int64_t Q,
-           const int64_t* row_ptr, const int64_t* off, T* dw, int64_t N, int64_t R, int64_t Ho,
-           int64_t Wo, int64_t sh, int64_t sw) {
-  constexpr int TQ = 8;
-  const int64_t NB = (N + kL - 1) / kL, nnz = row_ptr[R], Hg = Ho + 2 * P, Wg = Wo + 2 * Q;
-  const int nt = threads_for(NB * (nnz + R) * Ho * Wo);
-  std::vector<V<T>> part(static_cast<size_t>(nt) * nnz);
-#pragma omp parallel num_threads(nt)
-  {
-    V<T>* mine = part.data() + static_cast<int64_t>(omp_get_thread_num()) * nnz;
-    std::fill(mine, mine + nnz, V<T>{});
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t nb = 0; nb < NB; ++nb)
+void scatter(const T* g, const int64_t* col_ptr, const int64_t* g_off, const int64_t* d_off,
+             const T* vals, T* d, int64_t C, int64_t Hp, int64_t Wp, int64_t Ho, int64_t Wo,
+             int64_t sh, int64_t sw) {
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    T* dc = d + c * Hp * Wp * kL;
+    std::fill(dc, dc + Hp * Wp * kL, T(0));
+    for (int64_t e = col_ptr[c]; e < col_ptr[c + 1]; ++e) {
+      const T* ge = g + g_off[e];
+      T* de = dc + d_off[e];
+      const T w = vals[e];
       for (int64_t r = 0; r < Ho; ++r)
-        for (int64_t q0 = 0; q0 < Wo; q0 += TQ) {
-          const int64_t tq = std::min<int64_t>(TQ, Wo - q0);
-          const T* s = src + nb * block + (r * sh * Ws + q0 * sw) * kL;
-          for (int64_t i = 0; i < R; ++i) {
-            const T* gp = g + (((nb * R + i) * Hg + P + r) * Wg + Q + q0) * kL;
-            V<T> dy[TQ];
-            for (int t = 0; t < TQ; ++t) dy[t] = t < tq ? vat(gp + t * kL) : V<T>{};
-            for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
-              const T* p = s + off[k];
-              V<T> a0{}, a1{};
-              if (tq == TQ) {
-                for (int t = 0; t < TQ; t += 2) {
-                  a0 += dy[t] * vat(p + t * sw * kL);
-                  a1 += dy[t + 1] * vat(p + (t + 1) * sw * kL);
-                }
-              } else {
-                for (int64_t t = 0; t < tq; ++t) a0 += dy[t] * vat(p + t * sw * kL);
-              }
-              mine[k] += a0 + a1;
-            }
-          }
-        }
+        for (int64_t q = 0; q < Wo; ++q)
+          vat(de + (r * sh * Wp + q * sw) * kL) += w * vat(ge + (r * Wo + q) * kL);
+    }
   }
-#pragma omp parallel for schedule(static) num_threads(threads_for(nnz * nt * kL))
-  for (int64_t k = 0; k < nnz; ++k) {
-    T sum = 0;
-    for (int t = 0; t < nt; ++t)
-      for (int l = 0; l < kL; ++l) sum += part[t * nnz + k][l];
-    dw[k] = sum;
+}
+
+// Weight gradient at the active entries, one image block: mine[k] (per thread, per lane)
+// += sum_{r, q} g[i, P + r, Q + q] * s[off[k] + (r*sh*Ws + q*sw)*kL] for k in row i; the
+// output gradient g (R, Ho + 2P, Wo + 2Q, kL) held in registers for a tile of positions.
+template <typename T>
+void wgrad(const T* s, int64_t Ws, const T* g, int64_t P, int64_t Q, const int64_t* row_ptr,
+           const int64_t* off, V<T>* part, int64_t nnz, int64_t R, int64_t Ho, int64_t Wo,
+           int64_t sh, int64_t sw) {
+  const int64_t Hg = Ho + 2 * P, Wg = Wo + 2 * Q, tiles = (Wo + kTQ - 1) / kTQ;
+  V<T>* mine = part + static_cast<int64_t>(omp_get_thread_num()) * nnz;
+#pragma omp for schedule(static)
+  for (int64_t rt = 0; rt < Ho * tiles; ++rt) {
+    const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
+    const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
+    for (int64_t i = 0; i < R; ++i) {
+      const T* gp = g + ((i * Hg + P + r) * Wg + Q + q0) * kL;
+      V<T> dy[kTQ];
+      for (int t = 0; t < kTQ; ++t) dy[t] = t < tq ? vat(gp + t * kL) : V<T>{};
+      for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
+        const T* p = sb + off[k];
+        V<T> a0{}, a1{};
+        if (tq == kTQ) {
+          for (int t = 0; t < kTQ; t += 2) {
+            a0 += dy[t] * vat(p + t * sw * kL);
+            a1 += dy[t + 1] * vat(p + (t + 1) * sw * kL);
+          }
+        } else {
+          for (int64_t t = 0; t < tq; ++t) a0 += dy[t] * vat(p + t * sw * kL);
+        }
+        mine[k] += a0 + a1;
+      }
+    }
   }
 }
 
 struct G {
   int64_t N, C, H, W, O, KH, KW, sh, sw, dh, dw, ph, pw, Hp, Wp, Ho, Wo;
+  int64_t blocks() const { return (N + kL - 1) / kL; }
+  int64_t block() const { return C * Hp * Wp * kL; }  // elements of a blocked input block
 };
 
 void check_int(const torch::Tensor& t, const char* name) {
@@ -351,16 +320,16 @@ G make(const torch::Tensor& values, const torch::Tensor& row_ptr, const torch::T
               "kernel size, stride and dilation must be positive, padding not negative");
   g.Hp = g.H + 2 * g.ph;
   g.Wp = g.W + 2 * g.pw;
-  g.Ho = (g.Hp - g.dh * (g.KH - 1) - 1) / g.sh + 1;
-  g.Wo = (g.Wp - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.Hp >= g.dh * (g.KH - 1) + 1 && g.Wp >= g.dw * (g.KW - 1) + 1,
               "the padded input is smaller than the kernel");
-  const int32_t* p = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(g.O >= 0 && p[g.O] == col_idx.numel(), "row_ptr does not end at nnz");
+  g.Ho = (g.Hp - g.dh * (g.KH - 1) - 1) / g.sh + 1;
+  g.Wo = (g.Wp - g.dw * (g.KW - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.O >= 0 && row_ptr.data_ptr<int32_t>()[g.O] == col_idx.numel(),
+              "row_ptr does not end at nnz");
   return g;
 }
 
-// Offsets of the active weights into an image block of the padded input, and row pointers.
+// Row pointers, and the offset of every active weight in a blocked input block.
 void forward_index(const G& g, const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
                    std::vector<int64_t>& rp, std::vector<int64_t>& off) {
   const int32_t* p = row_ptr.data_ptr<int32_t>();
@@ -374,6 +343,76 @@ void forward_index(const G& g, const torch::Tensor& row_ptr, const torch::Tensor
   }
 }
 
+// Touch every page of a new output once, each thread its own contiguous part, before the
+// kernels write it: a fresh allocation's pages fault on first touch, and faults taken by
+// both threads in the same regions (as the tiles of one image block would) contend.
+template <typename T>
+void prefault(T* out, int64_t n, int nt) {
+  const int64_t step = 4096 / sizeof(T);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < n; i += step) out[i] = T(0);
+}
+
+template <typename T>
+void run_forward(const G& g, const std::vector<int64_t>& rp, const std::vector<int64_t>& off,
+                 const T* vals, const T* b, const T* xp, T* yp) {
+  T* xb = scratch<T>(0, g.block());
+  const int64_t nnz = static_cast<int64_t>(off.size());
+  const int nt = threads_for(g.N * (nnz + g.O) * g.Ho * g.Wo);
+  prefault(yp, g.N * g.O * g.Ho * g.Wo, nt);
+#pragma omp parallel num_threads(nt)
+  for (int64_t nb = 0; nb < g.blocks(); ++nb) {
+    block_in<T>(xp, xb, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
+    gather<T>(xb, g.Wp, rp.data(), off.data(), vals, b, yp, nb, g.N, g.O, g.Ho, g.Wo, g.sh,
+              g.sw);
+  }
+}
+
+// The input gradient and the weight gradient (see backward below).
+template <typename T>
+void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<int64_t>& off,
+                  const std::vector<int64_t>& col_ptr, const std::vector<int64_t>& t_off,
+                  const std::vector<int64_t>& d_off, const std::vector<int32_t>& t_src,
+                  bool as_gather, int64_t Pg, int64_t Qg, const T* vals, const T* xp,
+                  const T* dyp, T* dxp, T* dwp) {
+  const int64_t nnz = static_cast<int64_t>(off.size());
+  const int64_t Hg = g.Ho + 2 * Pg, Wg = g.Wo + 2 * Qg;
+  std::vector<T> t_val(dxp ? nnz : 0);
+  for (size_t e = 0; e < t_val.size(); ++e) t_val[e] = vals[t_src[e]];
+  T* xb = dwp || (dxp && !as_gather) ? scratch<T>(0, g.block()) : nullptr;
+  T* gb = scratch<T>(1, g.O * Hg * Wg * kL);
+  const int nt = threads_for(g.N * (nnz + g.O + g.C) * g.Ho * g.Wo);
+  V<T>* part = dwp ? reinterpret_cast<V<T>*>(scratch<T>(2, nt * nnz * kL)) : nullptr;
+  if (dwp) std::memset(static_cast<void*>(part), 0, nt * nnz * kL * sizeof(T));
+  if (dxp) prefault(dxp, g.N * g.C * g.H * g.W, nt);
+#pragma omp parallel num_threads(nt)
+  for (int64_t nb = 0; nb < g.blocks(); ++nb) {
+    block_in<T>(dyp, gb, nb, g.N, g.O, g.Ho, g.Wo, Pg, Qg);
+    if (dwp) {
+      block_in<T>(xp, xb, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
+      wgrad<T>(xb, g.Wp, gb, Pg, Qg, rp.data(), off.data(), part, nnz, g.O, g.Ho, g.Wo, g.sh,
+               g.sw);
+    }
+    if (dxp && as_gather) {
+      gather<T>(gb, Wg, col_ptr.data(), t_off.data(), t_val.data(), nullptr, dxp, nb, g.N, g.C,
+                g.H, g.W, 1, 1);
+    } else if (dxp) {
+      scatter<T>(gb, col_ptr.data(), t_off.data(), d_off.data(), t_val.data(), xb, g.C, g.Hp,
+                 g.Wp, g.Ho, g.Wo, g.sh, g.sw);
+      block_out<T>(xb, dxp, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
+    }
+  }
+  if (dwp) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(nnz * nt * kL))
+    for (int64_t k = 0; k < nnz; ++k) {
+      T sum = 0;
+      for (int t = 0; t < nt; ++t)
+        for (int l = 0; l < kL; ++l) sum += part[t * nnz + k][l];
+      dwp[k] = sum;
+    }
+  }
+}
+
 }  // namespace
 
 // y (N, O, Ho, Wo) from x (N, C, H, W).
@@ -384,10 +423,7 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
   std::vector<int64_t> rp, off;
   forward_index(g, row_ptr, col_idx, rp, off);
   auto y = torch::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "blocked_forward", [&] {
-    const int64_t NB = (g.N + kL - 1) / kL, block = g.C * g.Hp * g.Wp * kL;
-    scalar_t* xb = scratch<scalar_t>(0, NB * block);
-    to_blocked<scalar_t>(x.data_ptr<scalar_t>(), xb, g.N, g.C, g.H, g.W, g.ph, g.pw);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_conv_forward", [&] {
     const scalar_t* b = nullptr;
     if (bias.has_value() && bias->defined()) {
       TORCH_CHECK(bias->is_contiguous() && bias->numel() == g.O &&
@@ -395,8 +431,8 @@ torch::Tensor forward(const torch::Tensor& values, const torch::Tensor& row_ptr,
                   "bias must be a contiguous tensor of O entries, the dtype of values");
       b = bias->data_ptr<scalar_t>();
     }
-    gather<scalar_t>(xb, block, g.Wp, rp.data(), off.data(), values.data_ptr<scalar_t>(),
-                     b, y.data_ptr<scalar_t>(), g.N, g.O, g.Ho, g.Wo, g.sh, g.sw);
+    run_forward<scalar_t>(g, rp, off, values.data_ptr<scalar_t>(), b, x.data_ptr<scalar_t>(),
+                          y.data_ptr<scalar_t>());
   });
   return y;
 }
@@ -410,56 +446,48 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   check_act(dy, values, "dy");
   TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.O && dy.size(2) == g.Ho && dy.size(3) == g.Wo,
               "dy has the wrong shape for this geometry");
+  const int64_t nnz = col_idx.numel(), K = g.KH * g.KW;
+  torch::Tensor dx, dw;
+  if (want_dx) dx = torch::empty_like(x);
+  if (want_dw) dw = torch::zeros({nnz}, values.options());
+  if ((!want_dx && !want_dw) || g.N == 0) return {dx, dw};
   std::vector<int64_t> rp, off;
   forward_index(g, row_ptr, col_idx, rp, off);
-  const int64_t nnz = col_idx.numel(), K = g.KH * g.KW, NB = (g.N + kL - 1) / kL;
-  // The input gradient as a gather (a stride-1 convolution of the padded output gradient
-  // with the flipped, transposed kernel) where it is one, else as a scatter.
+  // The input gradient as a gather where it is one (stride 1: the convolution of the output
+  // gradient, padded by d*(K-1) - p, with the kernel transposed and flipped), else a scatter.
   const int64_t P = g.dh * (g.KH - 1) - g.ph, Q = g.dw * (g.KW - 1) - g.pw;
   const bool as_gather = g.sh == 1 && g.sw == 1 && P >= 0 && Q >= 0;
   const int64_t Pg = as_gather ? P : 0, Qg = as_gather ? Q : 0;
   const int64_t Hg = g.Ho + 2 * Pg, Wg = g.Wo + 2 * Qg;
-  torch::Tensor dx, dw;
-  if (want_dx) dx = torch::empty_like(x);
-  if (want_dw) dw = torch::empty({nnz}, values.options());
-  if ((!want_dx && !want_dw) || g.N == 0) {
-    if (want_dw) dw.zero_();
-    return {dx, dw};
-  }
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "blocked_backward", [&] {
-    using T = scalar_t;
-    const T* vals = values.data_ptr<T>();
-    const int64_t block = g.C * g.Hp * g.Wp * kL;
-    T* dyb = scratch<T>(1, NB * g.O * Hg * Wg * kL);
-    to_blocked<T>(dy.data_ptr<T>(), dyb, g.N, g.O, g.Ho, g.Wo, Pg, Qg);
-    T* xb = want_dw || (want_dx && !as_gather) ? scratch<T>(0, NB * block) : nullptr;
-    if (want_dw) {
-      to_blocked<T>(x.data_ptr<T>(), xb, g.N, g.C, g.H, g.W, g.ph, g.pw);
-      wgrad<T>(xb, block, g.Wp, dyb, Pg, Qg, rp.data(), off.data(),
-               dw.data_ptr<T>(), g.N, g.O, g.Ho, g.Wo, g.sh, g.sw);
-    }
-    if (want_dx && as_gather) {
-      // rows = input channels, entries (o, a, b) in row order of o.
-      std::vector<int64_t> rpt(g.C + 1, 0), offt(nnz);
-      std::vector<T> valt(nnz);
-      const int32_t* j = col_idx.data_ptr<int32_t>();
-      for (int64_t k = 0; k < nnz; ++k) ++rpt[j[k] / K + 1];
-      for (int64_t c = 0; c < g.C; ++c) rpt[c + 1] += rpt[c];
-      std::vector<int64_t> fill(rpt.begin(), rpt.end() - 1);
-      for (int64_t o = 0; o < g.O; ++o)
-        for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
-          const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW;
-          const int64_t at = fill[c]++;
-          offt[at] = ((o * Hg + (g.KH - 1 - a) * g.dh) * Wg + (g.KW - 1 - b) * g.dw) * kL;
-          valt[at] = vals[k];
+  // The kernel by input channel: entries (o, a, b) in order of o, their offsets in a blocked
+  // output-gradient block (t_off) and, for the scatter, in an input channel's plane (d_off).
+  std::vector<int64_t> col_ptr(g.C + 1, 0), t_off, d_off;
+  std::vector<int32_t> t_src;
+  if (want_dx) {
+    const int32_t* j = col_idx.data_ptr<int32_t>();
+    t_off.resize(nnz);
+    t_src.resize(nnz);
+    if (!as_gather) d_off.resize(nnz);
+    for (int64_t k = 0; k < nnz; ++k) ++col_ptr[j[k] / K + 1];
+    for (int64_t c = 0; c < g.C; ++c) col_ptr[c + 1] += col_ptr[c];
+    std::vector<int64_t> fill(col_ptr.begin(), col_ptr.end() - 1);
+    for (int64_t o = 0; o < g.O; ++o)
+      for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+        const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW, e = fill[c]++;
+        t_src[e] = static_cast<int32_t>(k);
+        if (as_gather) {
+          t_off[e] = ((o * Hg + (g.KH - 1 - a) * g.dh) * Wg + (g.KW - 1 - b) * g.dw) * kL;
+        } else {
+          t_off[e] = o * Hg * Wg * kL;
+          d_off[e] = (a * g.dh * g.Wp + b * g.dw) * kL;
         }
-      gather<T>(dyb, g.O * Hg * Wg * kL, Wg, rpt.data(), offt.data(), valt.data(),
-                nullptr, dx.data_ptr<T>(), g.N, g.C, g.H, g.W, 1, 1);
-    } else if (want_dx) {
-      scatter<T>(dyb, 0, 0, rp.data(), off.data(), vals, xb, block, g.Wp, NB, g.O,
-                 g.Ho, g.Wo, g.sh, g.sw);
-      from_blocked<T>(xb, dx.data_ptr<T>(), g.N, g.C, g.H, g.W, g.ph, g.pw);
-    }
+      }
+  }
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rigl_sparse_conv_backward", [&] {
+    run_backward<scalar_t>(g, rp, off, col_ptr, t_off, d_off, t_src, as_gather, Pg, Qg,
+                           values.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                           dy.data_ptr<scalar_t>(), want_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                           want_dw ? dw.data_ptr<scalar_t>() : nullptr);
   });
   return {dx, dw};
 }
