@@ -18,6 +18,7 @@ where SparseProp is installed, its own venv (it builds with ``--no-build-isolati
     python3 -m venv .benchvenv && .benchvenv/bin/pip install torch numpy
     .benchvenv/bin/pip install --no-build-isolation sparseprop
     PYTHONPATH=src .benchvenv/bin/python benchmarks/bench_sparse_conv.py [--threads 2] [--repeats 7]
+        [--allocator default|reuse]
     python benchmarks/bench_sparse_conv.py --quick      # tiny sizes: does it run?
 
 Memory: bytes of weights + gradients + SGD momentum (+ index buffers for ours) of each
@@ -197,17 +198,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs")
+    parser.add_argument(
+        "--allocator", choices=("default", "reuse"), default="default",
+        help="default: glibc as it comes (each block of 32 MiB or more, as the 64->64 layer's "
+        "activations, a fresh mmap whose pages fault on first touch, in every method's "
+        "outputs); reuse: glibc keeps big blocks for reuse (stamp.reuse_big_allocations), "
+        "for every method alike; results/sparse_conv_reuse.json",
+    )  # fmt: skip
     args = parser.parse_args()
-    from stamp import threads_and_clock, write_result
+    from stamp import reuse_big_allocations, threads_and_clock, write_result
 
     global CLOCK
     CLOCK = threads_and_clock(parser, args)
+    if args.allocator == "reuse" and not reuse_big_allocations():
+        parser.error("glibc refused the allocator settings (--allocator reuse)")
     skipped = {m: why for m in METHODS if (why := available(m))}
     methods = [m for m in METHODS if m not in skipped]
     layers, densities, batch = LAYERS, DENSITIES, BATCH
     if args.quick:
         layers, densities, batch, args.repeats = ((16, 8),), (0.1,), 4, 1
-    print(f"threads={args.threads}, batch={batch}; skipped: {skipped or 'none'}")
+    print(
+        f"threads={args.threads}, batch={batch}, allocator={args.allocator}; "
+        f"skipped: {skipped or 'none'}"
+    )
     layer_times, memory = run_layers(methods, layers, densities, batch, args.repeats)
     wrn = run_wrn(WRN_SPARSITIES, batch, args.repeats, args.quick)
     lines = tables(layer_times, memory, wrn)
@@ -215,10 +228,13 @@ def main() -> None:
     if args.quick:
         return  # tiny sizes: nothing worth keeping
     path = write_result(
-        "sparse_conv" + ("_1thread" if args.clock == "thread" else ""),
+        "sparse_conv"
+        + ("_1thread" if args.clock == "thread" else "")
+        + ("_reuse" if args.allocator == "reuse" else ""),
         {
             "setup": {
                 "layers": layers, "batch": batch, "repeats": args.repeats, "clock": args.clock,
+                "allocator": args.allocator,
                 "step": "forward + dx + dW + SGD momentum step", "backend": kernels.backend(),
             },
             "skipped": skipped,
