@@ -6,7 +6,7 @@ with ``kh = 1`` and a height of one).
 
 - :func:`forward`:  ``y = conv(x, W) + bias``
 - :func:`backward`: ``dx = conv_transpose(dy, W)`` and ``dW`` at the active entries only,
-  fused in one pass over the CSC index.
+  in one pass over the images.
 
 The compiled kernels (``csrc/sparse_conv.cpp``) are a direct sparse convolution vectorised
 over the batch: each call copies its operands into blocks of 8 images (the vector lanes)
