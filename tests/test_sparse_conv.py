@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import rigl
-from rigl.sparse import SparseConv1d, SparseConv2d, load_sparse, save_sparse
+from rigl.sparse import SparseConv1d, SparseConv2d, conv_kernels, load_sparse, save_sparse
 from rigl.sparse.conv import SparseConvFunction
 from rigl.sparse.storage import SparseWeight
 
@@ -276,3 +276,37 @@ def test_bad_inputs_get_the_errors_of_nn_conv2d(shape, dtype):
         layer(x)
     first = lambda e: str(e.value).split(":")[0].split("(")[0]  # noqa: E731
     assert first(sparse_error) == first(dense_error)
+
+
+def test_the_weight_gradient_is_the_same_bits_on_one_and_two_threads():
+    """Each active weight's gradient has one writer and one summation order, whatever
+    the number of threads (data-parallel ranks and reruns agree bit for bit)."""
+    if conv_kernels.extension() is None:
+        pytest.skip("the C++ kernels did not build")
+    _, layer = _pair((16, 24, 3, 1, 1, 1, 12, 12), dtype=torch.float32, density=0.3)
+    x = torch.randn(20, 16, 12, 12)
+    dy = torch.randn(20, 24, 12, 12)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(layer(x), layer.values, dy)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_a_failed_scratch_allocation_leaves_the_kernels_usable():
+    """An input whose blocked copy cannot be allocated fails with an error, and the next
+    ordinary call still works (the scratch slot forgets the failed size)."""
+    if conv_kernels.extension() is None:
+        pytest.skip("the C++ kernels did not build")
+    mask = torch.ones(2, 2, 3, dtype=torch.bool)
+    ok = SparseConv1d.from_dense(nn.Conv1d(2, 2, 3, padding=1).double(), mask)
+    x = torch.randn(4, 2, 50, dtype=torch.float64)
+    expected = ok(x)
+    huge = SparseConv1d(1, 1, 1, stride=2**41, padding=2**40, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        huge(torch.randn(1, 1, 1, dtype=torch.float64))
+    torch.testing.assert_close(ok(x), expected)

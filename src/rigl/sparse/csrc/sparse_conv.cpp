@@ -62,6 +62,8 @@ class Scratch {
     Slot& s = slots_[slot];
     if (bytes > s.bytes) {
       std::free(s.ptr);
+      s.ptr = nullptr;
+      s.bytes = 0;
       s.ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
       TORCH_CHECK(s.ptr != nullptr, "rigl sparse conv: out of memory for ", bytes, " bytes");
       s.bytes = bytes;
@@ -190,16 +192,26 @@ inline void store_tile(const V<T>* acc, T* out, int64_t image_stride, int lanes,
     for (int t = 0; t < TQ; ++t) out[l * image_stride + t] = acc[t][l] + bias;
 }
 
-// One tile of outputs: acc[t] = sum_k vals[k] * s[off[k] + t*step] (lanes = images).
+// One tile of outputs: acc[t] = sum_k vals[k] * s[off[k] + t*step] for t < tq (lanes =
+// images). TQ is the register tile; a row's last, partial tile (tq < TQ) reads only its
+// own positions, so nothing past the end of the blocked operand is read.
 template <typename T, int TQ>
 inline void gather_tile(const T* __restrict s, const int64_t* __restrict off,
                         const T* __restrict vals, int64_t k0, int64_t k1, int64_t step,
-                        V<T>* acc) {
+                        int64_t tq, V<T>* acc) {
   for (int t = 0; t < TQ; ++t) acc[t] = V<T>{};
-  for (int64_t k = k0; k < k1; ++k) {
-    const T* p = s + off[k];
-    const T w = vals[k];
-    for (int t = 0; t < TQ; ++t) acc[t] += w * vat(p + t * step);
+  if (tq == TQ) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* p = s + off[k];
+      const T w = vals[k];
+      for (int t = 0; t < TQ; ++t) acc[t] += w * vat(p + t * step);
+    }
+  } else {
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* p = s + off[k];
+      const T w = vals[k];
+      for (int64_t t = 0; t < tq; ++t) acc[t] += w * vat(p + t * step);
+    }
   }
 }
 
@@ -220,7 +232,7 @@ void gather(const T* s, int64_t Ws, const int64_t* row_ptr, const int64_t* off,
     T* o = out + nb * kL * img + r * Wo + q0;
     V<T> acc[kTQ];
     for (int64_t i = 0; i < R; ++i, o += Ho * Wo) {
-      gather_tile<T, kTQ>(sb, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, acc);
+      gather_tile<T, kTQ>(sb, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, tq, acc);
       const T b = bias ? bias[i] : T(0);
       if (tq == kTQ) {
         store_tile<T, kTQ>(acc, o, img, lanes, b);
@@ -254,38 +266,71 @@ void scatter(const T* g, const int64_t* col_ptr, const int64_t* g_off, const int
   }
 }
 
-// Weight gradient at the active entries, one image block: mine[k] (per thread, per lane)
-// += sum_{r, q} g[i, P + r, Q + q] * s[off[k] + (r*sh*Ws + q*sw)*kL] for k in row i; the
-// output gradient g (R, Ho + 2P, Wo + 2Q, kL) held in registers for a tile of positions.
+// Weight gradient at the active entries, one image block: dw[k] += sum_{r, q, lanes}
+// g[i, P + r, Q + q] * s[off[k] + (r*sh*Ws + q*sw)*kL] for k in row i. The threads take
+// blocks of consecutive rows (bounds rb, at most about kWRows non-zeros each, four blocks
+// per thread or more where there are rows enough), so each dw[k] has
+// one writer and is summed in the same order whatever the number of threads. Within a
+// block, the output gradient of a tile of positions sits in registers while the row's
+// non-zeros stream; each non-zero keeps per-image partial sums (part, per thread, the
+// block's non-zeros only), added to dw once per image block.
+constexpr int64_t kWRows = 4096;
+
 template <typename T>
 void wgrad(const T* s, int64_t Ws, const T* g, int64_t P, int64_t Q, const int64_t* row_ptr,
-           const int64_t* off, V<T>* part, int64_t nnz, int64_t R, int64_t Ho, int64_t Wo,
-           int64_t sh, int64_t sw) {
+           const int64_t* off, const std::vector<int64_t>& rb, int64_t max_block, T* dw,
+           int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
   const int64_t Hg = Ho + 2 * P, Wg = Wo + 2 * Q, tiles = (Wo + kTQ - 1) / kTQ;
-  V<T>* mine = part + static_cast<int64_t>(omp_get_thread_num()) * nnz;
-#pragma omp for schedule(static)
-  for (int64_t rt = 0; rt < Ho * tiles; ++rt) {
-    const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
-    const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
-    for (int64_t i = 0; i < R; ++i) {
-      const T* gp = g + ((i * Hg + P + r) * Wg + Q + q0) * kL;
-      V<T> dy[kTQ];
-      for (int t = 0; t < kTQ; ++t) dy[t] = t < tq ? vat(gp + t * kL) : V<T>{};
-      for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
-        const T* p = sb + off[k];
-        V<T> a0{}, a1{};
-        if (tq == kTQ) {
-          for (int t = 0; t < kTQ; t += 2) {
-            a0 += dy[t] * vat(p + t * sw * kL);
-            a1 += dy[t + 1] * vat(p + (t + 1) * sw * kL);
+  V<T>* part = reinterpret_cast<V<T>*>(scratch<T>(2, max_block * kL));
+  const int64_t n_blocks = static_cast<int64_t>(rb.size()) - 1;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int64_t i0 = rb[b], i1 = rb[b + 1], k0 = row_ptr[i0], k1 = row_ptr[i1];
+    V<T>* mine = part - k0;
+    std::fill(part, part + (k1 - k0), V<T>{});
+    for (int64_t rt = 0; rt < Ho * tiles; ++rt) {
+      const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
+      const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* gp = g + ((i * Hg + P + r) * Wg + Q + q0) * kL;
+        V<T> dy[kTQ];
+        for (int t = 0; t < kTQ; ++t) dy[t] = t < tq ? vat(gp + t * kL) : V<T>{};
+        for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
+          const T* p = sb + off[k];
+          V<T> a0{}, a1{};
+          if (tq == kTQ) {
+            for (int t = 0; t < kTQ; t += 2) {
+              a0 += dy[t] * vat(p + t * sw * kL);
+              a1 += dy[t + 1] * vat(p + (t + 1) * sw * kL);
+            }
+          } else {
+            for (int64_t t = 0; t < tq; ++t) a0 += dy[t] * vat(p + t * sw * kL);
           }
-        } else {
-          for (int64_t t = 0; t < tq; ++t) a0 += dy[t] * vat(p + t * sw * kL);
+          mine[k] += a0 + a1;
         }
-        mine[k] += a0 + a1;
       }
     }
+    for (int64_t k = k0; k < k1; ++k) {
+      T sum = 0;
+      for (int l = 0; l < kL; ++l) sum += mine[k][l];
+      dw[k] += sum;
+    }
   }
+}
+
+// Blocks of consecutive rows of about `target` non-zeros (a row is never split), and the
+// most non-zeros in one block.
+std::vector<int64_t> row_blocks(const std::vector<int64_t>& rp, int64_t target,
+                                int64_t& max_block) {
+  std::vector<int64_t> rb{0};
+  const int64_t rows = static_cast<int64_t>(rp.size()) - 1;
+  max_block = 0;
+  for (int64_t i = 0; i < rows; ++i)
+    if (rp[i + 1] - rp[rb.back()] >= target || i + 1 == rows) {
+      max_block = std::max(max_block, rp[i + 1] - rp[rb.back()]);
+      rb.push_back(i + 1);
+    }
+  return rb;
 }
 
 struct G {
@@ -382,16 +427,17 @@ void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<
   T* xb = dwp || (dxp && !as_gather) ? scratch<T>(0, g.block()) : nullptr;
   T* gb = scratch<T>(1, g.O * Hg * Wg * kL);
   const int nt = threads_for(g.N * (nnz + g.O + g.C) * g.Ho * g.Wo);
-  V<T>* part = dwp ? reinterpret_cast<V<T>*>(scratch<T>(2, nt * nnz * kL)) : nullptr;
-  if (dwp) std::memset(static_cast<void*>(part), 0, nt * nnz * kL * sizeof(T));
+  int64_t max_block = 0;
+  const int64_t target = std::clamp<int64_t>(nnz / (4 * nt), 1, kWRows);
+  const std::vector<int64_t> rb = row_blocks(rp, target, max_block);
   if (dxp) prefault(dxp, g.N * g.C * g.H * g.W, nt);
 #pragma omp parallel num_threads(nt)
   for (int64_t nb = 0; nb < g.blocks(); ++nb) {
     block_in<T>(dyp, gb, nb, g.N, g.O, g.Ho, g.Wo, Pg, Qg);
     if (dwp) {
       block_in<T>(xp, xb, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
-      wgrad<T>(xb, g.Wp, gb, Pg, Qg, rp.data(), off.data(), part, nnz, g.O, g.Ho, g.Wo, g.sh,
-               g.sw);
+      wgrad<T>(xb, g.Wp, gb, Pg, Qg, rp.data(), off.data(), rb, max_block, dwp, g.Ho, g.Wo,
+               g.sh, g.sw);
     }
     if (dxp && as_gather) {
       gather<T>(gb, Wg, col_ptr.data(), t_off.data(), t_val.data(), nullptr, dxp, nb, g.N, g.C,
@@ -400,15 +446,6 @@ void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<
       scatter<T>(gb, col_ptr.data(), t_off.data(), d_off.data(), t_val.data(), xb, g.C, g.Hp,
                  g.Wp, g.Ho, g.Wo, g.sh, g.sw);
       block_out<T>(xb, dxp, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
-    }
-  }
-  if (dwp) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(nnz * nt * kL))
-    for (int64_t k = 0; k < nnz; ++k) {
-      T sum = 0;
-      for (int t = 0; t < nt; ++t)
-        for (int l = 0; l < kL; ++l) sum += part[t * nnz + k][l];
-      dwp[k] = sum;
     }
   }
 }
