@@ -68,6 +68,26 @@ def test_float32_products_over_full_and_partial_image_blocks(geometry, batch, sp
     )
 
 
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+@pytest.mark.parametrize("height", [16, 13])
+def test_small_batches_fold_bands_of_rows_into_the_lanes(batch, height, sparse_kernels):
+    """Under 8 images, a stride-1 convolution that keeps its height puts bands of rows of
+    each image in the lanes (8, 4, 2 or 1 bands; 13 rows leave a short last band and an
+    unused lane): the same results as torch, forward and both gradients."""
+    geometry = (6, 5, 3, 1, 1, 1, height, 19)
+    conv, layer = _pair(geometry, dtype=torch.float32)
+    x = torch.randn(batch, 6, height, 19, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    dx, dvalues = torch.autograd.grad(y, (x, layer.values), dy)
+    dx_ref, dw_ref = torch.autograd.grad(conv(x), (x, conv.weight), dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dvalues, dw_ref.reshape(-1)[layer.active_indices()], rtol=1e-4, atol=1e-4
+    )
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3])
 def test_gradcheck_of_every_kernel(geometry, sparse_kernels):
     """Forward, input gradient and weight gradient against finite differences (float64)."""

@@ -9,7 +9,8 @@
 //   xb[c][h + ph][w + pw][n % 8]     (zero padded; a batch tail padded with zeros),
 // so the 8 images of a block sit in one vector register and every active weight moves
 // whole vectors, whatever the stride, dilation or plane size (an 8x8 plane vectorises as
-// well as a 32x32 one). A non-zero W[o, j] reads at one fixed offset of an image block,
+// well as a 32x32 one). A batch of fewer than 8 images of a stride-1 convolution that
+// keeps its height fills the lanes with bands of rows of its images instead (Lanes, Fold). A non-zero W[o, j] reads at one fixed offset of an image block,
 // off = ((c*Hp + a*dh)*Wp + b*dw)*8, computed once per call.
 //
 //   forward   y[n, o, r, q]  = sum_k W_k xb[off_k + (r*sh*Wp + q*sw)*8]        (gather)
@@ -118,31 +119,60 @@ inline void transpose8(__m256* r) {
 // The functions below hold orphaned `omp for` loops: inside a parallel region the threads
 // share their rows, and the implicit barrier at each loop's end orders the phases.
 
-// xb (C, H + 2ph, W + 2pw, kL) = image block nb of x (N, C, H, W), zero padded, a tail of
-// fewer than kL images padded with zeros.
+// Which image, and from which output row, each lane of a block holds. Lanes are the images
+// of a block of kL; a batch of fewer than kL images of a stride-1 convolution that keeps
+// its height is folded instead: each image is cut into bands of rows, one band per lane
+// (see Fold), so that small batches fill the lanes too.
+struct Lanes {
+  int64_t img[kL];   // image of the lane, -1 for none
+  int64_t row0[kL];  // first output row of the lane's band (0 when not folded)
+};
+
+// The lane plan of a call: S bands per image (1: lanes are whole images), and the rows a
+// block computes of the output (R_out) and of the input gradient (R_in).
+struct Fold {
+  int64_t S, R_out, R_in;
+  int64_t blocks(int64_t N) const { return S == 1 ? (N + kL - 1) / kL : 1; }
+  Lanes lanes(int64_t nb, int64_t N, int64_t Ho) const {
+    Lanes L;
+    for (int l = 0; l < kL; ++l) {
+      const int64_t n = S == 1 ? nb * kL + l : l / S, r0 = S == 1 ? 0 : l % S * R_out;
+      L.img[l] = n < N && r0 < Ho ? n : -1;
+      L.row0[l] = r0;
+    }
+    return L;
+  }
+};
+
+// xb (C, Hb, W + 2pw, kL): row j of lane l is row L.row0[l] - top + j of its image in
+// x (N, C, H, W); zero outside the image, in the width padding and in unused lanes.
 template <typename T>
-void block_in(const T* x, T* xb, int64_t nb, int64_t N, int64_t C, int64_t H, int64_t W,
-              int64_t ph, int64_t pw) {
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  const int64_t lanes = std::min<int64_t>(kL, N - nb * kL);
+void block_in(const T* x, T* xb, const Lanes& L, int64_t C, int64_t H, int64_t W, int64_t top,
+              int64_t pw, int64_t Hb) {
+  const int64_t Wp = W + 2 * pw;
 #pragma omp for schedule(static)
-  for (int64_t ch = 0; ch < C * Hp; ++ch) {
-    const int64_t c = ch / Hp, h = ch % Hp - ph;
+  for (int64_t ch = 0; ch < C * Hb; ++ch) {
+    const int64_t c = ch / Hb, j = ch % Hb;
     T* row = xb + ch * Wp * kL;
-    if (h < 0 || h >= H) {
+    const T* src[kL];
+    int valid = 0;
+    for (int l = 0; l < kL; ++l) {
+      const int64_t h = L.row0[l] - top + j;
+      const bool ok = L.img[l] >= 0 && h >= 0 && h < H;
+      src[l] = ok ? x + (L.img[l] * C + c) * H * W + h * W : nullptr;
+      valid += ok;
+    }
+    if (valid == 0) {
       std::memset(row, 0, Wp * kL * sizeof(T));
       continue;
     }
     std::memset(row, 0, pw * kL * sizeof(T));
     std::memset(row + (pw + W) * kL, 0, pw * kL * sizeof(T));
     T* out = row + pw * kL;
-    const T* src[kL];
-    for (int l = 0; l < kL; ++l)
-      src[l] = x + ((nb * kL + std::min<int64_t>(l, lanes - 1)) * C + c) * H * W + h * W;
     int64_t w = 0;
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<T, float>) {
-      if (lanes == kL)
+      if (valid == kL)
         for (; w + 8 <= W; w += 8) {
           __m256 r[8];
           for (int l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(src[l] + w);
@@ -152,7 +182,7 @@ void block_in(const T* x, T* xb, int64_t nb, int64_t N, int64_t C, int64_t H, in
     }
 #endif
     for (; w < W; ++w)
-      for (int l = 0; l < kL; ++l) out[w * kL + l] = l < lanes ? src[l][w] : T(0);
+      for (int l = 0; l < kL; ++l) out[w * kL + l] = src[l] ? src[l][w] : T(0);
   }
 }
 
@@ -173,23 +203,25 @@ void block_out(const T* xb, T* x, int64_t nb, int64_t N, int64_t C, int64_t H, i
   }
 }
 
-// Store an accumulated tile acc[t] (lanes = images) at out[n0 + l, row, q0 + t].
+// Store an accumulated tile: out[l][t] = acc[t][l] + bias for the lanes in `valid` (a bit
+// per lane) and t < tq.
 template <typename T, int TQ>
-inline void store_tile(const V<T>* acc, T* out, int64_t image_stride, int lanes, T bias) {
+inline void store_tile(const V<T>* acc, T* const* out, unsigned valid, int64_t tq, T bias) {
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float> && TQ == 8) {
-    if (lanes == kL) {
+    if (valid == 0xFFu && tq == 8) {
       __m256 r[8];
       for (int t = 0; t < 8; ++t) r[t] = reinterpret_cast<const __m256&>(acc[t]);
       transpose8(r);
       const __m256 b = _mm256_set1_ps(bias);
-      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(out + l * image_stride, _mm256_add_ps(b, r[l]));
+      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(out[l], _mm256_add_ps(b, r[l]));
       return;
     }
   }
 #endif
-  for (int l = 0; l < lanes; ++l)
-    for (int t = 0; t < TQ; ++t) out[l * image_stride + t] = acc[t][l] + bias;
+  for (int l = 0; l < kL; ++l)
+    if (valid >> l & 1u)
+      for (int64_t t = 0; t < tq; ++t) out[l][t] = acc[t][l] + bias;
 }
 
 // One tile of outputs: acc[t] = sum_k vals[k] * s[off[k] + t*step] for t < tq (lanes =
@@ -217,29 +249,35 @@ inline void gather_tile(const T* __restrict s, const int64_t* __restrict off,
 
 constexpr int kTQ = 8;  // output positions per register tile
 
-// Image block nb of out (N, R, Ho, Wo): out[n, i, r, q] = bias[i] + sum_{k in row i}
-// vals[k] * s[off[k] + (r*sh*Ws + q*sw)*kL + n % kL], s the block in blocked layout.
+// One block of out (N, R, Ho, Wo): out[img, i, row0 + r, q] = bias[i] + sum_{k in row i}
+// vals[k] * s[off[k] + (r*sh*Ws + q*sw)*kL + lane] for the block's rows r < Hb (s the
+// block in blocked layout, lanes as L says).
 template <typename T>
 void gather(const T* s, int64_t Ws, const int64_t* row_ptr, const int64_t* off,
-            const T* vals, const T* bias, T* out, int64_t nb, int64_t N, int64_t R, int64_t Ho,
-            int64_t Wo, int64_t sh, int64_t sw) {
-  const int64_t img = R * Ho * Wo, tiles = (Wo + kTQ - 1) / kTQ;
-  const int lanes = static_cast<int>(std::min<int64_t>(kL, N - nb * kL));
+            const T* vals, const T* bias, T* out, const Lanes& L, int64_t R, int64_t Hb,
+            int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
+  const int64_t plane = Ho * Wo, tiles = (Wo + kTQ - 1) / kTQ;
+  int64_t base[kL], rows[kL];
+  for (int l = 0; l < kL; ++l) {
+    base[l] = L.img[l] >= 0 ? L.img[l] * R * plane + L.row0[l] * Wo : 0;
+    rows[l] = L.img[l] >= 0 ? std::min(Hb, Ho - L.row0[l]) : 0;
+  }
 #pragma omp for schedule(static)
-  for (int64_t rt = 0; rt < Ho * tiles; ++rt) {
+  for (int64_t rt = 0; rt < Hb * tiles; ++rt) {
     const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
+    unsigned valid = 0;
+    T* o[kL];
+    for (int l = 0; l < kL; ++l) {
+      valid |= (r < rows[l] ? 1u : 0u) << l;
+      o[l] = out + base[l] + r * Wo + q0;
+    }
+    if (valid == 0) continue;
     const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
-    T* o = out + nb * kL * img + r * Wo + q0;
     V<T> acc[kTQ];
-    for (int64_t i = 0; i < R; ++i, o += Ho * Wo) {
+    for (int64_t i = 0; i < R; ++i) {
       gather_tile<T, kTQ>(sb, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, tq, acc);
-      const T b = bias ? bias[i] : T(0);
-      if (tq == kTQ) {
-        store_tile<T, kTQ>(acc, o, img, lanes, b);
-      } else {
-        for (int l = 0; l < lanes; ++l)
-          for (int64_t t = 0; t < tq; ++t) o[l * img + t] = acc[t][l] + b;
-      }
+      store_tile<T, kTQ>(acc, o, valid, tq, bias ? bias[i] : T(0));
+      for (int l = 0; l < kL; ++l) o[l] += plane;
     }
   }
 }
@@ -335,8 +373,9 @@ std::vector<int64_t> row_blocks(const std::vector<int64_t>& rp, int64_t target,
 
 struct G {
   int64_t N, C, H, W, O, KH, KW, sh, sw, dh, dw, ph, pw, Hp, Wp, Ho, Wo;
-  int64_t blocks() const { return (N + kL - 1) / kL; }
-  int64_t block() const { return C * Hp * Wp * kL; }  // elements of a blocked input block
+  Fold fold;   // the lane plan
+  int64_t Hx;  // rows of a blocked input block: Hp, or a band and its padding when folded
+  int64_t block() const { return C * Hx * Wp * kL; }  // elements of a blocked input block
 };
 
 void check_int(const torch::Tensor& t, const char* name) {
@@ -371,6 +410,18 @@ G make(const torch::Tensor& values, const torch::Tensor& row_ptr, const torch::T
   g.Wo = (g.Wp - g.dw * (g.KW - 1) - 1) / g.sw + 1;
   TORCH_CHECK(g.O >= 0 && row_ptr.data_ptr<int32_t>()[g.O] == col_idx.numel(),
               "row_ptr does not end at nnz");
+  // A batch of fewer than kL images folds into bands of rows where the input gradient is a
+  // gather over the same bands: stride 1, the height kept (so P = ph), Q >= 0.
+  g.fold = Fold{1, g.Ho, g.H};
+  if (g.N > 0 && g.N < kL && g.sh == 1 && g.sw == 1 && g.Ho == g.H &&
+      g.dw * (g.KW - 1) >= g.pw) {
+    const int64_t bands = std::min<int64_t>(kL / g.N, g.H);
+    if (bands > 1) {
+      const int64_t rows = (g.H + bands - 1) / bands;
+      g.fold = Fold{(g.H + rows - 1) / rows, rows, rows};
+    }
+  }
+  g.Hx = g.fold.S == 1 ? g.Hp : g.fold.R_out + 2 * g.ph;
   return g;
 }
 
@@ -384,7 +435,7 @@ void forward_index(const G& g, const torch::Tensor& row_ptr, const torch::Tensor
   off.resize(nnz);
   for (int64_t k = 0; k < nnz; ++k) {
     const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW;
-    off[k] = ((c * g.Hp + a * g.dh) * g.Wp + b * g.dw) * kL;
+    off[k] = ((c * g.Hx + a * g.dh) * g.Wp + b * g.dw) * kL;
   }
 }
 
@@ -406,10 +457,11 @@ void run_forward(const G& g, const std::vector<int64_t>& rp, const std::vector<i
   const int nt = threads_for(g.N * (nnz + g.O) * g.Ho * g.Wo);
   prefault(yp, g.N * g.O * g.Ho * g.Wo, nt);
 #pragma omp parallel num_threads(nt)
-  for (int64_t nb = 0; nb < g.blocks(); ++nb) {
-    block_in<T>(xp, xb, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
-    gather<T>(xb, g.Wp, rp.data(), off.data(), vals, b, yp, nb, g.N, g.O, g.Ho, g.Wo, g.sh,
-              g.sw);
+  for (int64_t nb = 0; nb < g.fold.blocks(g.N); ++nb) {
+    const Lanes L = g.fold.lanes(nb, g.N, g.Ho);
+    block_in<T>(xp, xb, L, g.C, g.H, g.W, g.ph, g.pw, g.Hx);
+    gather<T>(xb, g.Wp, rp.data(), off.data(), vals, b, yp, L, g.O, g.fold.R_out, g.Ho, g.Wo,
+              g.sh, g.sw);
   }
 }
 
@@ -421,7 +473,7 @@ void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<
                   bool as_gather, int64_t Pg, int64_t Qg, const T* vals, const T* xp,
                   const T* dyp, T* dxp, T* dwp) {
   const int64_t nnz = static_cast<int64_t>(off.size());
-  const int64_t Hg = g.Ho + 2 * Pg, Wg = g.Wo + 2 * Qg;
+  const int64_t Hg = g.fold.R_out + 2 * Pg, Wg = g.Wo + 2 * Qg;
   std::vector<T> t_val(dxp ? nnz : 0);
   for (size_t e = 0; e < t_val.size(); ++e) t_val[e] = vals[t_src[e]];
   T* xb = dwp || (dxp && !as_gather) ? scratch<T>(0, g.block()) : nullptr;
@@ -432,17 +484,18 @@ void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<
   const std::vector<int64_t> rb = row_blocks(rp, target, max_block);
   if (dxp) prefault(dxp, g.N * g.C * g.H * g.W, nt);
 #pragma omp parallel num_threads(nt)
-  for (int64_t nb = 0; nb < g.blocks(); ++nb) {
-    block_in<T>(dyp, gb, nb, g.N, g.O, g.Ho, g.Wo, Pg, Qg);
+  for (int64_t nb = 0; nb < g.fold.blocks(g.N); ++nb) {
+    const Lanes L = g.fold.lanes(nb, g.N, g.Ho);
+    block_in<T>(dyp, gb, L, g.O, g.Ho, g.Wo, Pg, Qg, Hg);
     if (dwp) {
-      block_in<T>(xp, xb, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
-      wgrad<T>(xb, g.Wp, gb, Pg, Qg, rp.data(), off.data(), rb, max_block, dwp, g.Ho, g.Wo,
-               g.sh, g.sw);
+      block_in<T>(xp, xb, L, g.C, g.H, g.W, g.ph, g.pw, g.Hx);
+      wgrad<T>(xb, g.Wp, gb, Pg, Qg, rp.data(), off.data(), rb, max_block, dwp, g.fold.R_out,
+               g.Wo, g.sh, g.sw);
     }
     if (dxp && as_gather) {
-      gather<T>(gb, Wg, col_ptr.data(), t_off.data(), t_val.data(), nullptr, dxp, nb, g.N, g.C,
-                g.H, g.W, 1, 1);
-    } else if (dxp) {
+      gather<T>(gb, Wg, col_ptr.data(), t_off.data(), t_val.data(), nullptr, dxp, L, g.C,
+                g.fold.R_in, g.H, g.W, 1, 1);
+    } else if (dxp) {  // never folded (the fold needs the gather)
       scatter<T>(gb, col_ptr.data(), t_off.data(), d_off.data(), t_val.data(), xb, g.C, g.Hp,
                  g.Wp, g.Ho, g.Wo, g.sh, g.sw);
       block_out<T>(xb, dxp, nb, g.N, g.C, g.H, g.W, g.ph, g.pw);
@@ -495,7 +548,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   const int64_t P = g.dh * (g.KH - 1) - g.ph, Q = g.dw * (g.KW - 1) - g.pw;
   const bool as_gather = g.sh == 1 && g.sw == 1 && P >= 0 && Q >= 0;
   const int64_t Pg = as_gather ? P : 0, Qg = as_gather ? Q : 0;
-  const int64_t Hg = g.Ho + 2 * Pg, Wg = g.Wo + 2 * Qg;
+  const int64_t Hg = g.fold.R_out + 2 * Pg, Wg = g.Wo + 2 * Qg;
   // The kernel by input channel: entries (o, a, b) in order of o, their offsets in a blocked
   // output-gradient block (t_off) and, for the scatter, in an input channel's plane (d_off).
   std::vector<int64_t> col_ptr(g.C + 1, 0), t_off, d_off;
