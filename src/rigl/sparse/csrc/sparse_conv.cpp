@@ -203,10 +203,11 @@ void block_out(const T* xb, T* x, int64_t nb, int64_t N, int64_t C, int64_t H, i
   }
 }
 
-// Store an accumulated tile: out[l][t] = acc[t][l] + bias for the lanes in `valid` (a bit
-// per lane) and t < tq.
+// Store an accumulated tile: out[lane[l] + t] = acc[t][l] + bias for the lanes in `valid`
+// (a bit per lane) and t < tq.
 template <typename T, int TQ>
-inline void store_tile(const V<T>* acc, T* const* out, unsigned valid, int64_t tq, T bias) {
+inline void store_tile(const V<T>* acc, T* out, const int64_t* lane, unsigned valid,
+                       int64_t tq, T bias) {
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<T, float> && TQ == 8) {
     if (valid == 0xFFu && tq == 8) {
@@ -214,14 +215,14 @@ inline void store_tile(const V<T>* acc, T* const* out, unsigned valid, int64_t t
       for (int t = 0; t < 8; ++t) r[t] = reinterpret_cast<const __m256&>(acc[t]);
       transpose8(r);
       const __m256 b = _mm256_set1_ps(bias);
-      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(out[l], _mm256_add_ps(b, r[l]));
+      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(out + lane[l], _mm256_add_ps(b, r[l]));
       return;
     }
   }
 #endif
   for (int l = 0; l < kL; ++l)
     if (valid >> l & 1u)
-      for (int64_t t = 0; t < tq; ++t) out[l][t] = acc[t][l] + bias;
+      for (int64_t t = 0; t < tq; ++t) out[lane[l] + t] = acc[t][l] + bias;
 }
 
 // One tile of outputs: acc[t] = sum_k vals[k] * s[off[k] + t*step] for t < tq (lanes =
@@ -266,18 +267,14 @@ void gather(const T* s, int64_t Ws, const int64_t* row_ptr, const int64_t* off,
   for (int64_t rt = 0; rt < Hb * tiles; ++rt) {
     const int64_t r = rt / tiles, q0 = rt % tiles * kTQ, tq = std::min<int64_t>(kTQ, Wo - q0);
     unsigned valid = 0;
-    T* o[kL];
-    for (int l = 0; l < kL; ++l) {
-      valid |= (r < rows[l] ? 1u : 0u) << l;
-      o[l] = out + base[l] + r * Wo + q0;
-    }
+    for (int l = 0; l < kL; ++l) valid |= (r < rows[l] ? 1u : 0u) << l;
     if (valid == 0) continue;
     const T* sb = s + (r * sh * Ws + q0 * sw) * kL;
+    T* o = out + r * Wo + q0;
     V<T> acc[kTQ];
-    for (int64_t i = 0; i < R; ++i) {
+    for (int64_t i = 0; i < R; ++i, o += plane) {
       gather_tile<T, kTQ>(sb, off, vals, row_ptr[i], row_ptr[i + 1], sw * kL, tq, acc);
-      store_tile<T, kTQ>(acc, o, valid, tq, bias ? bias[i] : T(0));
-      for (int l = 0; l < kL; ++l) o[l] += plane;
+      store_tile<T, kTQ>(acc, o, base, valid, tq, bias ? bias[i] : T(0));
     }
   }
 }
