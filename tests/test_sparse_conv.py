@@ -330,3 +330,21 @@ def test_a_failed_scratch_allocation_leaves_the_kernels_usable():
     with pytest.raises(RuntimeError, match="out of memory"):
         huge(torch.randn(1, 1, 1, dtype=torch.float64))
     torch.testing.assert_close(ok(x), expected)
+
+
+def test_compressed_convolutions_keep_no_csc_index():
+    """The conv kernels read the CSR only: a layer stores no blocked CSC (4 bytes of index
+    per active weight, not 12), after construction, a topology change and a load."""
+    _, layer = _pair(GEOMETRIES[0], dtype=torch.float32)
+    for step in ("built", "set_topology", "loaded"):
+        if step == "set_topology":
+            flat = layer.active_indices()[:-3]
+            layer.set_topology(flat, torch.ones(flat.numel()))
+        if step == "loaded":
+            _, other = _pair(GEOMETRIES[0], dtype=torch.float32, seed=1)
+            layer.load_state_dict(other.state_dict())
+            torch.testing.assert_close(layer.weight, other.weight)
+        for name in ("col_ptr", "row_idx", "perm"):
+            assert getattr(layer, name).numel() == 0, (step, name)
+        index_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+        assert index_bytes <= 4 * layer.values.numel() + 4 * (layer.out_channels + 1) + 8, step

@@ -1,9 +1,9 @@
 """``SparseConv2d`` / ``SparseConv1d``: convolutions whose kernel is stored compressed.
 
 A convolution is a linear map of the unfolded input: its kernel ``(out, in, kh, kw)`` is
-the matrix ``(out, in*kh*kw)``, stored exactly as :class:`~rigl.sparse.SparseLinear`
-stores its weight (CSR + blocked CSC, int32; the ``values`` Parameter ``(nnz,)`` in flat
-order of that matrix). So the layers subclass ``SparseLinear``: index, topology updates,
+the matrix ``(out, in*kh*kw)``, stored as :class:`~rigl.sparse.SparseLinear` stores its
+weight (CSR, int32, without the blocked CSC, which these kernels do not read; the
+``values`` Parameter ``(nnz,)`` in flat order of that matrix). So the layers subclass ``SparseLinear``: index, topology updates,
 checkpoint loading, ``active_indices`` and :meth:`grad_at` are the same, and the storage
 seam (:class:`rigl.sparse.storage.SparseWeight`) drives them unchanged, Static, SET and
 RigL included. Only the products differ (:mod:`rigl.sparse.conv_kernels`), and the grow
@@ -78,6 +78,7 @@ class SparseConv2d(SparseLinear):
     """
 
     dims = 2
+    uses_csc = False  # the kernels read the CSR only: no CSC is built or stored
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class SparseConv2d(SparseLinear):
         return grad
 
     def _grad_at(self, flat: Tensor) -> Tensor:
-        index, order = SparseIndex.from_flat(flat, self.shape)
+        index, order = SparseIndex.from_flat(flat, self.shape, csc=False)
         sorted_grad = torch.zeros(index.nnz, dtype=self.values.dtype, device=self.values.device)
         for x, dy in zip(self._grow.xts, self._grow.dyts, strict=True):
             zeros = torch.zeros(index.nnz, dtype=x.dtype, device=x.device)  # as kept

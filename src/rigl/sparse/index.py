@@ -55,13 +55,16 @@ class SparseIndex:
         *,
         presorted: bool = False,
         use: str | None = None,
+        csc: bool = True,
     ) -> tuple[SparseIndex, Tensor | None]:
         """Index of the positions ``flat = row * in + col`` (any order, no duplicates).
 
         Returns the index and ``order``: ``flat[order]`` is row-major sorted, so values
         given in the order of ``flat`` are stored as ``values[order]`` (``order`` is None
         when ``presorted`` says ``flat`` is sorted already). ``use`` picks the CSC builder
-        as in :mod:`rigl.sparse.kernels` (None: compiled when available).
+        as in :mod:`rigl.sparse.kernels` (None: compiled when available). ``csc=False``
+        builds the CSR only (the CSC tensors empty, one block): for layers whose kernels
+        read no CSC (the convolutions).
         """
         n_out, n_in = shape
         if max(n_out, n_in) > _INT32_MAX:
@@ -80,7 +83,7 @@ class SparseIndex:
             )
         rows = torch.div(flat_sorted, n_in, rounding_mode="floor")
         cols = flat_sorted - rows * n_in
-        return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz, use=use), order
+        return SparseIndex.from_sorted_coo(rows, cols, shape, block_nnz, use=use, csc=csc), order
 
     @staticmethod
     def from_sorted_coo(
@@ -90,8 +93,9 @@ class SparseIndex:
         block_nnz: int = BLOCK_NNZ,
         *,
         use: str | None = None,
+        csc: bool = True,
     ) -> SparseIndex:
-        """Index of row-major sorted, unique coordinates."""
+        """Index of row-major sorted, unique coordinates (``csc``: see :meth:`from_flat`)."""
         from rigl.sparse import kernels  # kernels imports this module
 
         n_out, n_in = shape
@@ -99,6 +103,17 @@ class SparseIndex:
         if nnz > _INT32_MAX:
             raise ValueError("more than 2**31 - 1 non-zeros")
         row_ptr = _ptr(rows, n_out)
+        if not csc:
+            empty = torch.zeros(0, dtype=torch.int32)
+            return SparseIndex(
+                shape=(n_out, n_in),
+                row_ptr=row_ptr,
+                col_idx=cols.to(torch.int32),
+                block_rows=torch.tensor([0, n_out], dtype=torch.int32),
+                col_ptr=empty,
+                row_idx=empty.clone(),
+                perm=empty.clone(),
+            )
         # Row blocks of about block_nnz non-zeros (a row is never split).
         n_blocks = max(1, -(-nnz // block_nnz))
         goals = torch.arange(1, n_blocks, dtype=torch.int64) * nnz // n_blocks

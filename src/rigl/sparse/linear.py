@@ -44,6 +44,8 @@ class SparseLinear(GrowScores, nn.Module):
             positions drawn uniformly at random (use :meth:`from_dense` for a given mask).
     """
 
+    uses_csc = True  # whether the products read the blocked CSC (the convolutions' do not)
+
     def __init__(
         self,
         in_features: int,
@@ -118,7 +120,11 @@ class SparseLinear(GrowScores, nn.Module):
                 "value per position is needed"
             )
         index, order = SparseIndex.from_flat(
-            flat, (self.out_features, self.in_features), presorted=presorted, use=self.kernels
+            flat,
+            (self.out_features, self.in_features),
+            presorted=presorted,
+            use=self.kernels,
+            csc=self.uses_csc,
         )
         stored = values.to(self.values.dtype)
         stored = stored if order is None else stored[order]
@@ -162,7 +168,9 @@ class SparseLinear(GrowScores, nn.Module):
             flat = check_csr(
                 row_ptr, col_idx, values.numel(), self.shape, where=where, prefix=prefix
             )
-            index, _ = SparseIndex.from_flat(flat, self.shape, presorted=True, use=self.kernels)
+            index, _ = SparseIndex.from_flat(
+                flat, self.shape, presorted=True, use=self.kernels, csc=self.uses_csc
+            )
             state_dict = {**state_dict, **{prefix + k: t for k, t in index.tensors().items()}}
             if values.numel() != self.values.numel():
                 self.values.data = self.values.new_empty(values.numel())
