@@ -3,10 +3,11 @@
 A convolution is a linear map of the unfolded input: its kernel ``(out, in, kh, kw)`` is
 the matrix ``(out, in*kh*kw)``, stored as :class:`~rigl.sparse.SparseLinear` stores its
 weight (CSR, int32, without the blocked CSC, which these kernels do not read; the
-``values`` Parameter ``(nnz,)`` in flat order of that matrix). So the layers subclass ``SparseLinear``: index, topology updates,
-checkpoint loading, ``active_indices`` and :meth:`grad_at` are the same, and the storage
-seam (:class:`rigl.sparse.storage.SparseWeight`) drives them unchanged, Static, SET and
-RigL included. Only the products differ (:mod:`rigl.sparse.conv_kernels`), and the grow
+``values`` Parameter ``(nnz,)`` in flat order of that matrix). So the layers subclass
+``SparseLinear``: index, topology updates, checkpoint loading, ``active_indices`` and
+:meth:`grad_at` are the same, and the storage seam
+(:class:`rigl.sparse.storage.SparseWeight`) drives them unchanged, Static, SET and RigL
+included. Only the products differ (:mod:`rigl.sparse.conv_kernels`), and the grow
 scores: the dense kernel gradient of a block of output channels, a dense convolution
 weight gradient of the kept inputs and output gradients (:meth:`grad_rows`).
 

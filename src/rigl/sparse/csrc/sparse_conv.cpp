@@ -10,8 +10,9 @@
 // so the 8 images of a block sit in one vector register and every active weight moves
 // whole vectors, whatever the stride, dilation or plane size (an 8x8 plane vectorises as
 // well as a 32x32 one). A batch of fewer than 8 images of a stride-1 convolution that
-// keeps its height fills the lanes with bands of rows of its images instead (Lanes, Fold). A non-zero W[o, j] reads at one fixed offset of an image block,
-// off = ((c*Hp + a*dh)*Wp + b*dw)*8, computed once per call.
+// keeps its height fills the lanes with bands of rows of its images instead (Lanes,
+// Fold). A non-zero W[o, j] reads at one fixed offset of an image block,
+// off = ((c*Hx + a*dh)*Wp + b*dw)*8 (Hx = Hp unless folded), computed once per call.
 //
 //   forward   y[n, o, r, q]  = sum_k W_k xb[off_k + (r*sh*Wp + q*sw)*8]        (gather)
 //   dx        stride 1: the same gather over the output gradient padded by d*(K-1) - p,
@@ -422,17 +423,26 @@ G make(const torch::Tensor& values, const torch::Tensor& row_ptr, const torch::T
   return g;
 }
 
+// Column j of the weight matrix as its kernel tap: input channel c, kernel row a, column b.
+struct Tap {
+  int64_t c, a, b;
+};
+inline Tap tap(int64_t j, const G& g) {
+  const int64_t K = g.KH * g.KW;
+  return {j / K, j % K / g.KW, j % g.KW};
+}
+
 // Row pointers, and the offset of every active weight in a blocked input block.
 void forward_index(const G& g, const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
                    std::vector<int64_t>& rp, std::vector<int64_t>& off) {
   const int32_t* p = row_ptr.data_ptr<int32_t>();
   const int32_t* j = col_idx.data_ptr<int32_t>();
-  const int64_t K = g.KH * g.KW, nnz = col_idx.numel();
+  const int64_t nnz = col_idx.numel();
   rp.assign(p, p + g.O + 1);
   off.resize(nnz);
   for (int64_t k = 0; k < nnz; ++k) {
-    const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW;
-    off[k] = ((c * g.Hx + a * g.dh) * g.Wp + b * g.dw) * kL;
+    const Tap t = tap(j[k], g);
+    off[k] = ((t.c * g.Hx + t.a * g.dh) * g.Wp + t.b * g.dw) * kL;
   }
 }
 
@@ -533,7 +543,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
   check_act(dy, values, "dy");
   TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.O && dy.size(2) == g.Ho && dy.size(3) == g.Wo,
               "dy has the wrong shape for this geometry");
-  const int64_t nnz = col_idx.numel(), K = g.KH * g.KW;
+  const int64_t nnz = col_idx.numel();
   torch::Tensor dx, dw;
   if (want_dx) dx = torch::empty_like(x);
   if (want_dw) dw = torch::zeros({nnz}, values.options());
@@ -555,18 +565,19 @@ std::vector<torch::Tensor> backward(const torch::Tensor& values, const torch::Te
     t_off.resize(nnz);
     t_src.resize(nnz);
     if (!as_gather) d_off.resize(nnz);
-    for (int64_t k = 0; k < nnz; ++k) ++col_ptr[j[k] / K + 1];
+    for (int64_t k = 0; k < nnz; ++k) ++col_ptr[tap(j[k], g).c + 1];
     for (int64_t c = 0; c < g.C; ++c) col_ptr[c + 1] += col_ptr[c];
     std::vector<int64_t> fill(col_ptr.begin(), col_ptr.end() - 1);
     for (int64_t o = 0; o < g.O; ++o)
       for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
-        const int64_t c = j[k] / K, a = j[k] % K / g.KW, b = j[k] % g.KW, e = fill[c]++;
+        const Tap t = tap(j[k], g);
+        const int64_t e = fill[t.c]++;
         t_src[e] = static_cast<int32_t>(k);
         if (as_gather) {
-          t_off[e] = ((o * Hg + (g.KH - 1 - a) * g.dh) * Wg + (g.KW - 1 - b) * g.dw) * kL;
+          t_off[e] = ((o * Hg + (g.KH - 1 - t.a) * g.dh) * Wg + (g.KW - 1 - t.b) * g.dw) * kL;
         } else {
           t_off[e] = o * Hg * Wg * kL;
-          d_off[e] = (a * g.dh * g.Wp + b * g.dw) * kL;
+          d_off[e] = (t.a * g.dh * g.Wp + t.b * g.dw) * kL;
         }
       }
   }
