@@ -346,3 +346,15 @@ def test_compressed_convolutions_keep_no_csc_index():
             assert getattr(layer, name).numel() == 0, (step, name)
         index_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
         assert index_bytes <= 4 * layer.values.numel() + 4 * (layer.out_channels + 1) + 8, step
+
+
+def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(sparse_kernels):
+    """Zero images: an empty output and input gradient and an all-zero weight gradient, as
+    torch's convolution gives (no kernel runs on an empty block)."""
+    conv, layer = _pair(GEOMETRIES[0], dtype=torch.float32)
+    x = torch.randn(0, 3, 7, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == conv(x).shape == (0, 5, 7, 8)
+    dx, dvalues = torch.autograd.grad(y, (x, layer.values), torch.ones_like(y))
+    assert dx.shape == x.shape
+    assert torch.equal(dvalues, torch.zeros_like(layer.values))
