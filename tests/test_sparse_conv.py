@@ -358,3 +358,20 @@ def test_an_empty_batch_gives_empty_outputs_and_zero_gradients(sparse_kernels):
     dx, dvalues = torch.autograd.grad(y, (x, layer.values), torch.ones_like(y))
     assert dx.shape == x.shape
     assert torch.equal(dvalues, torch.zeros_like(layer.values))
+
+
+def test_outputs_in_fresh_mappings_over_32_mib_are_computed_in_full(sparse_kernels):
+    """An output of over 32 MiB is a fresh mapping on every call (glibc maps such blocks
+    anew), whose pages the kernels fault in ahead with one madvise call: the output and the
+    input gradient (the two such outputs) equal torch's, twice in a row, with nothing left
+    unwritten."""
+    conv, layer = _pair((8, 8, 3, 1, 1, 1, 96, 96), dtype=torch.float32, density=0.2)
+    for _ in range(2):
+        x = torch.randn(136, 8, 96, 96, requires_grad=True)  # 40 MB in and out
+        assert x.numel() * x.element_size() > 32 * 2**20
+        y = layer(x)
+        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+        dy = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        (dx_ref,) = torch.autograd.grad(conv(x), x, dy)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
