@@ -296,9 +296,11 @@ def test_bad_inputs_get_the_errors_of_nn_conv2d(shape, dtype):
     assert first(sparse_error) == first(dense_error)
 
 
-def test_the_weight_gradient_is_the_same_bits_on_one_and_two_threads():
+def test_the_weight_gradient_is_the_same_bits_on_one_two_and_three_threads():
     """Each active weight's gradient has one writer and one summation order, whatever
-    the number of threads (data-parallel ranks and reruns agree bit for bit)."""
+    the number of threads (data-parallel ranks and reruns agree bit for bit): the tasks
+    (blocks of rows x chunks of output rows; here 3 chunks, and the more threads the more
+    row blocks) change with the threads, the chunks and the order of their sum do not."""
     if conv_kernels.extension() is None:
         pytest.skip("the C++ kernels did not build")
     _, layer = _pair((16, 24, 3, 1, 1, 1, 12, 12), dtype=torch.float32, density=0.3)
@@ -307,12 +309,12 @@ def test_the_weight_gradient_is_the_same_bits_on_one_and_two_threads():
     grads = []
     threads = torch.get_num_threads()
     try:
-        for n in (1, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             grads.append(torch.autograd.grad(layer(x), layer.values, dy)[0])
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
 def test_a_failed_scratch_allocation_leaves_the_kernels_usable():
