@@ -296,27 +296,6 @@ def test_bad_inputs_get_the_errors_of_nn_conv2d(shape, dtype):
     assert first(sparse_error) == first(dense_error)
 
 
-def test_the_weight_gradient_is_the_same_bits_on_one_two_and_three_threads():
-    """Each active weight's gradient has one writer and one summation order, whatever
-    the number of threads (data-parallel ranks and reruns agree bit for bit): the tasks
-    (blocks of rows x chunks of output rows; here 3 chunks, and the more threads the more
-    row blocks) change with the threads, the chunks and the order of their sum do not."""
-    if conv_kernels.extension() is None:
-        pytest.skip("the C++ kernels did not build")
-    _, layer = _pair((16, 24, 3, 1, 1, 1, 12, 12), dtype=torch.float32, density=0.3)
-    x = torch.randn(20, 16, 12, 12)
-    dy = torch.randn(20, 24, 12, 12)
-    grads = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            grads.append(torch.autograd.grad(layer(x), layer.values, dy)[0])
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
-
-
 def test_a_failed_scratch_allocation_leaves_the_kernels_usable():
     """An input whose blocked copy cannot be allocated fails with an error, and the next
     ordinary call still works (the scratch slot forgets the failed size)."""
@@ -377,3 +356,43 @@ def test_outputs_in_fresh_mappings_over_32_mib_are_computed_in_full(sparse_kerne
         (dx,) = torch.autograd.grad(y, x, dy)
         (dx_ref,) = torch.autograd.grad(conv(x), x, dy)
         torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "geometry, batch",
+    [
+        ((16, 24, 3, 1, 1, 1, 12, 12), 20),  # 3 chunks; more row blocks, more threads
+        ((6, 40, 3, 1, 1, 1, 32, 19), 2),  # folded: 4 bands of 8 rows, 2 chunks of 4
+        ((16, 24, 3, 2, 1, 2, 7, 12), 9),  # strided, dilated, 3 output rows: one chunk
+        ((40, 40, 5, 1, 2, 1, 40, 9), 9),  # 8 chunks, row blocks of kWRows non-zeros
+        ((8, 16, (1, 5), 1, (0, 2), 1, 1, 37), 3),  # a 1-D convolution (height one)
+    ],
+)
+def test_the_weight_gradient_is_the_same_bits_on_one_to_four_threads_in_any_task_layout(
+    geometry, batch
+):
+    """Each active weight's gradient has one writer and one summation order, whatever the
+    number of threads (data-parallel ranks and reruns agree bit for bit): the tasks (row
+    blocks x chunks of output rows) differ with the threads, the bits do not. An ordinary
+    batch, a folded small batch (the chunks of a band), fewer
+    output rows than a chunk, blocks capped at kWRows non-zeros, and a 1-D convolution; on
+    one thread the gradient equals torch's."""
+    if conv_kernels.extension() is None:
+        pytest.skip("the C++ kernels did not build")
+    conv, layer = _pair(geometry, dtype=torch.float32, density=0.6 if geometry[0] == 40 else 0.3)
+    x = torch.randn(batch, geometry[0], *geometry[6:])
+    dy = torch.randn_like(conv(x))
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(layer(x), layer.values, dy)[0])
+    finally:
+        torch.set_num_threads(threads)
+    (dw_ref,) = torch.autograd.grad(conv(x), conv.weight, dy)
+    torch.testing.assert_close(
+        grads[0], dw_ref.reshape(-1)[layer.active_indices()], rtol=1e-4, atol=1e-4
+    )
+    for other in grads[1:]:
+        assert torch.equal(grads[0], other)

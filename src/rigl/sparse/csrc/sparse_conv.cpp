@@ -310,7 +310,7 @@ void scatter(const T* g, const int64_t* col_ptr, const int64_t* g_off, const int
 // Weight gradient at the active entries, one image block: for k in row i,
 // sums[c][k] += sum_{r in chunk c, q, lanes} g[i, P + r, Q + q] * s[off[k] + (r*sh*Ws +
 // q*sw)*kL]. The tasks are (block of consecutive rows, chunk of output rows): the row
-// blocks (bounds rb) hold at most kWRows non-zeros, as few blocks as give every thread
+// blocks (bounds rb) hold about kWRows non-zeros at most, as few as give every thread
 // four tasks (one block for all rows of a sparse 64-channel layer), and the chunks (of
 // wchunk(Ho) rows) split the positions, so that the threads share the image block's
 // positions and each reads only its part of the blocked copy (2.4 MB at 64 channels,
