@@ -374,9 +374,9 @@ def test_the_weight_gradient_is_the_same_bits_on_one_to_four_threads_in_any_task
     """Each active weight's gradient has one writer and one summation order, whatever the
     number of threads (data-parallel ranks and reruns agree bit for bit): the tasks (row
     blocks x chunks of output rows) differ with the threads, the bits do not. An ordinary
-    batch, a folded small batch (the chunks of a band), fewer
-    output rows than a chunk, blocks capped at kWRows non-zeros, and a 1-D convolution; on
-    one thread the gradient equals torch's."""
+    batch, a folded small batch (the chunks of a band), fewer output rows than a chunk,
+    blocks capped at kWRows non-zeros, and a 1-D convolution; on one thread the gradient
+    equals torch's."""
     if conv_kernels.extension() is None:
         pytest.skip("the C++ kernels did not build")
     conv, layer = _pair(geometry, dtype=torch.float32, density=0.6 if geometry[0] == 40 else 0.3)
