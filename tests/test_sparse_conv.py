@@ -361,10 +361,10 @@ def test_outputs_in_fresh_mappings_over_32_mib_are_computed_in_full(sparse_kerne
 @pytest.mark.parametrize(
     "geometry, batch",
     [
-        ((16, 24, 3, 1, 1, 1, 12, 12), 20),  # 3 chunks; more row blocks, more threads
-        ((6, 40, 3, 1, 1, 1, 32, 19), 2),  # folded: 4 bands of 8 rows, 2 chunks of 4
+        ((16, 24, 3, 1, 1, 1, 12, 12), 20),  # 2 chunks; more row blocks, more threads
+        ((6, 40, 3, 1, 1, 1, 64, 19), 2),  # folded: 4 bands of 16 rows, 2 chunks of 8
         ((16, 24, 3, 2, 1, 2, 7, 12), 9),  # strided, dilated, 3 output rows: one chunk
-        ((40, 40, 5, 1, 2, 1, 40, 9), 9),  # 8 chunks, row blocks of kWRows non-zeros
+        ((40, 40, 5, 1, 2, 1, 40, 9), 9),  # 4 chunks, row blocks of kWRows non-zeros
         ((8, 16, (1, 5), 1, (0, 2), 1, 1, 37), 3),  # a 1-D convolution (height one)
     ],
 )
