@@ -312,7 +312,7 @@ void scatter(const T* g, const int64_t* col_ptr, const int64_t* g_off, const int
 // q*sw)*kL]. The tasks are (block of consecutive rows, chunk of output rows): the row
 // blocks (bounds rb) hold about kWRows non-zeros at most, as few as give every thread
 // four tasks (one block for all rows of a sparse 64-channel layer), and the chunks (of
-// wchunk(Ho) rows) split the positions, so that the threads share the image block's
+// wchunks(Ho).rows rows) split the positions, so that the threads share the image block's
 // positions and each reads only its part of the blocked copy (2.4 MB at 64 channels,
 // 32x32: larger than a core's L2; row blocks alone made every thread read all of it, 1.06x
 // slower forward + backward at 64->64 32x32, side by side). Every sums[c][k] has one
@@ -325,14 +325,20 @@ constexpr int64_t kWRows = 4096;
 // Output rows per chunk of the weight gradient: at least 8 (the partial sums are cleared and
 // folded once per task), at most 4 chunks per plane (1.01-1.05x forward + backward over
 // chunks of 4 rows, at most 8, on every layer tried side by side).
-inline int64_t wchunk(int64_t Ho) { return std::max<int64_t>(8, (Ho + 3) / 4); }
+struct WChunks {
+  int64_t rows, count;
+};
+inline WChunks wchunks(int64_t Ho) {
+  const int64_t rows = std::max<int64_t>(8, (Ho + 3) / 4);
+  return {rows, (Ho + rows - 1) / rows};
+}
 
 template <typename T>
 void wgrad(const T* s, int64_t Ws, const T* g, int64_t P, int64_t Q, const int64_t* row_ptr,
            const int64_t* off, const std::vector<int64_t>& rb, int64_t max_block, T* sums,
            int64_t nnz, int64_t Ho, int64_t Wo, int64_t sh, int64_t sw) {
   const int64_t Hg = Ho + 2 * P, Wg = Wo + 2 * Q, tiles = (Wo + kTQ - 1) / kTQ;
-  const int64_t rows = wchunk(Ho), chunks = (Ho + rows - 1) / rows;
+  const auto [rows, chunks] = wchunks(Ho);
   V<T>* part = reinterpret_cast<V<T>*>(scratch<T>(2, max_block * kL));
   const int64_t n_blocks = static_cast<int64_t>(rb.size()) - 1;
 #pragma omp for schedule(dynamic, 1)
@@ -525,7 +531,7 @@ void run_backward(const G& g, const std::vector<int64_t>& rp, const std::vector<
   T* gb = scratch<T>(1, g.O * Hg * Wg * kL);
   const int nt = threads_for(g.N * (nnz + g.O + g.C) * g.Ho * g.Wo);
   int64_t max_block = 0;
-  const int64_t rows = wchunk(g.fold.R_out), chunks = (g.fold.R_out + rows - 1) / rows;
+  const int64_t chunks = wchunks(g.fold.R_out).count;
   // Row blocks as large as kWRows allows while every thread gets four tasks or more.
   const int64_t target = std::clamp<int64_t>(nnz * chunks / (4 * nt), 1, kWRows);
   const std::vector<int64_t> rb = row_blocks(rp, target, max_block);
