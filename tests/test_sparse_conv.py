@@ -50,18 +50,19 @@ def test_products_equal_torchs_convolution(geometry, sparse_kernels):
     torch.testing.assert_close(dbias, db_ref)
 
 
-def _assert_float32_products_match(conv, layer, x):
-    """The layer's output, input gradient and active weight gradient equal the masked
-    dense convolution's, to float32 rounding."""
+def _assert_float32_products_match(conv, layer, x, weight_grad=True):
+    """The layer's output, input gradient and (``weight_grad``) active weight gradient
+    equal the masked dense convolution's, to float32 rounding."""
     y = layer(x)
     torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
     dy = torch.randn_like(y)
     dx, dvalues = torch.autograd.grad(y, (x, layer.values), dy)
     dx_ref, dw_ref = torch.autograd.grad(conv(x), (x, conv.weight), dy)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        dvalues, dw_ref.reshape(-1)[layer.active_indices()], rtol=1e-4, atol=1e-4
-    )
+    if weight_grad:
+        torch.testing.assert_close(
+            dvalues, dw_ref.reshape(-1)[layer.active_indices()], rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("batch", [1, 8, 19])
@@ -345,31 +346,27 @@ def test_outputs_in_fresh_mappings_over_32_mib_are_computed_in_full(sparse_kerne
     """An output of over 32 MiB is a fresh mapping on every call (glibc maps such blocks
     anew), whose pages the kernels fault in ahead with one madvise call: the output and the
     input gradient (the two such outputs) equal torch's, twice in a row, with nothing left
-    unwritten."""
+    unwritten. (The weight gradient, a float32 sum of 1.25M terms here, is left to the
+    other tests.)"""
     conv, layer = _pair((8, 8, 3, 1, 1, 1, 96, 96), dtype=torch.float32, density=0.2)
     for _ in range(2):
         x = torch.randn(136, 8, 96, 96, requires_grad=True)  # 40 MB in and out
         assert x.numel() * x.element_size() > 32 * 2**20
-        y = layer(x)
-        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
-        dy = torch.randn_like(y)
-        (dx,) = torch.autograd.grad(y, x, dy)
-        (dx_ref,) = torch.autograd.grad(conv(x), x, dy)
-        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+        _assert_float32_products_match(conv, layer, x, weight_grad=False)
 
 
 @pytest.mark.parametrize(
-    "geometry, batch",
+    "geometry, batch, density",
     [
-        ((16, 24, 3, 1, 1, 1, 12, 12), 20),  # 2 chunks; more row blocks, more threads
-        ((6, 40, 3, 1, 1, 1, 64, 19), 2),  # folded: 4 bands of 16 rows, 2 chunks of 8
-        ((16, 24, 3, 2, 1, 2, 7, 12), 9),  # strided, dilated, 3 output rows: one chunk
-        ((40, 40, 5, 1, 2, 1, 40, 9), 9),  # 4 chunks, row blocks of kWRows non-zeros
-        ((8, 16, (1, 5), 1, (0, 2), 1, 1, 37), 3),  # a 1-D convolution (height one)
+        ((16, 24, 3, 1, 1, 1, 12, 12), 20, 0.3),  # 2 chunks; more row blocks, more threads
+        ((6, 40, 3, 1, 1, 1, 64, 19), 2, 0.3),  # folded: 4 bands of 16 rows, 2 chunks of 8
+        ((16, 24, 3, 2, 1, 2, 7, 12), 9, 0.3),  # strided, dilated, 3 output rows: one chunk
+        ((40, 40, 5, 1, 2, 1, 40, 9), 9, 0.6),  # 4 chunks, row blocks of kWRows non-zeros
+        ((8, 16, (1, 5), 1, (0, 2), 1, 1, 37), 3, 0.3),  # a 1-D convolution (height one)
     ],
 )
 def test_the_weight_gradient_is_the_same_bits_on_one_to_four_threads_in_any_task_layout(
-    geometry, batch
+    geometry, batch, density
 ):
     """Each active weight's gradient has one writer and one summation order, whatever the
     number of threads (data-parallel ranks and reruns agree bit for bit): the tasks (row
@@ -379,7 +376,7 @@ def test_the_weight_gradient_is_the_same_bits_on_one_to_four_threads_in_any_task
     equals torch's."""
     if conv_kernels.extension() is None:
         pytest.skip("the C++ kernels did not build")
-    conv, layer = _pair(geometry, dtype=torch.float32, density=0.6 if geometry[0] == 40 else 0.3)
+    conv, layer = _pair(geometry, dtype=torch.float32, density=density)
     x = torch.randn(batch, geometry[0], *geometry[6:])
     dy = torch.randn_like(conv(x))
     grads = []
